@@ -131,6 +131,7 @@ def _scan(ps, state, xs):
 _scan_recurrent = _scan
 
 
+@jax.jit
 def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
@@ -206,4 +207,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
     dtype = q_t.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
-    return _step_batched(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+    return _step_jit(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+
+
+_step_jit = jax.jit(_step_batched)

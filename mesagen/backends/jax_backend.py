@@ -258,6 +258,7 @@ _scan_recurrent.defvjp(_scan_recurrent_fwd, _scan_recurrent_bwd)
 
 _FORWARD_RECURRENT = '''
 
+@jax.jit
 def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
@@ -274,6 +275,7 @@ _final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_N
 _USES_GRAM = {uses_gram}
 
 
+@jax.jit
 def _forward_closed_form(q, k, v, ps, state, inputs):
     """Parallel form: Ā_t by a cumulative sum over time, x_t = M(Ā_t) q_t, o = C̄₀ x + tril(X Kᵀ) V."""
     del inputs
@@ -363,5 +365,8 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
     dtype = q_t.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
-    return _step_batched(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+    return _step_jit(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+
+
+_step_jit = jax.jit(_step_batched)
 '''
