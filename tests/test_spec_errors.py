@@ -255,3 +255,15 @@ def test_cli_check_missing_file_is_drift(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"drift: {out / 'linear' / 'DERIVATION.md'}" in err
     assert not (out / "linear" / "DERIVATION.md").exists()
+
+
+def test_docs_quote_the_shipped_specs_verbatim():
+    """docs/specs.md shows each shipped spec as a worked example: the quoted YAML must be the file itself."""
+    doc = (ROOT / "docs" / "specs.md").read_text()
+    for name in ("linear", "delta", "ridge"):
+        section = doc.split(f"### `specs/{name}.yaml`", 1)[1]
+        quoted = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+        assert quoted == (SPECS / f"{name}.yaml").read_text(), name
+    for name, (line, column, field, _) in EXPECTED.items():  # the messages quoted in §8 are the real ones
+        if f"mesagen: error: tests/bad_specs/{name}:" in doc:
+            assert "mesagen: error: " + _prefix(f"tests/bad_specs/{name}", line, column, field) in doc, name
