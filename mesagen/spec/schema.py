@@ -156,7 +156,9 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
     for name in set(spec.parameters) & set(spec.inputs):
         errs.append((("inputs", name), f"{name!r} is declared both as a parameter and as an input"))
     for name, p in spec.parameters.items():
-        if not _in_domain(p.init, p.domain):
+        if not math.isfinite(p.init):
+            errs.append((("parameters", name, "init"), f"init must be a finite number, not {p.init!r}"))
+        elif not _in_domain(p.init, p.domain):
             errs.append((("parameters", name, "init"), f"init {p.init!r} is outside the domain {p.domain!r}"))
     used: set[str] = set()
 
@@ -185,6 +187,9 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             errs.append((("solver", "kind"), "unsupported combination: the closed_form solver needs a ridge "
                          "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
     else:
+        if reg.kind != "none":
+            errs.append((("solver", "kind"), f"unsupported combination: the {solver.kind} solver takes no "
+                         "regularizer in v1 (use regularizer: {kind: none}, or the closed_form solver for ridge)"))
         ss = solver.step_size
         if ss in spec.parameters:
             used.add(ss)
