@@ -46,7 +46,6 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "lambda_shape_heads_dk.yaml": (12, 9, "parameters.lam.shape", "shape must be [heads], not ['heads', 'd_k']"),
     "step_size_shape_heads_dk.yaml": (12, 9, "parameters.eta.shape", "a step size is one scalar per head"),
     "closed_form_without_ridge.yaml": (9, 10, "solver.kind", "unsupported combination: the closed_form solver needs a ridge"),
-    "gd_with_ridge.yaml": (9, 10, "solver.kind", "unsupported combination: the gd solver takes no regularizer"),
     "gd_step_size_input.yaml": (9, 30, "solver.step_size", "must be a parameter, not a per-token input"),
     "log_space_step_size.yaml": (12, 39, "inputs.beta.space", "unsupported combination: a step size is used in linear space"),
     "unused_parameter.yaml": (12, 3, "parameters.gamma", "'gamma' is declared but no axis of the objective or solver uses it"),

@@ -187,9 +187,6 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             errs.append((("solver", "kind"), "unsupported combination: the closed_form solver needs a ridge "
                          "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
     else:
-        if reg.kind != "none":
-            errs.append((("solver", "kind"), f"unsupported combination: the {solver.kind} solver takes no "
-                         "regularizer in v1 (use regularizer: {kind: none}, or the closed_form solver for ridge)"))
         ss = solver.step_size
         if ss in spec.parameters:
             used.add(ss)
