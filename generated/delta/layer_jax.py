@@ -30,8 +30,7 @@ from jax import lax
 SPEC_NAME = "delta"
 SPEC_SHA256 = "bb6d9ef779f50ada62bf94c2605c7fce422dd4dfb661852f26c7ceeaefb72e1c"
 CODEGEN_FORMAT = 1
-PARAMS = {
-}
+PARAMS = {}
 INPUTS = {
     "beta": {"shape": ("B", "T", "H"), "space": "linear", "domain": "unit_interval"},
 }
@@ -93,8 +92,6 @@ def _step_head(S, q, k, v, beta):
     Returns:
         (o [V], new states).
     """
-    dtype = q.dtype
-    K, V = k.shape[0], v.shape[0]
     q, k, v = q[:, None], k[:, None], v[:, None]  # columns
     # prediction error v − W k  [V, 1]
     e = -S.T @ k + v
