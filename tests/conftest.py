@@ -13,7 +13,7 @@ import pytest
 jax.config.update("jax_enable_x64", True)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("linear", "delta", "ridge")
+SHIPPED = ("linear", "gd", "delta", "ridge")
 B, T, H, K, V = 2, 7, 2, 3, 5  # small distinct primes; odd length
 
 
@@ -35,6 +35,7 @@ def make_inputs(seed: int, name: str, b=B, t=T, h=H, k=K, v=V, dtype=np.float64)
     kk = (rng.standard_normal((b, t, h, k)) / np.sqrt(k)).astype(dtype)
     vv = rng.standard_normal((b, t, h, v)).astype(dtype)
     params = {"linear": {"eta": (0.5 + rng.random(h)).astype(dtype)},
+              "gd": {"eta": (0.1 + 0.2 * rng.random(h)).astype(dtype)},
               "delta": {},
               "ridge": {"lam": (0.3 + rng.random(h)).astype(dtype)}}[name]
     inputs = {"beta": rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)} if name == "delta" else {}
@@ -48,6 +49,8 @@ def reference(name, q, k, v, params, inputs, initial_state=None):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     if name == "linear":
         return ref.linear(q, k, v, np.asarray(params["eta"], np.float64), initial_state=initial_state)
+    if name == "gd":
+        return ref.gd(q, k, v, np.asarray(params["eta"], np.float64), steps=3, initial_state=initial_state)
     if name == "delta":
         return ref.delta(q, k, v, np.asarray(inputs["beta"], np.float64), initial_state=initial_state)
     return ref.ridge(q, k, v, np.asarray(params["lam"], np.float64), initial_state=initial_state)

@@ -96,7 +96,7 @@ def test_cli_refuses_bad_spec_in_process(name, tmp_path, capsys, monkeypatch):
 
 
 def test_shipped_specs_load():
-    for name in ("linear", "delta", "ridge"):
+    for name in ("linear", "gd", "delta", "ridge"):
         assert load_spec(SPECS / f"{name}.yaml").name == name
 
 
@@ -259,7 +259,7 @@ def test_cli_check_missing_file_is_drift(tmp_path, capsys):
 def test_docs_quote_the_shipped_specs_verbatim():
     """docs/specs.md shows each shipped spec as a worked example: the quoted YAML must be the file itself."""
     doc = (ROOT / "docs" / "specs.md").read_text()
-    for name in ("linear", "delta", "ridge"):
+    for name in ("linear", "gd", "delta", "ridge"):
         section = doc.split(f"### `specs/{name}.yaml`", 1)[1]
         quoted = section.split("```yaml\n", 1)[1].split("```", 1)[0]
         assert quoted == (SPECS / f"{name}.yaml").read_text(), name

@@ -27,7 +27,7 @@ def test_shipped_derivations_verify(name):
     checks = {c.name for c in verify(d)}
     assert {"gradient", "float64"} <= checks
     assert ("stationarity" in checks) == (name == "ridge")
-    assert ("parallel_form" in checks) == (name in ("linear", "ridge"))
+    assert ("parallel_form" in checks) == (name in ("linear", "gd", "ridge"))
 
 
 def test_gradient_is_term_by_term():
