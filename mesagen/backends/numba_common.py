@@ -51,8 +51,8 @@ class Layout:
                 + tuple(g(s) for s in self.temps) + ("g_q", "g_k", "g_v"))
 
     def alloc_shape(self, name: str) -> str:
-        """``(K, V)`` / ``(K,)`` text for the stored shape of ``name``."""
-        d = [x for x in self.dims[name] if x != "1"]
+        """``(K, V)`` / ``(K,)`` text for the stored shape of ``name`` (``g_<x>`` is shaped like ``x``)."""
+        d = [x for x in self.dims[name[2:] if name.startswith("g_") else name] if x != "1"]
         return "(" + ", ".join(d) + ("," if len(d) == 1 else "") + ")"
 
 

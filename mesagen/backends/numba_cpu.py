@@ -90,7 +90,7 @@ class NumbaCpuBackend:
               "    B, T, H = q.shape[0], q.shape[1], q.shape[2]", "    dt = q.dtype",
               "    nseg = (T + L - 1) // L"]
         D += indent(alloc)
-        D += indent([f"{n} = np.empty({lay.alloc_shape(n[2:] if n in gN + gS + gT else n)}, dt)"
+        D += indent([f"{n} = np.empty({lay.alloc_shape(n)}, dt)"
                      for n in gN + gS + gT])
         D += indent([f"ck_{s} = np.empty((nseg,) + {lay.alloc_shape(s)}, dt)" for s in S])
         D += indent([f"seg_{s} = np.empty((L,) + {lay.alloc_shape(s)}, dt)" for s in S])
