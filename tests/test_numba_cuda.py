@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,7 +18,7 @@ def _run(checks: str, sim: bool) -> None:
     env = dict(os.environ)
     env["NUMBA_ENABLE_CUDASIM"] = "1" if sim else "0"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + [env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark",
                            str(ROOT / "tests" / "cuda" / checks)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -31,6 +29,5 @@ def test_cuda_simulator_checks():
     _run("sim_checks.py", sim=True)
 
 
-@pytest.mark.parametrize("dummy", [0])
-def test_cuda_ptx_checks(dummy):
+def test_cuda_ptx_checks():
     _run("ptx_checks.py", sim=False)
