@@ -1,0 +1,283 @@
+"""Lower per-head matrix assignments to scalar loops, and derive their adjoints (VJPs) term by term.
+
+The Numba backends print every IR :class:`~mesagen.ir.records.Assign` as explicit loops over stored
+elements. An expression is split into *terms* (the arguments of a ``MatAdd``); each term is a scalar
+coefficient (numbers, parameters, per-token inputs) times a chain of *factors*: a matrix symbol, its
+transpose, ``Identity`` or the inverse of a 1 × 1 symbol. Element ``[i, j]`` of a chain is a sum over
+the inner indices of the non-1 × 1 factors; 1 × 1 factors are scalars.
+
+The adjoint of ``t = c · F₁ ⋯ Fₙ`` with cotangent ``G`` (the same shape as ``t``) is mechanical
+(the vector-Jacobian product of a multilinear term, e.g. Giles 2008, "Collected matrix derivative results"):
+
+* for a factor ``F_p = X``:      ``Ḡ_X += c · (F₁⋯F_{p−1})ᵀ G (F_{p+1}⋯Fₙ)ᵀ``;
+* for ``F_p = Xᵀ``:               the transpose of that;
+* for ``F_p = X⁻¹`` (1 × 1):       ``Ḡ_X += −c · (…)ᵀ G (…)ᵀ · X⁻¹ · X⁻¹``;
+* for each symbol ``σ`` in ``c``:  ``ḡ_σ += (∂c/∂σ) · ⟨G, F₁⋯Fₙ⟩`` (a full contraction).
+
+Terms are handled one at a time, so the sympy ``diff``-of-a-sum pitfall (DESIGN §2) cannot arise; the
+product rule for repeated factors (``P k kᵀ P``) comes from visiting every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import sympy as sp
+from sympy.matrices.expressions.matexpr import MatrixExpr
+from sympy.printing.pycode import PythonCodePrinter
+
+from mesagen.symbolic.algebra import K, V
+
+_DIM_NAMES = {K: "K", V: "V"}
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor of a chain: a stored symbol (``sym``) or the identity (``eye``), maybe transposed/inverted.
+
+    Attributes:
+        kind: ``"sym"`` or ``"eye"``.
+        name: the symbol's name (``""`` for ``eye``).
+        shape: stored (rows, cols) as sympy dims (``K``, ``V`` or 1).
+        t: transposed.
+        inv: inverted (only for 1 × 1 symbols).
+    """
+
+    kind: str
+    name: str
+    shape: tuple
+    t: bool = False
+    inv: bool = False
+
+    @property
+    def eshape(self) -> tuple:
+        """Effective (rows, cols) after the transpose flag."""
+        return (self.shape[1], self.shape[0]) if self.t else self.shape
+
+    @property
+    def scalar(self) -> bool:
+        """True for 1 × 1 factors (printed as scalars)."""
+        return self.shape == (1, 1)
+
+    def T(self) -> "Factor":
+        """The transposed factor (a 1 × 1 factor is its own transpose)."""
+        return self if self.scalar else replace(self, t=not self.t)
+
+
+@dataclass(frozen=True)
+class Term:
+    """``coef · F₁ ⋯ Fₙ``, optionally contracted with a cotangent: ``coef · ⟨contract, F₁⋯Fₙ⟩`` (1 × 1)."""
+
+    coef: sp.Expr
+    factors: tuple[Factor, ...]
+    contract: Factor | None = None
+
+
+@dataclass(frozen=True)
+class Stmt:
+    """``target (=|+=) Σ terms`` over a target of stored shape ``shape``; printed as one loop nest."""
+
+    target: str
+    shape: tuple
+    op: str
+    terms: tuple[Term, ...]
+    doc: str = ""
+
+
+def _atom(e: sp.Basic) -> Factor:
+    if isinstance(e, sp.MatrixSymbol):
+        return Factor("sym", e.name, tuple(e.shape))
+    if isinstance(e, sp.Identity):
+        return Factor("eye", "", (e.rows, e.rows))
+    if isinstance(e, sp.Transpose):
+        return _atom(e.arg).T()
+    if isinstance(e, sp.Inverse) and e.shape == (1, 1):
+        f = _atom(e.arg)
+        if f.kind != "sym" or f.inv:
+            raise NotImplementedError(f"unsupported inverse factor {e}")
+        return replace(f, inv=True, t=False)
+    raise NotImplementedError(f"no loop lowering for factor {e} ({type(e).__name__})")
+
+
+def terms_of(expr: sp.Basic) -> tuple[Term, ...]:
+    """Split a matrix expression into :class:`Term` s (zero terms dropped).
+
+    Raises:
+        NotImplementedError: a node outside MatAdd / MatMul / Transpose / 1 × 1 Inverse / symbols / Identity.
+    """
+    out = []
+    for t in (expr.args if isinstance(expr, sp.MatAdd) else (expr,)):
+        if isinstance(t, sp.ZeroMatrix):
+            continue
+        args = t.args if isinstance(t, sp.MatMul) else (t,)
+        coef, factors = sp.Integer(1), []
+        for a in args:
+            if isinstance(a, MatrixExpr):
+                factors.append(_atom(a))
+            else:
+                coef *= a
+        out.append(Term(coef, tuple(factors)))
+    return tuple(out)
+
+
+def grad_name(name: str) -> str:
+    """Name of the cotangent buffer of ``name``."""
+    return f"g_{name}"
+
+
+def adjoint(assigns, shapes: dict[str, tuple], scalars: tuple[str, ...], given: dict[str, str]) -> list[Stmt]:
+    """The reverse sweep of a straight-line program of assignments, one statement per (assign, read).
+
+    Args:
+        assigns: the forward :class:`~mesagen.ir.records.Assign` s, in execution order.
+        shapes: stored shape (sympy dims) of every matrix symbol read or written.
+        scalars: names of scalar symbols (parameters, inputs) whose gradients are wanted.
+        given: target name → name of the buffer holding its incoming cotangent (e.g. ``o`` → ``g_o``).
+
+    Returns:
+        Statements ``g_X += …`` in reverse order; every cotangent is complete before it is read.
+
+    Raises:
+        NotImplementedError: a coefficient depends on a symbol that is not in ``scalars``.
+    """
+    stmts = []
+    for a in reversed(assigns):
+        G = Factor("sym", given.get(a.target, grad_name(a.target)), shapes[a.target])
+        groups: dict[str, list[Term]] = {}
+        for term in terms_of(a.expr):
+            fs = term.factors
+            for p, f in enumerate(fs):
+                if f.kind != "sym":
+                    continue
+                chain = [g.T() for g in reversed(fs[:p])] + [G] + [g.T() for g in reversed(fs[p + 1:])]
+                coef = term.coef
+                if f.inv:
+                    chain += [replace(f, t=False), replace(f, t=False)]
+                    coef = -coef
+                elif f.t:
+                    chain = [g.T() for g in reversed(chain)]
+                groups.setdefault(f.name, []).append(Term(coef, tuple(chain)))
+            for sym in sorted(term.coef.free_symbols, key=lambda s: s.name):
+                if sym.name not in scalars:
+                    raise NotImplementedError(f"coefficient symbol {sym.name} is neither parameter nor input")
+                d = sp.diff(term.coef, sym)
+                groups.setdefault(sym.name, []).append(Term(d, fs, contract=G))
+        for name, terms in groups.items():
+            shape = (1, 1) if name in scalars else shapes[name]
+            stmts.append(Stmt(grad_name(name), shape, "+=", tuple(terms), f"pull back {a.target} -> {name}"))
+    return stmts
+
+
+def forward_stmts(assigns, shapes: dict[str, tuple]) -> list[Stmt]:
+    """One ``=`` statement per forward assignment."""
+    return [Stmt(a.target, shapes[a.target], "=", terms_of(a.expr), a.doc) for a in assigns]
+
+
+# ---------------------------------------------------------------------------------------------- printing
+class ScalarPrinter(PythonCodePrinter):
+    """Prints one scalar element expression (Indexed, Symbols, KroneckerDelta) as Numba-friendly Python."""
+
+    def __init__(self) -> None:
+        super().__init__({"strict": True, "fully_qualified_modules": False})
+
+    def _print_KroneckerDelta(self, e):
+        return f"(1.0 if {self._print(e.args[0])} == {self._print(e.args[1])} else 0.0)"
+
+    def _print_Indexed(self, e):
+        return f"{e.base.label}[{', '.join(self._print(i) for i in e.indices)}]"
+
+
+def _dim(d) -> str:
+    return _DIM_NAMES[d] if d in _DIM_NAMES else str(int(d))
+
+
+def _access(f: Factor, a, b):
+    if f.kind == "eye":
+        return sp.Integer(1) if f.shape == (1, 1) else sp.KroneckerDelta(a, b)
+    r, c = (b, a) if f.t else (a, b)
+    rows, cols = f.shape
+    if rows == 1 and cols == 1:
+        x = sp.Symbol(f.name)
+        return x ** -1 if f.inv else x
+    base = sp.IndexedBase(f.name)
+    if cols == 1:
+        return base[r]
+    if rows == 1:
+        return base[c]
+    return base[r, c]
+
+
+def element(term: Term, ri, ci, fresh) -> tuple[list, sp.Expr]:
+    """Element ``[ri, ci]`` of a term: (summation indices [(symbol, dim)], scalar summand).
+
+    Raises:
+        ValueError: the chain's inner dimensions do not match.
+    """
+    sums = []
+    value = term.coef
+    if term.contract is not None:  # ⟨G, chain⟩ = Σ_ab G[a, b] · chain[a, b]
+        g = term.contract
+        a = fresh(g.shape[0], sums)
+        b = fresh(g.shape[1], sums)
+        value *= _access(g, a, b)
+        ri, ci = a, b
+    mats = [f for f in term.factors if not f.scalar]
+    for f in term.factors:
+        if f.scalar:
+            value *= _access(f, 0, 0)
+    if not mats:
+        return sums, value
+    idx = [ri]
+    for left, right in zip(mats, mats[1:]):
+        if left.eshape[1] != right.eshape[0]:
+            raise ValueError(f"inner dimensions differ in {term}")
+        idx.append(fresh(left.eshape[1], sums))
+    idx.append(ci)
+    for f, a, b in zip(mats, idx, idx[1:]):
+        value *= _access(f, a, b)
+    return sums, value
+
+
+def print_stmt(st: Stmt, strided: bool, printer: ScalarPrinter) -> list[str]:
+    """Loop text for one statement: rows ``range(r0, R, rstep)`` when ``strided`` (CUDA threads share rows).
+
+    1 × 1 targets are scalar locals computed by every thread; other targets are stored arrays.
+    """
+    rows, cols = st.shape
+    counter = [0]
+
+    def fresh(d, sums):
+        if d == 1:
+            return sp.Integer(0)
+        s = sp.Symbol(f"m{counter[0]}", integer=True)
+        counter[0] += 1
+        sums.append((s, d))
+        return s
+
+    i = sp.Symbol("i", integer=True) if rows != 1 else sp.Integer(0)
+    j = sp.Symbol("j", integer=True) if cols != 1 else sp.Integer(0)
+    out = [f"# {st.doc}" if st.doc else f"# {st.target}"]
+    if rows == 1 and cols == 1:
+        acc, pad, lines = st.target, "", []
+        if st.op == "=":
+            lines.append(f"{st.target} = 0.0")
+    else:
+        cell = f"{st.target}[i]" if cols == 1 else (f"{st.target}[j]" if rows == 1 else f"{st.target}[i, j]")
+        acc, pad, lines = "acc", "    ", []
+        head = [f"for i in range(r0, {_dim(rows)}, rstep):" if strided else f"for i in range({_dim(rows)}):"]
+        if rows == 1:
+            head = ["for i in range(1):"]
+        if cols != 1:
+            head.append(f"    for j in range({_dim(cols)}):")
+            pad = "        "
+        lines += head + [pad + ("acc = 0.0" if st.op == "=" else f"acc = {cell}")]
+    for term in st.terms:
+        sums, value = element(term, i, j, fresh)
+        inner = pad
+        for s, d in sums:
+            lines.append(f"{inner}for {s} in range({_dim(d)}):")
+            inner += "    "
+        lines.append(f"{inner}{acc} += {printer.doprint(value)}")
+    if acc == "acc":
+        lines.append(f"{pad}{cell} = acc")
+    return out + lines

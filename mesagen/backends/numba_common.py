@@ -1,0 +1,167 @@
+"""Pieces shared by the Numba CPU and CUDA emitters: the layer's buffers, the plain per-head bodies, the API.
+
+Both generated modules contain the same *plain body* text, ``_make_bodies(K, V, jit)``: per-head functions
+over stored elements (printed by :mod:`mesagen.backends.loops`) that take a row range ``range(r0, R, rstep)``
+and call ``_sync()`` between statements. The CPU module passes ``r0 = 0, rstep = 1`` and a no-op ``_sync``;
+the CUDA module passes ``threadIdx.x, blockDim.x`` and ``cuda.syncthreads``. ``K`` and ``V`` are closure
+constants, so sizes are baked per (spec, shape) without module globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesagen.backends.common import CODEGEN_FORMAT, indent
+from mesagen.backends.loops import ScalarPrinter, Stmt, adjoint, forward_stmts, grad_name, print_stmt, terms_of
+from mesagen.ir.records import Assign, LayerIR
+from mesagen.symbolic.algebra import DIMS
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and stored shapes of one layer's per-head buffers, in a fixed order.
+
+    Attributes:
+        states / new_states: state names and ``<name>_new``.
+        temps: non-1 × 1 temporaries (arrays), excluding ``o``; ``scalar_temps``: 1 × 1 temporaries (locals).
+        params / inputs: scalar symbol names.
+        shapes: name → stored shape in sympy dims.
+        dims: name → ("K"|"V"|"1", ...) text dims.
+    """
+
+    states: tuple[str, ...]
+    new_states: tuple[str, ...]
+    temps: tuple[str, ...]
+    scalar_temps: tuple[str, ...]
+    params: tuple[str, ...]
+    inputs: tuple[str, ...]
+    shapes: dict
+    dims: dict
+
+    @property
+    def fwd_args(self) -> tuple[str, ...]:
+        """Arguments of ``_step_body``."""
+        return self.states + ("q", "k", "v") + self.params + self.inputs + self.new_states + self.temps + ("o",)
+
+    @property
+    def grad_args(self) -> tuple[str, ...]:
+        """Cotangent arguments of ``_adjoint_body`` after the forward ones."""
+        g = grad_name
+        return (("g_o",) + tuple(g(s) for s in self.new_states) + tuple(g(s) for s in self.states)
+                + tuple(g(s) for s in self.temps) + ("g_q", "g_k", "g_v"))
+
+    def alloc_shape(self, name: str) -> str:
+        """``(K, V)`` / ``(K,)`` text for the stored shape of ``name`` (``g_<x>`` is shaped like ``x``)."""
+        d = [x for x in self.dims[name[2:] if name.startswith("g_") else name] if x != "1"]
+        return "(" + ", ".join(d) + ("," if len(d) == 1 else "") + ")"
+
+
+def layout(ir: LayerIR) -> Layout:
+    """Collect buffers and shapes from the IR.
+
+    Raises:
+        NotImplementedError: a state is not a stored matrix (both dims K or V).
+    """
+    rec = ir.recurrence
+    text = {"K": "K", "V": "V", 1: "1"}
+    dims = {"q": ("K", "1"), "k": ("K", "1"), "v": ("V", "1")}
+    for st in rec.states:
+        if 1 in st.shape:
+            raise NotImplementedError(f"state {st.name}: the Numba backends store matrix states only")
+        dims[st.name] = dims[f"{st.name}_new"] = tuple(text[d] for d in st.shape)
+    for a in rec.update + rec.readout:
+        dims[a.target] = tuple(text[d] for d in a.shape)
+    new = tuple(f"{s.name}_new" for s in rec.states)
+    written = [a.target for a in rec.update + rec.readout if a.target not in new and a.target != "o"]
+    temps = tuple(n for n in written if dims[n] != ("1", "1"))
+    scalars = tuple(n for n in written if dims[n] == ("1", "1"))
+    shapes = {n: tuple(DIMS[int(x)] if x == "1" else DIMS[x] for x in d) for n, d in dims.items()}
+    for n in ("g_o",) + tuple(grad_name(x) for x in new):
+        shapes[n] = shapes[n[2:]]
+    return Layout(tuple(s.name for s in rec.states), new, temps, scalars,
+                  tuple(p.name for p in ir.params), tuple(i.name for i in ir.inputs), shapes, dims)
+
+
+def _body(name: str, args, items: list, printer, ret: str | None = None) -> list[str]:
+    """A jitted body: each item is a :class:`Stmt` (printed, then ``_sync()`` if it wrote an array) or raw lines."""
+    L = ["@jit", f"def {name}({', '.join(args)}):"]
+    inner: list[str] = []
+    for st in items:
+        if not isinstance(st, Stmt):
+            inner += st
+            continue
+        inner += print_stmt(st, True, printer)
+        if st.shape != (1, 1):
+            inner.append("_sync()")
+    if ret is not None:
+        inner.append(f"return {ret}")
+    return L + indent(inner or ["pass"]) + [""]
+
+
+def plain_bodies(ir: LayerIR) -> list[str]:
+    """The text of ``_make_bodies(K, V, jit)``, identical in the CPU and CUDA modules."""
+    lay = layout(ir)
+    rec = ir.recurrence
+    p = ScalarPrinter()
+    scal = lay.params + lay.inputs
+    fwd = forward_stmts(rec.update + rec.readout, lay.shapes)
+    adj = adjoint(rec.update + rec.readout, lay.shapes, scal, {"o": "g_o"})
+    init = [Stmt(st.name, lay.shapes[st.name], "=", terms_of(st.init), f"default {st.name}") for st in rec.states]
+    init_adj = adjoint(tuple(Assign(st.name, st.init, st.shape) for st in rec.states), lay.shapes, lay.params, {})
+    zero = ["# zero the cotangents of this step's reads"]
+    for n in lay.states + lay.temps + ("q", "k", "v"):
+        d = lay.dims[n]
+        cell = f"{grad_name(n)}[i, j] = 0.0" if d[1] != "1" else f"{grad_name(n)}[i] = 0.0"
+        zero += [f"for i in range(r0, {d[0]}, rstep):"]
+        zero += [f"    for j in range({d[1]}):", f"        {cell}"] if d[1] != "1" else [f"    {cell}"]
+    zero += [f"{grad_name(n)} = 0.0" for n in lay.scalar_temps + scal]
+    zero += ["_sync()"]
+    gs = tuple(grad_name(n) for n in scal)
+    ret = ("(" + ", ".join(gs) + ",)") if gs else None
+    L = ["def _make_bodies(K, V, jit):",
+         '    """Per-head bodies for d_k = K, d_v = V (closure constants), compiled with ``jit``.',
+         "",
+         "    Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each",
+         "    array statement; 1 × 1 temporaries are locals that every caller computes. Returns",
+         "    (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).",
+         '    """']
+    B = []
+    B += _body("_init_body", lay.states + lay.params + ("r0", "rstep"), init, p)
+    B += _body("_step_body", lay.fwd_args + ("r0", "rstep"), fwd, p)
+    # the adjoint body recomputes the step's forward statements, zeroes the cotangents, then pulls back
+    B += _body("_adjoint_body", lay.fwd_args + lay.grad_args + ("r0", "rstep"), fwd + [zero] + adj, p, ret)
+    init_ret = ("(" + ", ".join(grad_name(n) for n in lay.params) + ",)") if lay.params else None
+    B += _body("_init_adjoint_body", tuple(grad_name(s) for s in lay.states) + lay.params + ("r0", "rstep"),
+               [[f"{grad_name(n)} = 0.0" for n in lay.params]] + init_adj, p, init_ret)
+    B += ["@jit", "def _copy2(dst, src, r0, rstep):",
+          "    for i in range(r0, dst.shape[0], rstep):",
+          "        for j in range(dst.shape[1]):",
+          "            dst[i, j] = src[i, j]", "",
+          "@jit", "def _copy1(dst, src, r0, rstep):",
+          "    for i in range(r0, dst.shape[0], rstep):",
+          "        dst[i] = src[i]", ""]
+    B += ["return _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1"]
+    return L + indent(B) + ["", ""]
+
+
+def constants(ir: LayerIR) -> list[str]:
+    """SPEC_NAME ... _INPUT_NAMES lines (as in the JAX module)."""
+    L = [f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}",
+         "PARAMS = {"]
+    L += [f'    "{x.name}": {{"shape": ("H",), "init": {x.init!r}, "domain": "{x.domain}"}},' for x in ir.params]
+    L += ["}", "INPUTS = {"]
+    L += [f'    "{x.name}": {{"shape": ("B", "T", "H"), "space": "{x.space}", "domain": "{x.domain}"}},'
+          for x in ir.inputs]
+    L += ["}", 'FORMS = ("recurrent",)', f"_PARAM_NAMES = {tuple(x.name for x in ir.params)!r}",
+          f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}",
+          "_STATE_DIMS = {" + ", ".join(f'"{st.name}": {tuple(map(str, st.shape))!r}' for st in ir.recurrence.states)
+          + "}", "", ""]
+    L += ["class State(NamedTuple):", '    """Recurrent state of every (batch, head); fla layout, d_k leading.', ""]
+    L += [f"    {st.name}: [B, H, {', '.join(map(str, st.shape))}] -- {st.doc}." for st in ir.recurrence.states]
+    L += ['    """', ""] + [f"    {st.name}: object" for st in ir.recurrence.states] + ["", ""]
+    items = ", ".join(f'"{x.name}": np.full((num_heads,), {x.init!r}, dtype=dtype)' for x in ir.params)
+    L += ["def init_params(num_heads, d_k, d_v, dtype=np.float32):",
+          '    """Initial parameters in their constrained space: dict name -> [H] numpy array of ``dtype``."""',
+          "    del d_k, d_v", f"    return {{{items}}}", "", ""]
+    return L
+

@@ -1,0 +1,81 @@
+"""Run a generated ``layer_numba_cpu`` module inside JAX: forward and backward through host callbacks.
+
+:func:`numba_layer` wraps a module's ``forward`` / ``backward`` (DESIGN §3) in a ``jax.custom_vjp`` whose
+primal and cotangent rules call the Numba code with ``jax.pure_callback``, so a JAX model (and its
+``jax.grad``) can use the Numba CPU backend. Imports nothing from the compiler side.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def numba_layer(module) -> Callable:
+    """A JAX-differentiable ``apply(q, k, v, params, initial_state, inputs) -> (o, final_state)``.
+
+    Args:
+        module: a generated ``layer_numba_cpu`` module (``forward``, ``backward``, ``State``, ``_PARAM_NAMES``).
+
+    Returns:
+        ``apply`` taking q, k [B, T, H, K]; v [B, T, H, V]; params dict name -> [H]; initial_state a
+        ``module.State`` of [B, H, ...] arrays (pass ``module.init_state(...)`` for the default); inputs dict
+        name -> [B, T, H]. Returns (o [B, T, H, V], final State as JAX arrays). Gradients flow to every
+        argument through ``module.backward`` (the checkpointed adjoint recurrence).
+
+    Raises:
+        ValueError: from the module, at trace time of the callback, on inconsistent shapes.
+    """
+    state_cls = module.State
+
+    def _fwd_host(q, k, v, params, st, inputs):
+        o, fin = module.forward(np.asarray(q), np.asarray(k), np.asarray(v),
+                                {n: np.asarray(x) for n, x in params.items()},
+                                initial_state=state_cls(*(np.asarray(x) for x in st)), output_final_state=True,
+                                **{n: np.asarray(x) for n, x in inputs.items()})
+        return o, tuple(fin)
+
+    def _bwd_host(q, k, v, params, st, inputs, do, dfin):
+        g = module.backward(np.asarray(q), np.asarray(k), np.asarray(v),
+                            {n: np.asarray(x) for n, x in params.items()}, np.asarray(do),
+                            initial_state=state_cls(*(np.asarray(x) for x in st)),
+                            dfinal_state=state_cls(*(np.asarray(x) for x in dfin)),
+                            **{n: np.asarray(x) for n, x in inputs.items()})
+        dt = np.asarray(q).dtype
+        cast = lambda x: np.asarray(x, dtype=dt)  # noqa: E731
+        return (cast(g["dq"]), cast(g["dk"]), cast(g["dv"]), {n: cast(g["d" + n]) for n in params},
+                tuple(cast(x) for x in g["dinitial_state"]), {n: cast(g["d" + n]) for n in inputs})
+
+    def _primal(q, k, v, params, st, inputs):
+        shapes = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype),
+                  tuple(jax.ShapeDtypeStruct(x.shape, q.dtype) for x in st))
+        return jax.pure_callback(_fwd_host, shapes, q, k, v, params, tuple(st), inputs)
+
+    @jax.custom_vjp
+    def apply_(q, k, v, params, st, inputs):
+        return _primal(q, k, v, params, st, inputs)
+
+    def fwd(q, k, v, params, st, inputs):
+        return _primal(q, k, v, params, st, inputs), (q, k, v, params, st, inputs)
+
+    def bwd(res, cot):
+        q, k, v, params, st, inputs = res
+        do, dfin = cot
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), q.dtype), (q, k, v, params, st, inputs))
+        return jax.pure_callback(_bwd_host, like, q, k, v, params, st, inputs, do, tuple(dfin))
+
+    apply_.defvjp(fwd, bwd)
+
+    def apply(q, k, v, params, initial_state, inputs=None):
+        """See :func:`numba_layer`."""
+        dt = jnp.asarray(q).dtype
+        st = tuple(jnp.asarray(x, dt) for x in initial_state)
+        params = {n: jnp.asarray(x, dt) for n, x in params.items()}
+        inputs = {n: jnp.asarray(x, dt) for n, x in (inputs or {}).items()}
+        o, fin = apply_(q, k, v, params, st, inputs)
+        return o, state_cls(*fin)
+
+    return apply

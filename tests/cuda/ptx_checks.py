@@ -1,0 +1,42 @@
+"""Compile every Numba-CUDA kernel to PTX for sm_80 and sm_90 without a GPU (own process, no simulator).
+
+Run by tests/test_numba_cuda.py. Uses ``cuda.compile_ptx`` from numba-cuda[cu12] (NVVM ships with the wheel).
+The benchmark shape K = V = 32 is compiled, and each kernel's static shared memory must fit in 48 KiB.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from types import SimpleNamespace
+
+import pytest
+from numba import cuda
+from numba.cuda import dispatcher
+
+from numba_cases import LAYERS, module
+
+assert os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "0", "PTX checks must run without the simulator"
+
+CASES = [(cc, "float32") for cc in ((8, 0), (9, 0))] + [((9, 0), "float64")]
+
+
+def shared_bytes(ptx: str) -> int:
+    """Total static ``.shared`` bytes declared in a PTX module."""
+    return sum(int(n) for n in re.findall(r"\.shared\s+\.align\s+\d+\s+\.b8\s+\S+\[(\d+)\]", ptx))
+
+
+@pytest.mark.parametrize("cc,dtype", CASES, ids=[f"sm{a}{b}-{d}" for (a, b), d in CASES])
+@pytest.mark.parametrize("name", LAYERS)
+def test_every_kernel_compiles(name, cc, dtype, monkeypatch):
+    # numba-cuda compiles a kernel's *device* functions for ``get_current_device()``'s compute capability,
+    # which needs a driver; without a GPU we name the target capability ourselves.
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: SimpleNamespace(compute_capability=cc))
+    targets = module(name, "numba_cuda").ptx_targets(32, 32, dtype)
+    assert [t[0] for t in targets] == ["init_kernel", "init_adjoint_kernel", "forward_kernel", "backward_kernel"]
+    for kname, fn, sig in targets:
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
+        assert f".target sm_{cc[0]}{cc[1]}" in ptx, kname
+        assert ".entry" in ptx, kname
+        assert shared_bytes(ptx) <= 48 * 1024, (kname, shared_bytes(ptx))
+        assert "shfl" not in ptx, f"{kname}: warp intrinsics"
