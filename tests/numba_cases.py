@@ -13,7 +13,7 @@ import numpy as np
 from mesagen import reference as ref
 
 B, T, H, K, V = 2, 7, 2, 3, 5
-LAYERS = ("linear", "delta", "ridge")
+LAYERS = ("linear", "gd", "delta", "ridge")
 
 
 def module(name: str, backend: str):
@@ -31,6 +31,7 @@ def data(seed: int = 20230911, b=B, t=T, h=H, k=K, v=V):
 def params_inputs(name: str, beta, h=H):
     """(params, inputs) for layer ``name`` with distinct per-head values."""
     params = {"linear": {"eta": np.array([0.31, 0.77, 0.5, 0.2])[:h]}, "delta": {},
+              "gd": {"eta": np.array([0.11, 0.23, 0.17, 0.05])[:h]},
               "ridge": {"lam": np.array([0.7, 1.9, 1.3, 0.4])[:h]}}[name]
     return params, ({"beta": beta} if name == "delta" else {})
 
@@ -39,6 +40,8 @@ def reference(name: str, q, k, v, params, inputs, initial_state=None):
     """The float64 reference (o, state dict) of layer ``name``."""
     if name == "linear":
         return ref.linear(q, k, v, params["eta"], initial_state)
+    if name == "gd":
+        return ref.gd(q, k, v, params["eta"], steps=3, initial_state=initial_state)
     if name == "delta":
         return ref.delta(q, k, v, inputs["beta"], initial_state)
     return ref.ridge(q, k, v, params["lam"], initial_state)
