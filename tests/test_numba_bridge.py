@@ -37,3 +37,26 @@ def test_bridge_matches_jax_layer(name):
         assert len(jax.tree.leaves(gn)) == 3 + len(params) + len(inputs)
         # under jit as well
         close(jax.jit(jax.grad(loss_numba))(*args), gj[0])
+
+
+@pytest.mark.parametrize("name", ["ridge", "delta"])
+def test_numba_cpu_layer_matches_jax_module_with_default_state(name):
+    """NumbaCpuLayer: the JAX contract on top of numba_cpu; gradients reach λ through P₀ = I/λ."""
+    from mesagen.runtime.numba_bridge import NumbaCpuLayer
+    from numba_cases import data, module, params_inputs
+
+    jmod, nmod = module(name, "jax"), module(name, "numba_cpu")
+    layer = NumbaCpuLayer(nmod, jmod)
+    q, k, v, do, beta = data()
+    params, inputs = params_inputs(name, beta)
+
+    def loss(mod, q, params, inputs):
+        o, _ = mod.forward(q, k, v, params, **inputs)
+        return jnp.sum(o * do)
+
+    got = jax.grad(lambda q, p, i: loss(layer, q, p, i), argnums=(0, 1, 2))(q, params, inputs)
+    want = jax.grad(lambda q, p, i: loss(jmod, q, p, i), argnums=(0, 1, 2))(q, params, inputs)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="offers"):
+        layer.forward(q, k, v, params, form="closed_form", **inputs)

@@ -79,3 +79,55 @@ def numba_layer(module) -> Callable:
         return o, state_cls(*fin)
 
     return apply
+
+
+class NumbaCpuLayer:
+    """The generated-layer contract (DESIGN §3) of a spec, with ``forward`` run by its ``layer_numba_cpu`` module.
+
+    The trainer treats it exactly like a ``layer_jax`` module: ``PARAMS``, ``INPUTS``, ``FORMS``,
+    ``init_params``, ``init_state``, ``forward``. The default initial state is built by the JAX module's
+    ``init_state`` inside JAX, so gradients reach parameters that only enter through it (λ in P₀ = I/λ);
+    the recurrence and its adjoint run in Numba through :func:`numba_layer`.
+
+    Args:
+        numba_module: the spec's generated ``layer_numba_cpu`` module.
+        jax_module: the same spec's generated ``layer_jax`` module (same ``SPEC_SHA256``).
+
+    Raises:
+        ValueError: the two modules come from different specs or codegen formats.
+    """
+
+    FORMS = ("recurrent",)
+
+    def __init__(self, numba_module, jax_module) -> None:
+        for attr in ("SPEC_NAME", "SPEC_SHA256", "CODEGEN_FORMAT"):
+            if getattr(numba_module, attr) != getattr(jax_module, attr):
+                raise ValueError(f"numba and jax modules disagree on {attr}: "
+                                 f"{getattr(numba_module, attr)!r} != {getattr(jax_module, attr)!r}")
+        self.SPEC_NAME, self.SPEC_SHA256 = jax_module.SPEC_NAME, jax_module.SPEC_SHA256
+        self.CODEGEN_FORMAT, self.PARAMS, self.INPUTS = jax_module.CODEGEN_FORMAT, jax_module.PARAMS, jax_module.INPUTS
+        self.State = jax_module.State
+        self._jax = jax_module
+        self._apply = numba_layer(numba_module)
+
+    def init_params(self, num_heads, d_k, d_v, dtype=jnp.float32):
+        """Initial parameters (the JAX module's)."""
+        return self._jax.init_params(num_heads, d_k, d_v, dtype)
+
+    def init_state(self, batch, num_heads, d_k, d_v, params, dtype=jnp.float32):
+        """Default initial state (the JAX module's, differentiable in the parameters)."""
+        return self._jax.init_state(batch, num_heads, d_k, d_v, params, dtype)
+
+    def forward(self, q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", **inputs):
+        """Same signature and result as the JAX module's ``forward`` (recurrent form only).
+
+        Raises:
+            ValueError: a form other than ``"recurrent"``.
+        """
+        if form != "recurrent":
+            raise ValueError(f"{self.SPEC_NAME}: the numba_cpu backend offers {self.FORMS}, not {form!r}")
+        B, _, H, K = q.shape
+        state = initial_state if initial_state is not None else \
+            self._jax.init_state(B, H, K, v.shape[-1], params, q.dtype)
+        o, final = self._apply(q, k, v, params, state, inputs)
+        return o, (self.State(*final) if output_final_state else None)
