@@ -113,8 +113,8 @@ def _gelu_mlp(key: jax.Array, n: int, gain: float):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch"))
-def sample_states(key: jax.Array, config: DynamicsConfig, batch: int) -> jax.Array:
-    """Draw a batch of sequences of observed states (paper Sec. 3 "linear dynamics", App. A variants).
+def sample_system(key: jax.Array, config: DynamicsConfig, batch: int) -> tuple[jax.Array, jax.Array]:
+    """Draw teachers and sequences (paper Sec. 3 "linear dynamics", App. A variants).
 
     Fully observed: ``W*`` Haar-orthogonal per sequence, ``s_1 ~ U(-1, 1)^D``,
     ``s_{t+1} = clip(W* s_t + eps)``, ``eps ~ N(0, noise_std^2 I)``. Other kinds as in :class:`DynamicsConfig`.
@@ -125,7 +125,8 @@ def sample_states(key: jax.Array, config: DynamicsConfig, batch: int) -> jax.Arr
         batch: number of sequences B (static).
 
     Returns:
-        float32 array ``(batch, seq_len + 1, observed_dim)``.
+        ``(w, states)``: the transition matrices ``(batch, n, n)`` (n = latent dim) and the observed states,
+        float32 ``(batch, seq_len + 1, observed_dim)``.
     """
     n, t = config.latent_dim, config.seq_len
     k_w, k_s, k_eps, k_c = jax.random.split(key, 4)
@@ -147,7 +148,12 @@ def sample_states(key: jax.Array, config: DynamicsConfig, batch: int) -> jax.Arr
     if config.kind == "partially_observed":
         c = config.obs_std * jax.random.normal(k_c, (batch, config.obs_dim, n))
         states = jnp.einsum("boh,bth->bto", c, states)
-    return states
+    return w, states
+
+
+def sample_states(key: jax.Array, config: DynamicsConfig, batch: int) -> jax.Array:
+    """Observed states only: ``sample_system(key, config, batch)[1]``, float32 ``(batch, seq_len + 1, D)``."""
+    return sample_system(key, config, batch)[1]
 
 
 def raw_tokens(states: jax.Array) -> tuple[jax.Array, jax.Array]:
