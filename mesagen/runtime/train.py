@@ -141,7 +141,11 @@ class Trainer:
         t = self.initial_state()
         model, opt, step, key = eqx.tree_deserialise_leaves(
             path, (t.model, t.opt_state, np.asarray(0, np.int64), jax.random.key_data(t.data_key)))
-        return TrainState(model, opt, int(step), key)
+        return TrainState(model, opt, int(step), jax.random.wrap_key_data(key) if _typed(t.data_key) else key)
+
+
+def _typed(key: jax.Array) -> bool:
+    return jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
 
 
 def _append(path: Path, record: dict) -> None:
@@ -180,15 +184,17 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
         state = trainer.load(ckpt)
         kept = [r for r in read_metrics(run_dir) if r["step"] <= state.step]
         metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        side = json.loads(ckpt.with_suffix(".json").read_text())
+        losses = [jnp.float32(v) for v in side["pending_losses"]]
     else:
         trainer = Trainer(config)
         state = trainer.initial_state()
         dump_config(config, run_dir / "config.yaml")
         (run_dir / "layers.json").write_text(json.dumps(layer_hashes(state.model), indent=1) + "\n")
         metrics.write_text("")
+        losses = []
     schedule = make_schedule(tc.schedule, tc.steps)
     end = min(stop_at or tc.steps, tc.steps)
-    losses = []
     bar = tqdm(total=tc.steps, initial=state.step, disable=not tc.progress, desc=config.name, dynamic_ncols=True)
     while state.step < end:
         state, loss = trainer.step(state)
@@ -203,7 +209,9 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
             per_t = trainer.evaluate(state.model)
             _append(metrics, {"step": s, "eval_loss": float(per_t.mean()), "eval_per_t": per_t.tolist()})
         if s % tc.checkpoint_every == 0 or last or s == end:
-            trainer.save(state, ckpt)
+            trainer.save(state, ckpt)   # + the losses of the unfinished logging window, so resumed logs match
+            ckpt.with_suffix(".json").write_text(json.dumps(
+                {"step": s, "pending_losses": [float(v) for v in losses]}) + "\n")
         bar.update(1)
     bar.close()
     if state.step == tc.steps:
