@@ -1,0 +1,108 @@
+"""``mesagen`` command line: thin subcommands over :mod:`mesagen.pipeline` and the runtime.
+
+    mesagen build SPEC... [--out DIR] [--check]     compile specs into generated/NAME/
+    mesagen list [SPEC_DIR]                          specs with their parameters, inputs and forms
+    mesagen derive SPEC                              print the derivation (Markdown + LaTeX)
+    mesagen train CONFIG ... / mesagen eval RUN_DIR  (the trainer; see README)
+
+Exit status: 0 success, 1 ``--check`` found drift, 2 bad input (spec, config or arguments). Errors are
+one line on stderr naming the file, line, column and field -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mesagen.errors import MesagenError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from mesagen.pipeline import compile_file
+    from mesagen.writer import drift, write_all
+
+    files: dict[str, str] = {}
+    for spec in args.specs:  # compile everything first: a bad spec writes nothing at all
+        compiled = compile_file(spec)
+        clash = set(files) & set(compiled.files)
+        if clash:
+            raise MesagenError(f"{spec}: spec name {compiled.spec.name!r} is used by another spec on the command line")
+        files.update(compiled.files)
+    out = Path(args.out)
+    if args.check:
+        bad = drift(files, out)
+        for rel in bad:
+            print(f"drift: {out / rel} differs from what its spec generates", file=sys.stderr)
+        if bad:
+            print(f"mesagen: {len(bad)} generated file(s) are stale; run: mesagen build {' '.join(args.specs)}",
+                  file=sys.stderr)
+            return 1
+        print(f"ok: {len(files)} generated file(s) are up to date")
+        return 0
+    for path in write_all(files, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from mesagen.pipeline import compile_file
+
+    specs = sorted(Path(args.spec_dir).glob("*.yaml"))
+    if not specs:
+        raise MesagenError(f"{args.spec_dir}: no *.yaml specs found")
+    for path in specs:
+        c = compile_file(path, backends=())
+        params = ", ".join(f"{p.name} [H] {p.domain} (init {p.init:g})" for p in c.ir.params) or "-"
+        inputs = ", ".join(f"{i.name} [B,T,H] {i.space} {i.domain}" for i in c.ir.inputs) or "-"
+        print(f"{c.spec.name:10s} {str(path):24s} solver={c.spec.solver.kind:12s} forms={','.join(c.ir.forms)}")
+        print(f"{'':10s} parameters: {params}; inputs: {inputs}")
+    return 0
+
+
+def _derive(args: argparse.Namespace) -> int:
+    from mesagen.pipeline import compile_file
+
+    c = compile_file(args.spec, backends=("md",))
+    sys.stdout.write(next(iter(c.files.values())))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argparse parser of the ``mesagen`` command."""
+    ap = argparse.ArgumentParser(prog="mesagen", description="Compile in-context-objective specs into sequence layers.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    b = sub.add_parser("build", help="compile specs into generated/NAME/ (JAX, Numba, DERIVATION.md)")
+    b.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (YAML)")
+    b.add_argument("--out", default="generated", help="output folder (default: generated)")
+    b.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing; exit 1 on drift")
+    b.set_defaults(func=_build)
+    li = sub.add_parser("list", help="list specs with their parameters, inputs and forms")
+    li.add_argument("spec_dir", nargs="?", default="specs", help="folder of specs (default: specs)")
+    li.set_defaults(func=_list)
+    d = sub.add_parser("derive", help="print the derivation of a spec (Markdown with LaTeX)")
+    d.add_argument("spec", help="spec file (YAML)")
+    d.set_defaults(func=_derive)
+    try:
+        from mesagen.runtime.cli_train import add_subparsers
+    except ImportError:  # the trainer is optional for the compiler
+        pass
+    else:
+        add_subparsers(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mesagen`` console script; returns the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MesagenError as exc:
+        print(f"mesagen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Lower a verified :class:`~mesagen.symbolic.derive.Derivation` to a :class:`~mesagen.ir.records.LayerIR`."""
+
+from __future__ import annotations
+
+from mesagen.ir.passes import PASSES, to_stored_layout
+from mesagen.ir.records import InputDecl, LayerIR, ParamDecl
+from mesagen.symbolic.derive import Derivation
+
+
+def lower(d: Derivation, spec_path: str, spec_sha256: str, skip: frozenset[str] = frozenset()) -> LayerIR:
+    """Build the backend-facing IR: stored layout, then every pass of :data:`~mesagen.ir.passes.PASSES`.
+
+    Args:
+        d: a derivation that passed :func:`~mesagen.symbolic.verify.verify`.
+        spec_path: the spec path to record in generated headers (relative, POSIX).
+        spec_sha256: the canonical spec hash.
+        skip: names of optional passes to leave out (tests use this to show each pass keeps results).
+
+    Returns:
+        The :class:`LayerIR`.
+
+    Raises:
+        ValueError: a pass found the program ill-formed (double assignment, cycle, undefined read).
+    """
+    spec = d.spec
+    params = tuple(ParamDecl(n, p.init, p.domain) for n, p in spec.parameters.items())
+    inputs = tuple(InputDecl(n, i.space, i.domain) for n, i in spec.inputs.items())
+    names = {p.name for p in params} | {i.name for i in inputs}
+    rec, kernel = to_stored_layout(d.recurrence, d.kernel, d.stored_names)
+    for name, fn in PASSES:
+        if name not in skip or name == "schedule":
+            rec, kernel = fn(rec, kernel, names)
+    forms = ("recurrent", "closed_form") if kernel is not None else ("recurrent",)
+    return LayerIR(name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
+                   description=" ".join(spec.description.split()), params=params, inputs=inputs,
+                   recurrence=rec, kernel=kernel, forms=forms)

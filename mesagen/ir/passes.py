@@ -1,0 +1,109 @@
+"""IR passes: small named pure functions from records to records, listed in :data:`PASSES`.
+
+Each pass keeps results unchanged (tests run every spec with and without each pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import sympy as sp
+
+from mesagen.ir import graph
+from mesagen.ir.records import Assign, KernelForm, Recurrence, StateDecl
+from mesagen.symbolic.algebra import mat
+
+TOKEN_NAMES = {"q", "k", "v"}
+
+
+def _param_names(ir_params: tuple, ir_inputs: tuple) -> set[str]:
+    return {p.name for p in ir_params} | {i.name for i in ir_inputs}
+
+
+def to_stored_layout(rec: Recurrence, kernel: KernelForm | None, stored: dict[str, tuple[str, bool]]
+                     ) -> tuple[Recurrence, KernelForm | None]:
+    """Rename states to their stored names and store V×K states transposed (fla layout, d_k leading).
+
+    ``W`` (V×K) becomes ``S`` with S = Wᵀ (K×V): every read of W becomes Sᵀ and the update of S is the
+    transpose of the update of W, pushed inward by ``Transpose(...).doit()``.
+    """
+    sub: dict[sp.Basic, sp.Basic] = {}
+    new_targets: dict[str, tuple[str, bool]] = {}
+    states = []
+    for st in rec.states:
+        name, transposed = stored[st.name]
+        shape = (st.shape[1], st.shape[0]) if transposed else st.shape
+        for suffix in ("", "_new"):
+            old = mat(st.name + suffix, *st.shape)
+            new = mat(name + suffix, *shape)
+            sub[old] = new.T if transposed else new
+        new_targets[f"{st.name}_new"] = (f"{name}_new", transposed)
+        init = sp.Transpose(st.init).doit() if transposed else st.init
+        states.append(StateDecl(name, shape, init, st.doc + (" (stored transposed)" if transposed else "")))
+
+    def fix(a: Assign, rename_targets: bool) -> Assign:
+        expr = a.expr.xreplace(sub)
+        if rename_targets and a.target in new_targets:
+            target, transposed = new_targets[a.target]
+            if transposed:
+                return Assign(target, sp.Transpose(expr).doit(), (a.shape[1], a.shape[0]), a.doc)
+            return Assign(target, expr, a.shape, a.doc)
+        return Assign(a.target, expr, a.shape, a.doc)
+
+    rec2 = Recurrence(tuple(states), tuple(fix(a, True) for a in rec.update),
+                      tuple(fix(a, True) for a in rec.readout), rec.backward)
+    if kernel is None:
+        return rec2, None
+    k2 = KernelForm(kernel.uses_gram, tuple(fix(a, False) for a in kernel.stats_from_state),
+                    tuple(fix(a, False) for a in kernel.precondition),
+                    tuple(fix(a, True) for a in kernel.state_from_stats))
+    return rec2, k2
+
+
+def prune_dead_states(rec: Recurrence, kernel: KernelForm | None, params: set[str]
+                      ) -> tuple[Recurrence, KernelForm | None]:
+    """Drop states that never influence an output (e.g. Σ k kᵀ for one GD step) and assignments that die.
+
+    A state is live if it reaches ``o`` or the update of a live state; iterated to a fixed point.
+    """
+    body = rec.update + rec.readout
+    available = TOKEN_NAMES | params | {st.name for st in rec.states}
+    live_states: set[str] = set()
+    while True:
+        outputs = {"o"} | {f"{s}_new" for s in live_states}
+        reach = graph.live(body, available, outputs)
+        now = {st.name for st in rec.states if st.name in reach}
+        if now == live_states:
+            break
+        live_states = now
+    keep = graph.live(body, available, {"o"} | {f"{s}_new" for s in live_states})
+    states = tuple(st for st in rec.states if st.name in live_states)
+    rec2 = Recurrence(states, tuple(a for a in rec.update if a.target in keep),
+                      tuple(a for a in rec.readout if a.target in keep), rec.backward)
+    if kernel is None:
+        return rec2, None
+    dead_new = {f"{st.name}_new" for st in rec.states if st.name not in live_states}
+    stats = tuple(a for a in kernel.stats_from_state if a.target != "A0" or kernel.uses_gram)
+    k2 = KernelForm(kernel.uses_gram, stats, kernel.precondition,
+                    tuple(a for a in kernel.state_from_stats if a.target not in dead_new))
+    return rec2, k2
+
+
+def schedule_programs(rec: Recurrence, kernel: KernelForm | None, params: set[str]
+                      ) -> tuple[Recurrence, KernelForm | None]:
+    """Check single assignment / acyclicity and order every program deterministically."""
+    states = {st.name for st in rec.states}
+    update = graph.schedule(rec.update, TOKEN_NAMES | params | states)
+    readout = graph.schedule(rec.readout, TOKEN_NAMES | params | states | {a.target for a in update})
+    rec2 = replace(rec, update=update, readout=readout)
+    if kernel is None:
+        return rec2, None
+    k2 = KernelForm(kernel.uses_gram,
+                    graph.schedule(kernel.stats_from_state, params | states),
+                    graph.schedule(kernel.precondition, params | {"q", "Abar"}),
+                    graph.schedule(kernel.state_from_stats, params | {"Cbar", "Abar"}))
+    return rec2, k2
+
+
+#: The passes run by :func:`mesagen.ir.lower.lower`, in order (name, function). Layout is mandatory.
+PASSES = (("prune_dead_states", prune_dead_states), ("schedule", schedule_programs))
