@@ -20,6 +20,7 @@ class SpecError(MesagenError):
 
     def __init__(self, path: str, reason: str, *, line: int | None = None, column: int | None = None,
                  field: str = "") -> None:
+        reason = " ".join(str(reason).split())  # one line, always: the CLI prints one line per error
         self.path, self.reason, self.line, self.column, self.field = str(path), reason, line, column, field
         super().__init__(self.format())
 

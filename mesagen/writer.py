@@ -9,13 +9,18 @@ from pathlib import Path
 from mesagen.errors import MesagenError
 
 
+def _encode(text: str) -> bytes:
+    """The bytes written for ``text``: UTF-8 with a final newline (what :func:`drift` compares against too)."""
+    return (text if text.endswith("\n") else text + "\n").encode("utf-8")
+
+
 def drift(files: dict[str, str], out: Path) -> list[str]:
     """Relative paths whose bytes on disk differ from ``files`` (missing files count)."""
     bad = []
     for rel, text in sorted(files.items()):
         target = out / rel
         try:
-            if target.read_bytes() != text.encode("utf-8"):
+            if target.read_bytes() != _encode(text):
                 bad.append(rel)
         except OSError:
             bad.append(rel)
@@ -42,9 +47,9 @@ def write_all(files: dict[str, str], out: Path) -> list[Path]:
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            staged.append((tmp, target))  # staged before writing, so a failed write still removes its temp file
             with os.fdopen(fd, "wb") as fh:
-                fh.write(text.encode("utf-8") if text.endswith("\n") else (text + "\n").encode("utf-8"))
-            staged.append((tmp, target))
+                fh.write(_encode(text))
         for tmp, target in staged:
             os.replace(tmp, target)
     except OSError as exc:

@@ -30,8 +30,7 @@ from jax import lax
 SPEC_NAME = "delta"
 SPEC_SHA256 = "bb6d9ef779f50ada62bf94c2605c7fce422dd4dfb661852f26c7ceeaefb72e1c"
 CODEGEN_FORMAT = 1
-PARAMS = {
-}
+PARAMS = {}
 INPUTS = {
     "beta": {"shape": ("B", "T", "H"), "space": "linear", "domain": "unit_interval"},
 }
@@ -93,8 +92,6 @@ def _step_head(S, q, k, v, beta):
     Returns:
         (o [V], new states).
     """
-    dtype = q.dtype
-    K, V = k.shape[0], v.shape[0]
     q, k, v = q[:, None], k[:, None], v[:, None]  # columns
     # prediction error v − W k  [V, 1]
     e = -S.T @ k + v
@@ -131,6 +128,7 @@ def _scan(ps, state, xs):
 _scan_recurrent = _scan
 
 
+@jax.jit
 def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
@@ -206,4 +204,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
     dtype = q_t.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
-    return _step_batched(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+    return _step_jit(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+
+
+_step_jit = jax.jit(_step_batched)

@@ -12,7 +12,8 @@ parameters [H], in their constrained space. Position t answers after absorbing t
 
 Forms:
     recurrent   -- lax.scan over T of the per-head step; O(T·(K² + K·V)) per head.
-    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T (von Oswald et al. 2023, Sec. 3).
+    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
+                   (von Oswald et al. 2023, Sec. 3).
 
 Backward of the recurrent form: reverse-mode autodiff through lax.scan.
 
@@ -34,8 +35,7 @@ CODEGEN_FORMAT = 1
 PARAMS = {
     "eta": {"shape": ("H",), "init": 1.0, "domain": "real"},
 }
-INPUTS = {
-}
+INPUTS = {}
 FORMS = ('recurrent', 'closed_form')
 _PARAM_NAMES = ('eta',)
 _INPUT_NAMES = ()
@@ -94,8 +94,6 @@ def _step_head(kv, q, k, v, eta):
     Returns:
         (o [V], new states).
     """
-    dtype = q.dtype
-    K, V = k.shape[0], v.shape[0]
     q, k, v = q[:, None], k[:, None], v[:, None]  # columns
     # C' = C + v kᵀ (running sum)  [K, V]
     kv_new = k @ v.T + kv
@@ -108,8 +106,6 @@ def _step_head(kv, q, k, v, eta):
 
 def _stats_head(kv, eta):
     """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""
-    dtype = kv.dtype
-    K = kv.shape[0]
     # C̄₀ = C₀  [V, K]
     C0 = kv.T
     return C0, None
@@ -117,8 +113,6 @@ def _stats_head(kv, eta):
 
 def _precondition_head(q, Abar, eta):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
-    dtype = q.dtype
-    K = q.shape[0]
     q = q[:, None]
     # x = p(Ā) q with p = η (one GD step)  [K, 1]
     x = eta * q
@@ -127,8 +121,6 @@ def _precondition_head(q, Abar, eta):
 
 def _final_head(Cbar, Abar, eta):
     """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""
-    dtype = Cbar.dtype
-    K = Cbar.shape[1]
     # C_T = C̄_T  [K, V]
     kv_new = Cbar.T
     return (kv_new,)
@@ -160,6 +152,7 @@ def _scan(ps, state, xs):
 _scan_recurrent = _scan
 
 
+@jax.jit
 def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
@@ -174,6 +167,7 @@ _final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_N
 _USES_GRAM = False
 
 
+@jax.jit
 def _forward_closed_form(q, k, v, ps, state, inputs):
     """Parallel form: Ā_t by a cumulative sum over time, x_t = M(Ā_t) q_t, o = C̄₀ x + tril(X Kᵀ) V."""
     del inputs
@@ -261,4 +255,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
     dtype = q_t.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
-    return _step_batched(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+    return _step_jit(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+
+
+_step_jit = jax.jit(_step_batched)

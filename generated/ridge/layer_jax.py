@@ -12,9 +12,12 @@ parameters [H], in their constrained space. Position t answers after absorbing t
 
 Forms:
     recurrent   -- lax.scan over T of the per-head step; O(T·(K² + K·V)) per head.
-    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T (von Oswald et al. 2023, Sec. 3).
+    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
+                   (von Oswald et al. 2023, Sec. 3).
 
-Backward of the recurrent form: a custom VJP that recomputes each of ⌈√T⌉ segments from a stored checkpoint of the state, so activation memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...); earlier inverses are never reconstructed by reverse Sherman–Morrison downdates.
+Backward of the recurrent form: a custom VJP that recomputes each of ⌈√T⌉ segments from a stored checkpoint of
+the state, so activation memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...); earlier inverses are never
+reconstructed by reverse Sherman–Morrison downdates.
 
 Derivation and its verification: DERIVATION.md beside this file.
 """
@@ -34,8 +37,7 @@ CODEGEN_FORMAT = 1
 PARAMS = {
     "lam": {"shape": ("H",), "init": 1.0, "domain": "positive"},
 }
-INPUTS = {
-}
+INPUTS = {}
 FORMS = ('recurrent', 'closed_form')
 _PARAM_NAMES = ('lam',)
 _INPUT_NAMES = ()
@@ -87,8 +89,8 @@ def init_state(batch, num_heads, d_k, d_v, params, dtype=jnp.float32):
 def _init_head(K, V, dtype, lam):
     """Default initial state of one head (dims K, V; dtype)."""
     S = jnp.zeros((K, V), dtype=dtype)
-    P = lam**(-1.0) * jnp.eye(K, dtype=dtype)
-    return (S, P,)
+    P = jnp.eye(K, dtype=dtype) / lam
+    return (S, P)
 
 
 def _step_head(S, P, q, k, v, lam):
@@ -97,8 +99,6 @@ def _step_head(S, P, q, k, v, lam):
     Returns:
         (o [V], new states).
     """
-    dtype = q.dtype
-    K, V = k.shape[0], v.shape[0]
     q, k, v = q[:, None], k[:, None], v[:, None]  # columns
     # P k  [K, 1]
     Pk = P @ k
@@ -109,16 +109,14 @@ def _step_head(S, P, q, k, v, lam):
     # prediction error v − W k  [V, 1]
     e = -S.T @ k + v
     # W' = W + e (P' k)ᵀ, since P' k = P k / s  [K, V]
-    S_new = Pk @ e.T / (s) + S
+    S_new = Pk @ e.T / s + S
     # o = W' q  [V, 1]
     o = S_new.T @ q
-    return o[:, 0], (S_new, P_new,)
+    return o[:, 0], (S_new, P_new)
 
 
 def _stats_head(S, P, lam):
     """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""
-    dtype = S.dtype
-    K = S.shape[0]
     # Ā₀ = P₀⁻¹ (holds λI)  [K, K]
     A0 = jnp.linalg.inv(P)
     # C̄₀ = W₀ Ā₀  [V, K]
@@ -128,8 +126,6 @@ def _stats_head(S, P, lam):
 
 def _precondition_head(q, Abar, lam):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
-    dtype = q.dtype
-    K = q.shape[0]
     q = q[:, None]
     # x_t = Ā_t⁻¹ q_t (preconditioned query)  [K, 1]
     x = jnp.linalg.solve(Abar, q)
@@ -138,13 +134,11 @@ def _precondition_head(q, Abar, lam):
 
 def _final_head(Cbar, Abar, lam):
     """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""
-    dtype = Cbar.dtype
-    K = Cbar.shape[1]
     # P_T = Ā_T⁻¹  [K, K]
     P_new = jnp.linalg.inv(Abar)
     # W_T = C̄_T P_T  [K, V]
     S_new = P_new.T @ Cbar.T
-    return (S_new, P_new,)
+    return (S_new, P_new)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,6 +228,7 @@ def _scan_recurrent_bwd(res, cotangents):
 _scan_recurrent.defvjp(_scan_recurrent_fwd, _scan_recurrent_bwd)
 
 
+@jax.jit
 def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
@@ -248,6 +243,7 @@ _final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_N
 _USES_GRAM = True
 
 
+@jax.jit
 def _forward_closed_form(q, k, v, ps, state, inputs):
     """Parallel form: Ā_t by a cumulative sum over time, x_t = M(Ā_t) q_t, o = C̄₀ x + tril(X Kᵀ) V."""
     del inputs
@@ -335,4 +331,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
     dtype = q_t.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
-    return _step_batched(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+    return _step_jit(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+
+
+_step_jit = jax.jit(_step_batched)

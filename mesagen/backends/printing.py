@@ -118,19 +118,21 @@ class ArrayPrinter(JaxPrinter):
             elif is_scalar_matrix(a):  # a 1 × 1 factor: a scalar multiplication or division
                 inner = a.arg if isinstance(a, sp.Transpose) else a
                 if isinstance(inner, sp.Inverse):
-                    scal_den.append(self._paren(inner.arg))
+                    arg = inner.arg.arg if isinstance(inner.arg, sp.Transpose) else inner.arg
+                    scal_den.append(self._paren(arg))
                 else:
                     scal_num.append(self._paren(inner))
             else:
                 mats.append(a)
+        num, den = sp.fraction(sp.together(coeff))
+        if den != 1:
+            scal_den.insert(0, self._paren(den) if isinstance(den, (sp.Add, sp.Mul)) else self._print(den))
+        prefix = ""
         factors = [self._print_chain(mats)] if mats else []
-        if coeff == -1:
+        if num == -1:
             prefix = "-"
-        elif coeff != 1:
-            factors.insert(0, self._paren(coeff) if isinstance(coeff, sp.Add) else self._print(coeff))
-            prefix = ""
-        else:
-            prefix = ""
+        elif num != 1:
+            factors.insert(0, self._paren(num) if isinstance(num, sp.Add) else self._print(num))
         factors += scal_num
         text = " * ".join(factors) if factors else "1"
         for d in scal_den:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from mesagen.errors import SpecError
@@ -26,27 +26,71 @@ from mesagen.spec.schema import Spec, semantic_errors
 MAX_SPEC_BYTES = 256 * 1024
 
 
-def _plain(node: Any, path: str, where: tuple) -> Any:
-    """Convert ruamel containers to plain dict/list, refusing explicit tags and non-string keys."""
+#: Tags a spec may state explicitly: the YAML core schema's (``!!str``, ``!!int`` ...). ``!!python/*`` and
+#: local tags (``!foo``) are refused -- they would ask for objects a spec never needs.
+_CORE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq"))
+
+#: Most YAML nodes a spec may expand to (aliases share nodes, so a small file can expand exponentially).
+MAX_SPEC_NODES = 100_000
+
+
+def _short_tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
+def _pos(getter: Any, key: Any) -> tuple:
+    """0-based ``(line, column)`` from a ruamel ``lc`` getter, or ``()`` where ruamel kept none."""
+    try:
+        found = getter(key)
+    except (KeyError, IndexError, TypeError):
+        return ()
+    return tuple(found[:2]) if found else ()
+
+
+class _Budget:
+    def __init__(self) -> None:
+        self.left = MAX_SPEC_NODES
+
+
+def _plain(node: Any, path: str, where: tuple, loc: tuple = (), budget: _Budget | None = None) -> Any:
+    """Convert ruamel containers to plain dict/list, refusing explicit non-core tags, merge keys and non-string keys.
+
+    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path.
+    """
+    budget = budget or _Budget()
+    budget.left -= 1
+    if budget.left < 0:
+        raise SpecError(path, f"spec expands to more than {MAX_SPEC_NODES} YAML nodes (aliases of aliases?)")
     tag = getattr(getattr(node, "tag", None), "value", None)
-    if tag is not None and not str(tag).startswith("tag:yaml.org,2002:"):
-        raise SpecError(path, f"explicit YAML tag {tag!r} is not allowed in a spec", **_loc_kwargs(where))
+    if tag is not None and str(tag) not in _CORE_TAGS:
+        raise SpecError(path, f"explicit YAML tag {_short_tag(str(tag))!r} is not allowed in a spec",
+                        field=_dotted(loc), **_loc_kwargs(where))
+    if isinstance(node, TaggedScalar):  # a core tag ruamel keeps as text: only ``!!str`` gets here
+        return str(node.value)
     if isinstance(node, CommentedMap):
+        if len(node.merge):
+            here = (node.lc.line, node.lc.col) if node.lc.line is not None else where
+            raise SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write the keys out",
+                            field=_dotted(loc), **_loc_kwargs(here))
         out = {}
         for key, value in node.items():
             if not isinstance(key, str):
-                line, col = node.lc.key(key)
-                raise SpecError(path, f"keys must be strings, got {key!r}", line=line + 1, column=col + 1)
-            line, col = node.lc.value(key)
-            out[key] = _plain(value, path, (line, col))
+                raise SpecError(path, f"keys must be strings, got {_render(key)}", field=_dotted(loc),
+                                **_loc_kwargs(_pos(node.lc.key, key)))
+            out[key] = _plain(value, path, _pos(node.lc.value, key) or where, loc + (key,), budget)
         return out
     if isinstance(node, CommentedSeq):
-        out_list = []
-        for i, item in enumerate(node):
-            line, col = node.lc.item(i)
-            out_list.append(_plain(item, path, (line, col)))
-        return out_list
+        return [_plain(item, path, _pos(node.lc.item, i) or where, loc + (i,), budget) for i, item in enumerate(node)]
     return node
+
+
+def _render(value: Any) -> str:
+    """A value as a spec author would write it: ``true``/``null`` rather than Python's ``True``/``None``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return repr(value)
 
 
 def _loc_kwargs(where: tuple) -> dict:
@@ -54,15 +98,21 @@ def _loc_kwargs(where: tuple) -> dict:
 
 
 def _locate(root: Any, loc: tuple) -> tuple[int | None, int | None, tuple]:
-    """Deepest (line, column) reachable along ``loc`` in the ruamel tree (1-based), and the path reached."""
+    """Deepest (line, column) reachable along ``loc`` in the ruamel tree (1-based), and the path reached.
+
+    A key found is located at the key; where the path leaves the tree (a missing field), the position is
+    that of the mapping that lacks it.
+    """
     line = col = None
+    if isinstance(root, (CommentedMap, CommentedSeq)) and root.lc.line is not None:
+        line, col = root.lc.line + 1, root.lc.col + 1
     node, reached = root, ()
     for key in loc:
-        if isinstance(node, CommentedMap) and isinstance(key, str) and key in node:
+        if isinstance(node, CommentedMap) and isinstance(key, str) and key in node and key in node.lc.data:
             kl, kc = node.lc.key(key)
             line, col = kl + 1, kc + 1
             node, reached = node[key], reached + (key,)
-        elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node):
+        elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node) and node.lc.data:
             il, ic = node.lc.item(key)
             line, col = il + 1, ic + 1
             node, reached = node[key], reached + (key,)
@@ -78,20 +128,52 @@ def _dotted(loc: tuple) -> str:
     return "".join(parts)
 
 
+#: Discriminator tags pydantic inserts into an error's location after ``solver`` (not keys of the file).
+_SOLVER_TAGS = frozenset({"closed_form", "gd", "online_gd"})
+
+_IDENTIFIER_RULE = ("is not a valid name: use letters, digits and '_', not starting with a digit, at most 64 "
+                    "characters (no spaces, dots or slashes)")
+
+
 def _pydantic_error(path: str, root: Any, err: ValidationError) -> SpecError:
     first = err.errors(include_url=False)[0]
-    loc = tuple(x for x in first["loc"] if not (isinstance(x, str) and x in {"closed_form", "gd", "online_gd"}))
+    loc = tuple(first["loc"])
+    if len(loc) >= 2 and loc[0] == "solver" and loc[1] in _SOLVER_TAGS:
+        loc = loc[:1] + loc[2:]
+    if loc and loc[-1] == "[key]":  # an invalid mapping key (a parameter or input name): cite the key itself
+        loc = loc[:-1]
     line, col, _ = _locate(root, loc)
     kind = first["type"]
+    value = first.get("input")
     if kind == "extra_forbidden":
         reason = f"unknown key {loc[-1]!r}"
     elif kind == "missing":
         reason = "required field is missing"
+    elif kind == "string_pattern_mismatch":
+        reason = f"{_render(value)} {_IDENTIFIER_RULE}"
     else:
         reason = first["msg"]
-        if "input" in first and kind not in {"missing"} and not isinstance(first["input"], (dict, list)):
-            reason += f" (got {first['input']!r})"
+        if "input" in first and not isinstance(value, (dict, list)):
+            reason += f" (got {_render(value)})"
     return SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+
+
+def _syntax_error(path: str, exc: MarkedYAMLError) -> SpecError:
+    """One line for a ruamel parse error: the problem where it was found, and the construct it broke."""
+    mark = exc.problem_mark or exc.context_mark
+    problem = " ".join((exc.problem or "").split())
+    context = " ".join((exc.context or "").split())
+    if not problem:
+        problem, context = context or "invalid YAML", ""
+    if "'\\t'" in problem:
+        problem += "; indent YAML with spaces, not tabs"
+    if context and problem.startswith("but "):
+        problem = f"{context}, {problem}"
+    elif context and exc.context_mark is not None and exc.context_mark is not mark:
+        cm = exc.context_mark
+        problem += f" ({context} at line {cm.line + 1}, column {cm.column + 1})"
+    return SpecError(path, f"YAML syntax error: {problem}",
+                     line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None)
 
 
 def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
@@ -115,14 +197,16 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
     try:
         root = yaml.load(io.StringIO(text))
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        problem = (exc.problem or exc.context or "invalid YAML").strip()
-        raise SpecError(path, f"YAML syntax error: {problem}",
-                        line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
+        raise _syntax_error(path, exc) from None
     except YAMLError as exc:
         raise SpecError(path, f"YAML error: {exc}") from None
+    if root is None:  # no document, only comments, or a bare null
+        raise SpecError(path, "the spec is empty (expected a mapping with spec_version, name, description, "
+                        "objective, solver and readout)")
     if not isinstance(root, CommentedMap):
-        raise SpecError(path, "a spec must be a YAML mapping at the top level")
+        kind = "a sequence" if isinstance(root, CommentedSeq) else f"the scalar {_render(root)}"
+        where = (root.lc.line, root.lc.col) if isinstance(root, CommentedSeq) and root.lc.line is not None else ()
+        raise SpecError(path, f"a spec must be a YAML mapping at the top level, not {kind}", **_loc_kwargs(where))
     data = _plain(root, path, ())
     try:
         spec = Spec.model_validate(data)
@@ -150,13 +234,19 @@ def load_spec(path: str | Path) -> Spec:
     """
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_SPEC_BYTES + 1)  # never read a huge file whole
     except OSError as exc:
         raise SpecError(str(path), f"cannot read spec file: {exc.strerror or exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(str(path), f"spec is larger than {MAX_SPEC_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SpecError(str(path), f"spec is not valid UTF-8 (byte {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(str(path), f"spec is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                        line=line, column=column) from None
     return parse_spec(text, path)
 
 

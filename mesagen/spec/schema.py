@@ -156,7 +156,9 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
     for name in set(spec.parameters) & set(spec.inputs):
         errs.append((("inputs", name), f"{name!r} is declared both as a parameter and as an input"))
     for name, p in spec.parameters.items():
-        if not _in_domain(p.init, p.domain):
+        if not math.isfinite(p.init):
+            errs.append((("parameters", name, "init"), f"init must be a finite number, not {p.init!r}"))
+        elif not _in_domain(p.init, p.domain):
             errs.append((("parameters", name, "init"), f"init {p.init!r} is outside the domain {p.domain!r}"))
     used: set[str] = set()
 

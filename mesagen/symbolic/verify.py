@@ -211,16 +211,17 @@ def _check_float(d: Derivation, seed: int) -> Check:
         state = {st.name: env[f"{st.name}_new"] for st in rec.states}
         Kt, Vt = ks[: t + 1, :, 0], vs[: t + 1, :, 0]
         A, C = Kt.T @ Kt, Vt.T @ Kt
+        coef = d.spec.objective.regularizer.coefficient
+        lam = params[coef] if coef else 0.0  # R(W) = ½ λ ‖W‖²_F, written out independently of the derivation
         if solver.kind == "closed_form":
-            lam = params[d.spec.objective.regularizer.coefficient]
             want = np.linalg.solve(A + lam * np.eye(Kd), C.T).T @ qs[t]
         elif solver.kind == "gd":
             Wg = np.zeros((Vd, Kd))
             for _ in range(solver.steps):
-                Wg = Wg + params[solver.step_size] * (C - Wg @ A)
+                Wg = Wg - params[solver.step_size] * (Wg @ A + lam * Wg - C)
             want = Wg @ qs[t]
         else:
-            W = W + params[solver.step_size] * (vs[t] - W @ ks[t]) @ ks[t].T
+            W = W - params[solver.step_size] * ((W @ ks[t] - vs[t]) @ ks[t].T + lam * W)
             want = W @ qs[t]
         err = float(np.max(np.abs(env["o"] - want)) / max(1.0, float(np.max(np.abs(want)))))
         worst = max(worst, err)

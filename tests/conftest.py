@@ -1,0 +1,59 @@
+"""Shared test fixtures: float64 JAX, generated-module loading, small prime sizes (DESIGN §5)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_enable_x64", True)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ("linear", "delta", "ridge")
+B, T, H, K, V = 2, 7, 2, 3, 5  # small distinct primes; odd length
+
+
+def load_generated(name: str, backend: str = "jax", root: Path = ROOT):
+    """Import ``generated/NAME/layer_<backend>.py`` by path under a unique module name."""
+    path = root / "generated" / name / f"layer_{backend}.py"
+    mod_name = f"_gen_{name}_{backend}_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_inputs(seed: int, name: str, b=B, t=T, h=H, k=K, v=V, dtype=np.float64):
+    """Random q, k, v, params (constrained space) and per-token inputs for a shipped spec."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, h, k)).astype(dtype)
+    kk = (rng.standard_normal((b, t, h, k)) / np.sqrt(k)).astype(dtype)
+    vv = rng.standard_normal((b, t, h, v)).astype(dtype)
+    params = {"linear": {"eta": (0.5 + rng.random(h)).astype(dtype)},
+              "delta": {},
+              "ridge": {"lam": (0.3 + rng.random(h)).astype(dtype)}}[name]
+    inputs = {"beta": rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)} if name == "delta" else {}
+    return q, kk, vv, params, inputs
+
+
+def reference(name, q, k, v, params, inputs, initial_state=None):
+    """The float64 reference of a shipped spec (mesagen.reference, written independently)."""
+    from mesagen import reference as ref
+
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    if name == "linear":
+        return ref.linear(q, k, v, np.asarray(params["eta"], np.float64), initial_state=initial_state)
+    if name == "delta":
+        return ref.delta(q, k, v, np.asarray(inputs["beta"], np.float64), initial_state=initial_state)
+    return ref.ridge(q, k, v, np.asarray(params["lam"], np.float64), initial_state=initial_state)
+
+
+@pytest.fixture(scope="session")
+def gen():
+    """name -> generated JAX module, loaded once per session."""
+    return {n: load_generated(n) for n in SHIPPED}

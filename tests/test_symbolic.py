@@ -1,0 +1,150 @@
+"""The symbolic stage: derived identities hold, broken rules are caught, passes keep results, graphs check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import sympy as sp
+
+from mesagen.errors import DerivationError
+from mesagen.ir import graph
+from mesagen.ir.lower import lower
+from mesagen.ir.records import Assign, Recurrence
+from mesagen.pipeline import compile_file
+from mesagen.spec.loader import load_spec, spec_sha256
+from mesagen.symbolic.algebra import Tokens, collect_right, gradient, mat
+from mesagen.symbolic.derive import derive, gd_polynomial
+from mesagen.symbolic.verify import verify
+
+from conftest import ROOT, SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_derivations_verify(name):
+    d = derive(load_spec(ROOT / "specs" / f"{name}.yaml"))
+    checks = {c.name for c in verify(d)}
+    assert {"gradient", "float64"} <= checks
+    assert ("stationarity" in checks) == (name == "ridge")
+    assert ("parallel_form" in checks) == (name in ("linear", "ridge"))
+
+
+def test_gradient_is_term_by_term():
+    """sympy 1.14 gives 0 for diff of a sum of traces; the term-by-term gradient does not."""
+    tok = Tokens()
+    r = tok.v - tok.W * tok.k
+    loss = sp.Rational(1, 2) * r.T * r
+    assert gradient(loss, tok.W) == sp.expand(tok.W * tok.k * tok.k.T - tok.v * tok.k.T)
+    M, R = collect_right(gradient(loss, tok.W), tok.W)
+    assert M == tok.k * tok.k.T and R == tok.v * tok.k.T
+    with pytest.raises(ValueError, match="right-collect"):
+        collect_right(tok.k.T * tok.W.T * tok.W * tok.k.T.T * sp.Identity(1) * tok.k.T, tok.W)  # W not leftmost
+
+
+def test_gd_polynomial_matches_explicit_iteration():
+    eta, a = sp.Symbol("eta"), sp.Symbol("a")
+    coeffs = gd_polynomial(eta, 3)
+    p = sum(c * a**j for j, c in enumerate(coeffs))
+    w = sp.Integer(0)
+    for _ in range(3):
+        w = w - eta * (w * a - 1)
+    assert sp.expand(p - w) == 0
+
+
+def _ridge():
+    return derive(load_spec(ROOT / "specs" / "ridge.yaml"))
+
+
+def test_wrong_sherman_morrison_update_is_caught():
+    d = _ridge()
+    P, Pk, s = mat("P", "K", "K"), mat("Pk", "K", 1), mat("s", 1, 1)
+    wrong = tuple(Assign(a.target, P - Pk * Pk.T, a.shape, a.doc) if a.target == "P_new" else a
+                  for a in d.recurrence.update)  # forgot the 1 / (1 + kᵀPk)
+    bad = dataclasses.replace(d, recurrence=dataclasses.replace(d.recurrence, update=wrong))
+    with pytest.raises(DerivationError, match="spec 'ridge', step 'closed_form'"):
+        verify(bad)
+    del s
+
+
+def test_wrong_gradient_is_caught():
+    d = _ridge()
+    tok = d.tokens
+    bad = dataclasses.replace(d, grad_term=tok.W * tok.k * tok.k.T - 2 * tok.v * tok.k.T)
+    with pytest.raises(DerivationError, match="step 'gradient'"):
+        verify(bad)
+
+
+def test_wrong_closed_form_is_caught():
+    d = _ridge()
+    A, C = mat("A", "K", "K"), mat("C", "V", "K")
+    bad = dataclasses.replace(d, closed_form=C * sp.Inverse(A + 2 * d.gram_reg))
+    with pytest.raises(DerivationError, match="step 'stationarity'"):
+        verify(bad)
+
+
+def test_wrong_parallel_form_is_caught():
+    d = _ridge()
+    kf = d.kernel
+    q = mat("q", "K", 1)
+    bad_kernel = dataclasses.replace(kf, precondition=(Assign("x", 2 * q, ("K", 1)),))
+    with pytest.raises(DerivationError, match="step 'closed_form'"):
+        verify(dataclasses.replace(d, kernel=bad_kernel))
+
+
+def test_single_assignment_and_cycles_are_rejected():
+    x, y = mat("x", "K", 1), mat("y", "K", 1)
+    with pytest.raises(ValueError, match="single assignment"):
+        graph.dataflow((Assign("x", y, ("K", 1)), Assign("x", y, ("K", 1))), {"y"})
+    with pytest.raises(ValueError, match="never defined"):
+        graph.dataflow((Assign("x", mat("z", "K", 1), ("K", 1)),), {"y"})
+    with pytest.raises(ValueError, match="cyclic"):
+        graph.dataflow((Assign("a", mat("b", "K", 1), ("K", 1)), Assign("b", mat("a", "K", 1), ("K", 1))), set())
+    with pytest.raises(ValueError, match="single assignment"):
+        Recurrence((), (Assign("o", x, ("K", 1)),), (Assign("o", x, ("K", 1)),))
+
+
+def test_schedule_is_deterministic_topological():
+    a, b = mat("a", "K", 1), mat("b", "K", 1)
+    prog = (Assign("c", a + b, ("K", 1)), Assign("b", a, ("K", 1)))
+    assert [x.target for x in graph.schedule(prog, {"a"})] == ["b", "c"]
+
+
+def test_prune_dead_states_drops_unused_gram():
+    """One GD step never reads Σ k kᵀ: the pass removes that state; without it the state stays."""
+    spec = load_spec(ROOT / "specs" / "linear.yaml")
+    d = derive(spec)
+    pruned = lower(d, "specs/linear.yaml", spec_sha256(spec))
+    kept = lower(d, "specs/linear.yaml", spec_sha256(spec), skip=frozenset({"prune_dead_states"}))
+    assert [s.name for s in pruned.recurrence.states] == ["kv"]
+    assert [s.name for s in kept.recurrence.states] == ["kv", "kk"]
+
+
+@pytest.mark.parametrize("name", ["linear"])
+def test_pass_keeps_results(tmp_path, name):
+    """Generated code with and without the prune pass computes the same outputs."""
+    import importlib.util
+
+    from mesagen.backends.jax_backend import JaxBackend
+
+    spec = load_spec(ROOT / "specs" / f"{name}.yaml")
+    d = derive(spec)
+    outs = []
+    for skip in (frozenset(), frozenset({"prune_dead_states"})):
+        ir = lower(d, f"specs/{name}.yaml", spec_sha256(spec), skip=skip)
+        path = tmp_path / f"m_{len(skip)}.py"
+        path.write_text(JaxBackend().emit(ir))
+        mspec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(mspec)
+        mspec.loader.exec_module(mod)
+        rng = np.random.default_rng(0)
+        q, k, v = (rng.standard_normal((2, 5, 2, s)) for s in (3, 3, 4))
+        outs.append(np.asarray(mod.forward(q, k, v, {"eta": np.ones(2)})[0]))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-12)
+
+
+def test_compile_file_reports_checks_in_derivation_md():
+    c = compile_file(ROOT / "specs" / "ridge.yaml")
+    md = c.files["ridge/DERIVATION.md"]
+    assert "| stationarity | exact |" in md and "| float64 | numeric |" in md
+    assert "\\left(" in md or "^{-1}" in md
