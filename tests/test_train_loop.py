@@ -57,6 +57,9 @@ def test_cli_train_eval(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(["train", str(cfg_path), "--out", str(run), "--steps", "3", "--seed", "7"]) == 0
     assert cli(["train", str(cfg_path), "--out", str(run)]) == 2          # refuses to overwrite a run
+    assert cli(["train", "--resume", str(run), "--steps", "9"]) == 2      # resume uses the stored config only
+    assert cli(["train", "--resume", str(run)]) == 0                       # complete run: re-evaluates
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
     assert cli(["eval", str(run)]) == 0
     result = json.loads((run / "eval.json").read_text())
     assert set(result["per_t"]) == {"model", "gd1", "ridge", "predict_zero", "predict_last"}
