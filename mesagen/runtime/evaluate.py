@@ -1,0 +1,75 @@
+"""Held-out evaluation of a run against the baselines, per position t, with a table and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mesagen.data import sample_states
+from mesagen.runtime.baselines import baseline_losses, fit_baselines
+from mesagen.runtime.config import load_config
+from mesagen.runtime.figures import plot_per_t, plot_training
+
+#: Positions shown in the summary table (t = number of context pairs).
+TABLE_T = (0, 1, 5, 10, 20, 30, 49)
+
+
+def baselines_for(trainer) -> dict:
+    """Tune GD-1's eta and ridge's lambda on ``eval.tune_batch`` sequences from ``PRNGKey(eval.seed + 1)`` and
+    return ``{"fitted": {...}, "per_t": {name: [T floats]}}`` on the trainer's held-out set."""
+    cfg = trainer.config
+    tune = np.asarray(sample_states(jax.random.PRNGKey(cfg.eval.seed + 1), cfg.task, cfg.eval.tune_batch))
+    fitted = fit_baselines(tune)
+    return {"fitted": fitted, "per_t": {k: v.tolist() for k, v in baseline_losses(trainer.eval_states, fitted).items()}}
+
+
+def format_table(curves: dict[str, np.ndarray], ts: tuple[int, ...] = TABLE_T) -> str:
+    """Text table: one row per curve, the mean over t, then the loss at each t in ``ts`` present."""
+    n = len(next(iter(curves.values())))
+    ts = tuple(t for t in ts if t < n)
+    head = f"{'':14s} {'mean':>9s} " + " ".join(f"{'t=' + str(t):>9s}" for t in ts)
+    rows = [f"{name:14s} {np.mean(c):9.4f} " + " ".join(f"{c[t]:9.4f}" for t in ts) for name, c in curves.items()]
+    return "\n".join([head, *rows])
+
+
+def write_evaluation(run_dir: Path, trainer, model) -> dict:
+    """Evaluate ``model`` and the baselines on the held-out set; write ``eval.json``, ``per_t.png``,
+    ``training.png``; print the table. Returns the ``eval.json`` content."""
+    run_dir = Path(run_dir)
+    base_path = run_dir / "baselines.json"
+    base = json.loads(base_path.read_text()) if base_path.exists() else None
+    if base is None or base.get("eval") != trainer.config.eval.model_dump() or base.get("task") != trainer.config.task.model_dump():
+        base = {**baselines_for(trainer), "eval": trainer.config.eval.model_dump(), "task": trainer.config.task.model_dump()}
+        base_path.write_text(json.dumps(base) + "\n")
+    curves = {"model": trainer.evaluate(model), **{k: np.asarray(v) for k, v in base["per_t"].items()}}
+    result = {"name": trainer.config.name, "fitted": base["fitted"],
+              "mean": {k: float(np.mean(v)) for k, v in curves.items()},
+              "per_t": {k: v.tolist() for k, v in curves.items()}}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot_per_t(curves, run_dir / "per_t.png", title=f"{trainer.config.name}: held-out loss per position")
+    from mesagen.runtime.train import read_metrics
+    plot_training(read_metrics(run_dir), run_dir / "training.png", title=trainer.config.name)
+    print(f"{trainer.config.name}: held-out loss (0.5 * squared error summed over dims), "
+          f"gd1 eta={base['fitted']['gd1_eta']:.4f}, ridge lambda={base['fitted']['ridge_lambda']:.2e}")
+    print(format_table(curves))
+    return result
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """Evaluate the checkpoint of a run folder (``mesagen eval RUN_DIR``).
+
+    Raises:
+        ConfigError: if ``config.yaml`` is invalid. FileNotFoundError: if there is no checkpoint.
+        LayerLoadError: if a generated layer is missing or changed since training.
+    """
+    from mesagen.runtime.train import Trainer
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    ckpt = run_dir / "checkpoint.eqx"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: no checkpoint (train the run first)")
+    trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
+    return write_evaluation(run_dir, trainer, trainer.load(ckpt).model)
