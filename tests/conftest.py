@@ -10,7 +10,6 @@ import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("linear", "gd", "delta", "ridge")
@@ -54,6 +53,13 @@ def reference(name, q, k, v, params, inputs, initial_state=None):
     if name == "delta":
         return ref.delta(q, k, v, np.asarray(inputs["beta"], np.float64), initial_state=initial_state)
     return ref.ridge(q, k, v, np.asarray(params["lam"], np.float64), initial_state=initial_state)
+
+
+@pytest.fixture
+def x64():
+    """Run one test with JAX's 64-bit mode on (the float64 comparisons); other tests keep float32 defaults."""
+    with jax.enable_x64(True):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import SHIPPED, H, K, V, B, load_generated, make_inputs, reference
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 CASES = [(n, f) for n in SHIPPED for f in load_generated(n).FORMS]
 F64_RTOL = 1e-10
 #: float32 bound (documented in README, "Numerics"): relative to the largest output, at T ≤ 63, unit-scale inputs.

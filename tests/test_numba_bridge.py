@@ -40,7 +40,7 @@ def test_bridge_matches_jax_layer(name):
 
 
 @pytest.mark.parametrize("name", ["ridge", "delta"])
-def test_numba_cpu_layer_matches_jax_module_with_default_state(name):
+def test_numba_cpu_layer_matches_jax_module_with_default_state(name, x64):
     """NumbaCpuLayer: the JAX contract on top of numba_cpu; gradients reach λ through P₀ = I/λ."""
     from mesagen.runtime.numba_bridge import NumbaCpuLayer
     from numba_cases import data, module, params_inputs

@@ -20,6 +20,8 @@ from mesagen.symbolic.verify import verify
 
 from conftest import ROOT, SHIPPED
 
+pytestmark = pytest.mark.usefixtures("x64")
+
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_derivations_verify(name):
