@@ -1,6 +1,6 @@
 """Training steps per second on CPU: the paper's 2-layer linear config and the same model with mesa layers.
 
-    python3 benchmarks/train_steps.py [--steps N] [--batch B]
+    PYTHONPATH=. python3 benchmarks/train_steps.py [--steps N] [--batch B] [--ridge-closed-form]
 
 Model: constructed tokens (embed 40 = 4 D), 2 layers, 4 heads, key size 20, B = 256, T = 50 (paper Table 1,
 "k layers, constructed"), one jitted AdamW step per iteration including data sampling. Needs the generated
@@ -48,10 +48,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--ridge-closed-form", action="store_true",
+                        help="also time ridge's closed_form (its backward at B=256 stalled for minutes on 2 cores)")
     args = parser.parse_args()
     print(f"B={args.batch} T=50 embed=40, 2 layers x 4 heads x key 20, {args.steps} timed steps")
     for layer, form in [("generated:linear", "closed_form"), ("generated:linear", "recurrent"),
-                        ("generated:ridge", "recurrent"), ("generated:ridge", "closed_form")]:
+                        ("generated:ridge", "recurrent")] + [("generated:ridge", "closed_form")] * args.ridge_closed_form:
         compile_s, sps = bench(config(layer, form, args.batch), args.steps)
         print(f"{layer:18s} {form:12s} compile {compile_s:5.1f} s   {sps:6.2f} steps/s")
 

@@ -20,6 +20,9 @@ import jax
 import jax.numpy as jnp
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: Samples are float32 whatever jax_enable_x64 says (training and its bit-identical resume rely on it).
+F32 = jnp.float32
+
 TaskKind = Literal["fully_observed", "partially_observed", "contracting", "nonlinear", "fixed_teacher"]
 
 
@@ -98,17 +101,17 @@ def _rollout(transition, s1: jax.Array, noise: jax.Array, clip: float) -> jax.Ar
 def _contracting_matrices(key: jax.Array, batch: int, n: int, low: float, high: float) -> jax.Array:
     """``W = U diag(lam) U^-1``, ``lam`` = (n-1) draws of U[low, high] plus one ``high`` (App. A), ``(batch, n, n)``."""
     k_u, k_lam = jax.random.split(key)
-    u = jax.random.normal(k_u, (batch, n, n))
-    lam = jnp.concatenate([jax.random.uniform(k_lam, (batch, n - 1), minval=low, maxval=high),
-                           jnp.full((batch, 1), high)], axis=1)
+    u = jax.random.normal(k_u, (batch, n, n), F32)
+    lam = jnp.concatenate([jax.random.uniform(k_lam, (batch, n - 1), F32, minval=low, maxval=high),
+                           jnp.full((batch, 1), high, F32)], axis=1)
     return jnp.linalg.solve(jnp.swapaxes(u, 1, 2), jnp.swapaxes(u * lam[:, None, :], 1, 2)).swapaxes(1, 2)
 
 
 def _gelu_mlp(key: jax.Array, n: int, gain: float):
     """Fixed teacher MLP*(h) = B GELU(A h) with N(0, gain/n) entries; returns a batched map ``(batch, n)``."""
     k_a, k_b = jax.random.split(key)
-    a = jax.random.normal(k_a, (n, n)) * jnp.sqrt(gain / n)
-    b = jax.random.normal(k_b, (n, n)) * jnp.sqrt(gain / n)
+    a = jax.random.normal(k_a, (n, n), F32) * jnp.sqrt(gain / n)
+    b = jax.random.normal(k_b, (n, n), F32) * jnp.sqrt(gain / n)
     return lambda h: jax.nn.gelu(h @ a.T) @ b.T
 
 
@@ -130,15 +133,15 @@ def sample_system(key: jax.Array, config: DynamicsConfig, batch: int) -> tuple[j
     """
     n, t = config.latent_dim, config.seq_len
     k_w, k_s, k_eps, k_c = jax.random.split(key, 4)
-    s1 = jax.random.uniform(k_s, (batch, n), minval=-1.0, maxval=1.0)
-    noise = config.noise_std * jax.random.normal(k_eps, (t, batch, n))
+    s1 = jax.random.uniform(k_s, (batch, n), F32, minval=-1.0, maxval=1.0)
+    noise = config.noise_std * jax.random.normal(k_eps, (t, batch, n), F32)
     teacher_key = jax.random.PRNGKey(config.teacher_seed)
     if config.kind == "contracting":
         w = _contracting_matrices(k_w, batch, n, config.eig_low, config.eig_high)
     elif config.kind == "fixed_teacher":
-        w = jnp.broadcast_to(jax.random.orthogonal(teacher_key, n), (batch, n, n))
+        w = jnp.broadcast_to(jax.random.orthogonal(teacher_key, n, dtype=F32), (batch, n, n))
     else:
-        w = jax.random.orthogonal(k_w, n, (batch,))
+        w = jax.random.orthogonal(k_w, n, (batch,), dtype=F32)
     if config.kind == "nonlinear":
         mlp = _gelu_mlp(teacher_key, n, config.mlp_gain)
         def transition(s): return jnp.einsum("bij,bj->bi", w, mlp(s))
@@ -146,7 +149,7 @@ def sample_system(key: jax.Array, config: DynamicsConfig, batch: int) -> tuple[j
         def transition(s): return jnp.einsum("bij,bj->bi", w, s)
     states = _rollout(transition, s1, noise, config.clip)
     if config.kind == "partially_observed":
-        c = config.obs_std * jax.random.normal(k_c, (batch, config.obs_dim, n))
+        c = config.obs_std * jax.random.normal(k_c, (batch, config.obs_dim, n), F32)
         states = jnp.einsum("boh,bth->bto", c, states)
     return w, states
 

@@ -47,11 +47,11 @@ def sample_regression(key: jax.Array, config: RegressionConfig, batch: int) -> t
     d, n = config.dim, config.num_pairs
     k_w, k_x, k_eps = jax.random.split(key, 3)
     if config.teacher == "orthogonal":
-        w = jax.random.orthogonal(k_w, d, (batch,))
+        w = jax.random.orthogonal(k_w, d, (batch,), dtype=jnp.float32)
     else:
-        w = jax.random.normal(k_w, (batch, d, d)) / jnp.sqrt(d)
-    x = jax.random.uniform(k_x, (batch, n, d), minval=-1.0, maxval=1.0)
-    y = jnp.einsum("bij,bnj->bni", w, x) + config.noise_std * jax.random.normal(k_eps, (batch, n, d))
+        w = jax.random.normal(k_w, (batch, d, d), jnp.float32) / jnp.sqrt(d)
+    x = jax.random.uniform(k_x, (batch, n, d), jnp.float32, minval=-1.0, maxval=1.0)
+    y = jnp.einsum("bij,bnj->bni", w, x) + config.noise_std * jax.random.normal(k_eps, (batch, n, d), jnp.float32)
     return x, y
 
 

@@ -121,8 +121,8 @@ class Model(eqx.Module):
         keys = jax.random.split(key, len(config.blocks) + 2)
         d, std = config.d_model, config.init_std
         standard = config.tokens == "standard"
-        self.embed = (std * jax.random.normal(keys[0], (out_dim, d)), jnp.zeros((d,))) if standard else None
-        self.readout = (std * jax.random.normal(keys[1], (d, out_dim)), jnp.zeros((out_dim,))) if standard else None
+        self.embed = (std * jax.random.normal(keys[0], (out_dim, d), jnp.float32), jnp.zeros((d,), jnp.float32)) if standard else None
+        self.readout = (std * jax.random.normal(keys[1], (d, out_dim), jnp.float32), jnp.zeros((out_dim,), jnp.float32)) if standard else None
         self.blocks = tuple(
             Block(attn=build_layer(b, config, key=k, d_pos=config.pos_dim if i == 0 else 0),
                   ln1=LayerNorm(d) if config.layernorm else None,
@@ -142,6 +142,7 @@ class Model(eqx.Module):
         Returns:
             ``(batch, time, D)`` predictions of ``s_{t+1}``.
         """
+        tokens = tokens.astype(jnp.float32)
         x = tokens @ self.embed[0] + self.embed[1] if self.embed is not None else tokens
         pos = sinusoidal(tokens.shape[1], self.pos_dim) if self.pos_dim else None
         for i, block in enumerate(self.blocks):
