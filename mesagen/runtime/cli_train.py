@@ -10,6 +10,7 @@ Exit status: 0 on success, 2 on a bad config / missing layer / missing run (one 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mesagen.runtime.train import train
     try:
         if args.resume:
-            if args.config or args.steps is not None or args.seed is not None or args.out:
+            if args.config or args.steps is not None or args.seed is not None or args.out or args.overwrite:
                 print("mesagen train: --resume takes only RUN_DIR (the run's config.yaml is used as is)",
                       file=sys.stderr)
                 return 2
@@ -38,9 +39,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = load_config(args.config).with_overrides(steps=args.steps, seed=args.seed)
         run_dir = Path(args.out) if args.out else Path("runs") / config.name
         if (run_dir / "checkpoint.eqx").exists():
-            print(f"mesagen train: {run_dir} already holds a run; use --resume {run_dir} or another --out",
-                  file=sys.stderr)
-            return 2
+            if not args.overwrite:
+                print(f"mesagen train: {run_dir} already holds a run; use --resume {run_dir}, --overwrite or "
+                      "another --out", file=sys.stderr)
+                return 2
+            shutil.rmtree(run_dir)  # a run folder (it holds a checkpoint): start afresh
         train(config, run_dir)
         print(f"run folder: {run_dir}")
         return 0
@@ -69,6 +72,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run in the run folder")
     p.set_defaults(func=cmd_train)
     e = subparsers.add_parser("eval", help="per-t loss of a trained run against the baselines, with a figure")
     e.add_argument("run_dir", help="run folder written by mesagen train")

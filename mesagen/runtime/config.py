@@ -34,6 +34,8 @@ class BlockConfig(_Frozen):
         heads, d_k, d_v: override the model-level sizes for this block.
         form: which ``FORMS`` entry of a generated module to run (default: its first, ``recurrent``).
         spec_sha256: if set, the generated module's ``SPEC_SHA256`` must match.
+        backend: ``jax`` (``layer_jax.py``) or ``numba_cpu`` (``layer_numba_cpu.py`` beside it, forward and
+            backward on the CPU through host callbacks; recurrent form only).
     """
 
     layer: str
@@ -42,6 +44,7 @@ class BlockConfig(_Frozen):
     d_v: int | None = Field(None, ge=1)
     form: str | None = None
     spec_sha256: str | None = None
+    backend: Literal["jax", "numba_cpu"] = "jax"
 
     @field_validator("layer")
     @classmethod
@@ -147,12 +150,25 @@ class RunConfig(_Frozen):
         if self.model.tokens == "constructed" and self.model.d_model != 4 * self.task.observed_dim:
             raise ValueError(f"model.d_model must be 4 * state dim = {4 * self.task.observed_dim} for "
                              f"constructed tokens, got {self.model.d_model}")
+        sched = self.train.schedule
+        decay = sched.decay_steps or self.train.steps
+        if sched.kind == "warmup_cosine" and decay <= sched.warmup_steps:
+            raise ValueError(f"train.schedule.warmup_steps ({sched.warmup_steps}) must be below the schedule length "
+                             f"(train.schedule.decay_steps or train.steps = {decay}); lower warmup_steps or "
+                             "train longer")
         return self
 
     def with_overrides(self, *, steps: int | None = None, seed: int | None = None) -> "RunConfig":
-        """Return a copy with ``train.steps`` / ``train.seed`` replaced (CLI ``--steps`` / ``--seed``)."""
+        """Return a copy with ``train.steps`` / ``train.seed`` replaced (CLI ``--steps`` / ``--seed``).
+
+        Raises:
+            ConfigError: the overridden config is inconsistent (e.g. fewer steps than warm-up steps).
+        """
         train = self.train.model_copy(update={k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None})
-        return RunConfig.model_validate({**self.model_dump(), "train": train.model_dump()})
+        try:
+            return RunConfig.model_validate({**self.model_dump(), "train": train.model_dump()})
+        except ValidationError as exc:
+            raise ConfigError(f"with --steps {steps} / --seed {seed}: {_format(exc)}") from None
 
 
 def _format(err: ValidationError) -> str:

@@ -84,7 +84,12 @@ def build_layer(block: BlockConfig, model: ModelConfig, *, key: jax.Array, d_pos
     d_v = block.d_v or model.d_v or d_k
     if block.layer == "softmax":
         return SoftmaxAttention(model.d_model, heads, d_k, d_v, key=key, init_std=model.init_std, d_pos=d_pos)
-    module = load_layer_module(resolve_layer_path(block.layer), block.spec_sha256)
+    path = resolve_layer_path(block.layer)
+    module = load_layer_module(path, block.spec_sha256)
+    if block.backend == "numba_cpu":
+        from mesagen.runtime.numba_bridge import NumbaCpuLayer
+
+        module = NumbaCpuLayer(load_layer_module(path.with_name("layer_numba_cpu.py"), module.SPEC_SHA256), module)
     return GeneratedAttention(module, model.d_model, heads, d_k, d_v, key=key, init_std=model.init_std,
                               d_pos=d_pos, form=block.form)
 
