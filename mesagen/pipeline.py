@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mesagen.backends import BACKENDS
+from mesagen.errors import MesagenError
 from mesagen.ir.lower import lower
 from mesagen.ir.records import LayerIR
 from mesagen.spec.loader import load_spec, spec_sha256
@@ -33,10 +35,23 @@ class Compiled:
     files: dict[str, str]
 
 
+_SAFE_PATH_PART = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
 def spec_display_path(path: str | Path) -> str:
-    """The spec path recorded in headers: ``<folder>/<file>`` (POSIX), independent of cwd and absolute paths."""
+    """The spec path recorded in headers: ``<folder>/<file>`` (POSIX), independent of cwd and absolute paths.
+
+    Raises:
+        MesagenError: the folder or file name holds characters that could break a generated header
+            (anything but letters, digits and ``_ . + -``).
+    """
     p = Path(path)
-    return f"{p.resolve().parent.name}/{p.name}" if p.resolve().parent.name else p.name
+    folder = p.resolve().parent.name
+    for part in (folder, p.name) if folder else (p.name,):
+        if not _SAFE_PATH_PART.match(part):
+            raise MesagenError(f"{path}: spec folder and file names may hold only letters, digits and '_.+-' "
+                               f"(they are written into generated headers); got {part!r}")
+    return f"{folder}/{p.name}" if folder else p.name
 
 
 def compile_spec(spec: Spec, spec_path: str, backends: tuple[str, ...] | None = None) -> Compiled:

@@ -70,3 +70,72 @@ def test_canonical_hash_ignores_comments_and_layout(tmp_path):
     assert spec_sha256(load_spec(p)) == spec_sha256(load_spec(ROOT / "specs" / "ridge.yaml"))
     p.write_text(src.replace("init: 1.0", "init: 2.0"))
     assert spec_sha256(load_spec(p)) != spec_sha256(load_spec(ROOT / "specs" / "ridge.yaml"))
+
+
+CLASH_NAMES = ["i", "j", "acc", "m0", "r0", "rstep", "dtype", "kk", "kv", "Pk", "A0", "S_new", "L", "out", "dq",
+               "g_o", "u_lam", "dlam"]
+
+
+def _variant(text: str, old: str, new: str) -> str:
+    return text.replace(f"coefficient: {old}", f"coefficient: {new}").replace(f"step_size: {old}",
+                                                                              f"step_size: {new}").replace(
+        f"  {old}: {{shape", f"  {new}: {{shape")
+
+
+def _import(path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"clash_{path.parent.name}_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("spec_name,param", [("ridge", "lam"), ("gd", "eta")])
+def test_parameter_names_cannot_shadow_generated_identifiers(tmp_path, spec_name, param):
+    """Names the generated code uses internally (loop indices, locals, temporaries) are fine as parameter names:
+    the JAX module built with them imports and computes exactly what the shipped one does."""
+    import numpy as np
+
+    from mesagen.pipeline import compile_spec
+    from mesagen.spec.loader import parse_spec
+
+    from conftest import load_generated
+
+    base = load_generated(spec_name)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 5, 2, d)).astype(np.float32) for d in (3, 3, 4))
+    want = np.asarray(base.forward(q, k, v, {param: np.array([0.3, 0.7], np.float32)})[0])
+    text = (ROOT / "specs" / f"{spec_name}.yaml").read_text()
+    for name in CLASH_NAMES:
+        c = compile_spec(parse_spec(_variant(text, param, name), f"{name}.yaml"), f"specs/{name}.yaml", ("jax",))
+        path = tmp_path / name / "layer_jax.py"
+        path.parent.mkdir()
+        path.write_text(c.files[f"{spec_name}/layer_jax.py"])
+        mod = _import(path)
+        got = np.asarray(mod.forward(q, k, v, {name: np.array([0.3, 0.7], np.float32)})[0])
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=name)
+
+
+def test_parameter_named_like_a_loop_index_in_numba(tmp_path):
+    """The Numba CPU module of a spec whose step size is called ``i`` (a loop index there) stays correct."""
+    import numpy as np
+
+    from mesagen.pipeline import compile_spec
+    from mesagen.spec.loader import parse_spec
+
+    from conftest import load_generated
+
+    text = (ROOT / "specs" / "delta.yaml").read_text()
+    c = compile_spec(parse_spec(_variant(text, "beta", "i").replace("  beta: {shape", "  i: {shape"), "i.yaml"),
+                     "specs/i.yaml", ("numba_cpu",))
+    path = tmp_path / "delta_i" / "layer_numba_cpu.py"
+    path.parent.mkdir()
+    path.write_text(c.files["delta/layer_numba_cpu.py"])
+    mod = _import(path)
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 5, 2, d)).astype(np.float32) for d in (3, 3, 4))
+    beta = rng.uniform(0.1, 0.9, (1, 5, 2)).astype(np.float32)
+    got = mod.forward(q, k, v, {}, i=beta)[0]
+    want = load_generated("delta").forward(q, k, v, {}, beta=beta)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)

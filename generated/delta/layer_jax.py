@@ -86,7 +86,7 @@ def _init_head(K, V, dtype):
     return (S,)
 
 
-def _step_head(S, q, k, v, beta):
+def _step_head(S, q, k, v, u_beta):
     """One token for one head: states S [K, V]; q, k [K]; v [V].
 
     Returns:
@@ -96,7 +96,7 @@ def _step_head(S, q, k, v, beta):
     # prediction error v − W k  [V, 1]
     e = -S.T @ k + v
     # W' = W − β ∇ℓ_t(W) = W + β e kᵀ  [K, V]
-    S_new = beta * k @ e.T + S
+    S_new = u_beta * k @ e.T + S
     # o = W' q  [V, 1]
     o = S_new.T @ q
     return o[:, 0], (S_new,)

@@ -82,7 +82,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _step_body(S, q, k, v, beta, S_new, e, o, r0, rstep):
+    def _step_body(S, q, k, v, u_beta, S_new, e, o, r0, rstep):
         # prediction error v − W k
         for i in range(r0, V, rstep):
             acc = 0.0
@@ -95,7 +95,7 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             for j in range(V):
                 acc = 0.0
-                acc += beta*e[j]*k[i]
+                acc += u_beta*e[j]*k[i]
                 acc += S[i, j]
                 S_new[i, j] = acc
         _sync()
@@ -108,7 +108,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _adjoint_body(S, q, k, v, beta, S_new, e, o, g_o, g_S_new, g_S, g_e, g_q, g_k, g_v, r0, rstep):
+    def _adjoint_body(S, q, k, v, u_beta, S_new, e, o, g_o, g_S_new, g_S, g_e, g_q, g_k, g_v, r0, rstep):
         # prediction error v − W k
         for i in range(r0, V, rstep):
             acc = 0.0
@@ -121,7 +121,7 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             for j in range(V):
                 acc = 0.0
-                acc += beta*e[j]*k[i]
+                acc += u_beta*e[j]*k[i]
                 acc += S[i, j]
                 S_new[i, j] = acc
         _sync()
@@ -144,7 +144,7 @@ def _make_bodies(K, V, jit):
             g_k[i] = 0.0
         for i in range(r0, V, rstep):
             g_v[i] = 0.0
-        g_beta = 0.0
+        g_u_beta = 0.0
         _sync()
         # pull back o -> S_new
         for i in range(r0, K, rstep):
@@ -164,20 +164,20 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             acc = g_k[i]
             for m0 in range(V):
-                acc += beta*e[m0]*g_S_new[i, m0]
+                acc += u_beta*e[m0]*g_S_new[i, m0]
             g_k[i] = acc
         _sync()
         # pull back S_new -> e
         for i in range(r0, V, rstep):
             acc = g_e[i]
             for m0 in range(K):
-                acc += beta*g_S_new[m0, i]*k[m0]
+                acc += u_beta*g_S_new[m0, i]*k[m0]
             g_e[i] = acc
         _sync()
-        # pull back S_new -> beta
+        # pull back S_new -> u_beta
         for m0 in range(K):
             for m1 in range(V):
-                g_beta += e[m1]*g_S_new[m0, m1]*k[m0]
+                g_u_beta += e[m1]*g_S_new[m0, m1]*k[m0]
         # pull back S_new -> S
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -205,7 +205,7 @@ def _make_bodies(K, V, jit):
             acc += g_e[i]
             g_v[i] = acc
         _sync()
-        return (g_beta,)
+        return (g_u_beta,)
 
     @jit
     def _init_adjoint_body(g_S, r0, rstep):
@@ -243,7 +243,7 @@ def _build(K, V):
                 r = ()
 
     @_jit
-    def forward_all(q, k, v, beta, S_0, o, S_T):
+    def forward_all(q, k, v, u_beta, S_0, o, S_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         S = np.empty((K, V), dt)
@@ -254,13 +254,13 @@ def _build(K, V):
             for h in range(H):
                 _copy2(S, S_0[b, h], 0, 1)
                 for t in range(T):
-                    _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, 0, 1)
+                    _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, 0, 1)
                     _copy1(o[b, t, h], o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                 _copy2(S_T[b, h], S, 0, 1)
 
     @_jit
-    def backward_all(q, k, v, beta, S_0, do, g_S_T, dq, dk, dv, dbeta, g_S_0, L):
+    def backward_all(q, k, v, u_beta, S_0, do, g_S_T, dq, dk, dv, du_beta, g_S_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
@@ -280,7 +280,7 @@ def _build(K, V):
                 for t in range(T):  # forward sweep: keep the state entering every segment
                     if t % L == 0:
                         _copy2(ck_S[t // L], S, 0, 1)
-                    _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, 0, 1)
+                    _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                 _copy2(g_S_new, g_S_T[b, h], 0, 1)
                 for c in range(nseg - 1, -1, -1):
@@ -289,11 +289,11 @@ def _build(K, V):
                     _copy2(S, ck_S[c], 0, 1)
                     for t in range(t0, t1):  # recompute the segment's states
                         _copy2(seg_S[t - t0], S, 0, 1)
-                        _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, 0, 1)
+                        _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, 0, 1)
                         _copy2(S, S_new, 0, 1)
                     for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_S[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, do[b, t, h], g_S_new, g_S, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
-                        dbeta[b, t, h] = r[0]
+                        r = _adjoint_body(seg_S[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, do[b, t, h], g_S_new, g_S, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
+                        du_beta[b, t, h] = r[0]
                         _copy2(g_S_new, g_S, 0, 1)
                 _copy2(g_S_0[b, h], g_S_new, 0, 1)
 

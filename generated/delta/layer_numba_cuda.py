@@ -81,7 +81,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _step_body(S, q, k, v, beta, S_new, e, o, r0, rstep):
+    def _step_body(S, q, k, v, u_beta, S_new, e, o, r0, rstep):
         # prediction error v − W k
         for i in range(r0, V, rstep):
             acc = 0.0
@@ -94,7 +94,7 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             for j in range(V):
                 acc = 0.0
-                acc += beta*e[j]*k[i]
+                acc += u_beta*e[j]*k[i]
                 acc += S[i, j]
                 S_new[i, j] = acc
         _sync()
@@ -107,7 +107,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _adjoint_body(S, q, k, v, beta, S_new, e, o, g_o, g_S_new, g_S, g_e, g_q, g_k, g_v, r0, rstep):
+    def _adjoint_body(S, q, k, v, u_beta, S_new, e, o, g_o, g_S_new, g_S, g_e, g_q, g_k, g_v, r0, rstep):
         # prediction error v − W k
         for i in range(r0, V, rstep):
             acc = 0.0
@@ -120,7 +120,7 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             for j in range(V):
                 acc = 0.0
-                acc += beta*e[j]*k[i]
+                acc += u_beta*e[j]*k[i]
                 acc += S[i, j]
                 S_new[i, j] = acc
         _sync()
@@ -143,7 +143,7 @@ def _make_bodies(K, V, jit):
             g_k[i] = 0.0
         for i in range(r0, V, rstep):
             g_v[i] = 0.0
-        g_beta = 0.0
+        g_u_beta = 0.0
         _sync()
         # pull back o -> S_new
         for i in range(r0, K, rstep):
@@ -163,20 +163,20 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             acc = g_k[i]
             for m0 in range(V):
-                acc += beta*e[m0]*g_S_new[i, m0]
+                acc += u_beta*e[m0]*g_S_new[i, m0]
             g_k[i] = acc
         _sync()
         # pull back S_new -> e
         for i in range(r0, V, rstep):
             acc = g_e[i]
             for m0 in range(K):
-                acc += beta*g_S_new[m0, i]*k[m0]
+                acc += u_beta*g_S_new[m0, i]*k[m0]
             g_e[i] = acc
         _sync()
-        # pull back S_new -> beta
+        # pull back S_new -> u_beta
         for m0 in range(K):
             for m1 in range(V):
-                g_beta += e[m1]*g_S_new[m0, m1]*k[m0]
+                g_u_beta += e[m1]*g_S_new[m0, m1]*k[m0]
         # pull back S_new -> S
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -204,7 +204,7 @@ def _make_bodies(K, V, jit):
             acc += g_e[i]
             g_v[i] = acc
         _sync()
-        return (g_beta,)
+        return (g_u_beta,)
 
     @jit
     def _init_adjoint_body(g_S, r0, rstep):
@@ -244,7 +244,7 @@ def _build(K, V, dtype_name):
         h = cuda.blockIdx.x % H
 
     @cuda.jit
-    def forward_kernel(q, k, v, beta, S_0, o, S_T):
+    def forward_kernel(q, k, v, u_beta, S_0, o, S_T):
         T = q.shape[1]
         H = q.shape[2]
         b = cuda.blockIdx.x // H
@@ -258,14 +258,14 @@ def _build(K, V, dtype_name):
         _copy2(S, S_0[b, h], r0, rs)
         _sync()
         for t in range(T):
-            _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, r0, rs)
+            _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, r0, rs)
             _copy1(o[b, t, h], o_t, r0, rs)
             _copy2(S, S_new, r0, rs)
             _sync()
         _copy2(S_T[b, h], S, r0, rs)
 
     @cuda.jit
-    def backward_kernel(q, k, v, beta, S_0, do, g_S_T, dq, dk, dv, dbeta, g_S_0, L, ck_S, seg_S, w_S, w_S_new, w_g_S, w_g_S_new):
+    def backward_kernel(q, k, v, u_beta, S_0, do, g_S_T, dq, dk, dv, du_beta, g_S_0, L, ck_S, seg_S, w_S, w_S_new, w_g_S, w_g_S_new):
         """Checkpointed adjoint sweep for one (batch, head); scratch arrays are [B·H, ...] per block."""
         T = q.shape[1]
         H = q.shape[2]
@@ -287,7 +287,7 @@ def _build(K, V, dtype_name):
         for t in range(T):  # forward sweep: keep the state entering every segment
             if t % L == 0:
                 _copy2(ck_S[bh, t // L], S, r0, rs)
-            _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, r0, rs)
+            _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, r0, rs)
             _copy2(S, S_new, r0, rs)
             _sync()
         _copy2(g_S_new, g_S_T[b, h], r0, rs)
@@ -299,13 +299,13 @@ def _build(K, V, dtype_name):
             _sync()
             for t in range(t0, t1):  # recompute the segment's states
                 _copy2(seg_S[bh, t - t0], S, r0, rs)
-                _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, r0, rs)
+                _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, r0, rs)
                 _copy2(S, S_new, r0, rs)
                 _sync()
             for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                r = _adjoint_body(seg_S[bh, t - t0], q[b, t, h], k[b, t, h], v[b, t, h], beta[b, t, h], S_new, e, o_t, do[b, t, h], g_S_new, g_S, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], r0, rs)
+                r = _adjoint_body(seg_S[bh, t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_beta[b, t, h], S_new, e, o_t, do[b, t, h], g_S_new, g_S, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], r0, rs)
                 if r0 == 0:
-                    dbeta[b, t, h] = r[0]
+                    du_beta[b, t, h] = r[0]
                 _copy2(g_S_new, g_S, r0, rs)
                 _sync()
         _copy2(g_S_0[b, h], g_S_new, r0, rs)

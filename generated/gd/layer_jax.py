@@ -84,14 +84,14 @@ def init_state(batch, num_heads, d_k, d_v, params, dtype=jnp.float32):
 # ----------------------------------------------------------------------------------------------------
 # Per-head programs, printed from the verified IR (see DERIVATION.md).
 
-def _init_head(K, V, dtype, eta):
+def _init_head(K, V, dtype, u_eta):
     """Default initial state of one head (dims K, V; dtype)."""
     kv = jnp.zeros((K, V), dtype=dtype)
     kk = jnp.zeros((K, K), dtype=dtype)
     return (kv, kk)
 
 
-def _step_head(kv, kk, q, k, v, eta):
+def _step_head(kv, kk, q, k, v, u_eta):
     """One token for one head: states kv [K, V], kk [K, K]; q, k [K]; v [V].
 
     Returns:
@@ -103,17 +103,17 @@ def _step_head(kv, kk, q, k, v, eta):
     # A' = A + k kᵀ (running sum)  [K, K]
     kk_new = k @ k.T + kk
     # Horner: leading coefficient c_2 q  [K, 1]
-    x2 = eta**3 * q
+    x2 = u_eta**3 * q
     # Horner: Ā x + c_1 q  [K, 1]
-    x1 = -3*eta**2 * q + kk_new @ x2
+    x1 = -3*u_eta**2 * q + kk_new @ x2
     # Horner: Ā x + c_0 q  [K, 1]
-    x = 3*eta * q + kk_new @ x1
+    x = 3*u_eta * q + kk_new @ x1
     # o = W⁽3⁾ q = C x  [V, 1]
     o = kv_new.T @ x
     return o[:, 0], (kv_new, kk_new)
 
 
-def _stats_head(kv, kk, eta):
+def _stats_head(kv, kk, u_eta):
     """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""
     # C̄₀ = C₀  [V, K]
     C0 = kv.T
@@ -122,19 +122,19 @@ def _stats_head(kv, kk, eta):
     return C0, A0
 
 
-def _precondition_head(q, Abar, eta):
+def _precondition_head(q, Abar, u_eta):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
     q = q[:, None]
     # Horner: leading coefficient c_2 q  [K, 1]
-    x2 = eta**3 * q
+    x2 = u_eta**3 * q
     # Horner: Ā x + c_1 q  [K, 1]
-    x1 = -3*eta**2 * q + Abar @ x2
+    x1 = -3*u_eta**2 * q + Abar @ x2
     # Horner: Ā x + c_0 q  [K, 1]
-    x = 3*eta * q + Abar @ x1
+    x = 3*u_eta * q + Abar @ x1
     return x[:, 0]
 
 
-def _final_head(Cbar, Abar, eta):
+def _final_head(Cbar, Abar, u_eta):
     """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""
     # C_T = C̄_T  [K, V]
     kv_new = Cbar.T

@@ -82,13 +82,13 @@ def init_state(batch, num_heads, d_k, d_v, params, dtype=jnp.float32):
 # ----------------------------------------------------------------------------------------------------
 # Per-head programs, printed from the verified IR (see DERIVATION.md).
 
-def _init_head(K, V, dtype, eta):
+def _init_head(K, V, dtype, u_eta):
     """Default initial state of one head (dims K, V; dtype)."""
     kv = jnp.zeros((K, V), dtype=dtype)
     return (kv,)
 
 
-def _step_head(kv, q, k, v, eta):
+def _step_head(kv, q, k, v, u_eta):
     """One token for one head: states kv [K, V]; q, k [K]; v [V].
 
     Returns:
@@ -98,28 +98,28 @@ def _step_head(kv, q, k, v, eta):
     # C' = C + v kᵀ (running sum)  [K, V]
     kv_new = k @ v.T + kv
     # x = p(Ā) q with p = η (one GD step)  [K, 1]
-    x = eta * q
+    x = u_eta * q
     # o = W⁽1⁾ q = C x  [V, 1]
     o = kv_new.T @ x
     return o[:, 0], (kv_new,)
 
 
-def _stats_head(kv, eta):
+def _stats_head(kv, u_eta):
     """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""
     # C̄₀ = C₀  [V, K]
     C0 = kv.T
     return C0, None
 
 
-def _precondition_head(q, Abar, eta):
+def _precondition_head(q, Abar, u_eta):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
     q = q[:, None]
     # x = p(Ā) q with p = η (one GD step)  [K, 1]
-    x = eta * q
+    x = u_eta * q
     return x[:, 0]
 
 
-def _final_head(Cbar, Abar, eta):
+def _final_head(Cbar, Abar, u_eta):
     """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""
     # C_T = C̄_T  [K, V]
     kv_new = Cbar.T

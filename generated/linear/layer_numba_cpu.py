@@ -73,7 +73,7 @@ def _make_bodies(K, V, jit):
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
     """
     @jit
-    def _init_body(kv, eta, r0, rstep):
+    def _init_body(kv, u_eta, r0, rstep):
         # default kv
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -82,7 +82,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _step_body(kv, q, k, v, eta, kv_new, x, o, r0, rstep):
+    def _step_body(kv, q, k, v, u_eta, kv_new, x, o, r0, rstep):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -94,7 +94,7 @@ def _make_bodies(K, V, jit):
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += eta*q[i]
+            acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
@@ -106,7 +106,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _adjoint_body(kv, q, k, v, eta, kv_new, x, o, g_o, g_kv_new, g_kv, g_x, g_q, g_k, g_v, r0, rstep):
+    def _adjoint_body(kv, q, k, v, u_eta, kv_new, x, o, g_o, g_kv_new, g_kv, g_x, g_q, g_k, g_v, r0, rstep):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -118,7 +118,7 @@ def _make_bodies(K, V, jit):
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += eta*q[i]
+            acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
@@ -140,7 +140,7 @@ def _make_bodies(K, V, jit):
             g_k[i] = 0.0
         for i in range(r0, V, rstep):
             g_v[i] = 0.0
-        g_eta = 0.0
+        g_u_eta = 0.0
         _sync()
         # pull back o -> kv_new
         for i in range(r0, K, rstep):
@@ -159,12 +159,12 @@ def _make_bodies(K, V, jit):
         # pull back x -> q
         for i in range(r0, K, rstep):
             acc = g_q[i]
-            acc += eta*g_x[i]
+            acc += u_eta*g_x[i]
             g_q[i] = acc
         _sync()
-        # pull back x -> eta
+        # pull back x -> u_eta
         for m0 in range(K):
-            g_eta += g_x[m0]*q[m0]
+            g_u_eta += g_x[m0]*q[m0]
         # pull back kv_new -> k
         for i in range(r0, K, rstep):
             acc = g_k[i]
@@ -186,12 +186,12 @@ def _make_bodies(K, V, jit):
                 acc += g_kv_new[i, j]
                 g_kv[i, j] = acc
         _sync()
-        return (g_eta,)
+        return (g_u_eta,)
 
     @jit
-    def _init_adjoint_body(g_kv, eta, r0, rstep):
-        g_eta = 0.0
-        return (g_eta,)
+    def _init_adjoint_body(g_kv, u_eta, r0, rstep):
+        g_u_eta = 0.0
+        return (g_u_eta,)
 
     @jit
     def _copy2(dst, src, r0, rstep):
@@ -213,20 +213,20 @@ def _build(K, V):
     _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)
 
     @_jit
-    def init_all(eta, kv_0):
+    def init_all(u_eta, kv_0):
         for b in range(kv_0.shape[0]):
             for h in range(kv_0.shape[1]):
-                _init_body(kv_0[b, h], eta[h], 0, 1)
+                _init_body(kv_0[b, h], u_eta[h], 0, 1)
 
     @_jit
-    def init_adjoint_all(g_kv_0, eta, out):
+    def init_adjoint_all(g_kv_0, u_eta, out):
         for b in range(out.shape[0]):
             for h in range(out.shape[1]):
-                r = _init_adjoint_body(g_kv_0[b, h], eta[h], 0, 1)
+                r = _init_adjoint_body(g_kv_0[b, h], u_eta[h], 0, 1)
                 out[b, h, 0] += r[0]
 
     @_jit
-    def forward_all(q, k, v, eta, kv_0, o, kv_T):
+    def forward_all(q, k, v, u_eta, kv_0, o, kv_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         kv = np.empty((K, V), dt)
@@ -237,13 +237,13 @@ def _build(K, V):
             for h in range(H):
                 _copy2(kv, kv_0[b, h], 0, 1)
                 for t in range(T):
-                    _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, 0, 1)
+                    _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, 0, 1)
                     _copy1(o[b, t, h], o_t, 0, 1)
                     _copy2(kv, kv_new, 0, 1)
                 _copy2(kv_T[b, h], kv, 0, 1)
 
     @_jit
-    def backward_all(q, k, v, eta, kv_0, do, g_kv_T, dq, dk, dv, deta, g_kv_0, L):
+    def backward_all(q, k, v, u_eta, kv_0, do, g_kv_T, dq, dk, dv, du_eta, g_kv_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
@@ -263,24 +263,24 @@ def _build(K, V):
                 for t in range(T):  # forward sweep: keep the state entering every segment
                     if t % L == 0:
                         _copy2(ck_kv[t // L], kv, 0, 1)
-                    _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, 0, 1)
+                    _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, 0, 1)
                     _copy2(kv, kv_new, 0, 1)
                 _copy2(g_kv_new, g_kv_T[b, h], 0, 1)
-                acc_eta = 0.0
+                acc_u_eta = 0.0
                 for c in range(nseg - 1, -1, -1):
                     t0 = c * L
                     t1 = min(T, t0 + L)
                     _copy2(kv, ck_kv[c], 0, 1)
                     for t in range(t0, t1):  # recompute the segment's states
                         _copy2(seg_kv[t - t0], kv, 0, 1)
-                        _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, 0, 1)
+                        _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, 0, 1)
                         _copy2(kv, kv_new, 0, 1)
                     for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_kv[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, do[b, t, h], g_kv_new, g_kv, g_x, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
-                        acc_eta += r[0]
+                        r = _adjoint_body(seg_kv[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, do[b, t, h], g_kv_new, g_kv, g_x, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
+                        acc_u_eta += r[0]
                         _copy2(g_kv_new, g_kv, 0, 1)
                 _copy2(g_kv_0[b, h], g_kv_new, 0, 1)
-                deta[b, h] = acc_eta
+                du_eta[b, h] = acc_u_eta
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

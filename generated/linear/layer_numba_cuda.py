@@ -72,7 +72,7 @@ def _make_bodies(K, V, jit):
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
     """
     @jit
-    def _init_body(kv, eta, r0, rstep):
+    def _init_body(kv, u_eta, r0, rstep):
         # default kv
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -81,7 +81,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _step_body(kv, q, k, v, eta, kv_new, x, o, r0, rstep):
+    def _step_body(kv, q, k, v, u_eta, kv_new, x, o, r0, rstep):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -93,7 +93,7 @@ def _make_bodies(K, V, jit):
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += eta*q[i]
+            acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
@@ -105,7 +105,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _adjoint_body(kv, q, k, v, eta, kv_new, x, o, g_o, g_kv_new, g_kv, g_x, g_q, g_k, g_v, r0, rstep):
+    def _adjoint_body(kv, q, k, v, u_eta, kv_new, x, o, g_o, g_kv_new, g_kv, g_x, g_q, g_k, g_v, r0, rstep):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -117,7 +117,7 @@ def _make_bodies(K, V, jit):
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += eta*q[i]
+            acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
@@ -139,7 +139,7 @@ def _make_bodies(K, V, jit):
             g_k[i] = 0.0
         for i in range(r0, V, rstep):
             g_v[i] = 0.0
-        g_eta = 0.0
+        g_u_eta = 0.0
         _sync()
         # pull back o -> kv_new
         for i in range(r0, K, rstep):
@@ -158,12 +158,12 @@ def _make_bodies(K, V, jit):
         # pull back x -> q
         for i in range(r0, K, rstep):
             acc = g_q[i]
-            acc += eta*g_x[i]
+            acc += u_eta*g_x[i]
             g_q[i] = acc
         _sync()
-        # pull back x -> eta
+        # pull back x -> u_eta
         for m0 in range(K):
-            g_eta += g_x[m0]*q[m0]
+            g_u_eta += g_x[m0]*q[m0]
         # pull back kv_new -> k
         for i in range(r0, K, rstep):
             acc = g_k[i]
@@ -185,12 +185,12 @@ def _make_bodies(K, V, jit):
                 acc += g_kv_new[i, j]
                 g_kv[i, j] = acc
         _sync()
-        return (g_eta,)
+        return (g_u_eta,)
 
     @jit
-    def _init_adjoint_body(g_kv, eta, r0, rstep):
-        g_eta = 0.0
-        return (g_eta,)
+    def _init_adjoint_body(g_kv, u_eta, r0, rstep):
+        g_u_eta = 0.0
+        return (g_u_eta,)
 
     @jit
     def _copy2(dst, src, r0, rstep):
@@ -213,23 +213,23 @@ def _build(K, V, dtype_name):
     _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)
 
     @cuda.jit
-    def init_kernel(eta, kv_0):
+    def init_kernel(u_eta, kv_0):
         H = kv_0.shape[1]
         b = cuda.blockIdx.x // H
         h = cuda.blockIdx.x % H
-        _init_body(kv_0[b, h], eta[h], cuda.threadIdx.x, cuda.blockDim.x)
+        _init_body(kv_0[b, h], u_eta[h], cuda.threadIdx.x, cuda.blockDim.x)
 
     @cuda.jit
-    def init_adjoint_kernel(g_kv_0, eta, out):
+    def init_adjoint_kernel(g_kv_0, u_eta, out):
         H = out.shape[1]
         b = cuda.blockIdx.x // H
         h = cuda.blockIdx.x % H
-        r = _init_adjoint_body(g_kv_0[b, h], eta[h], cuda.threadIdx.x, cuda.blockDim.x)
+        r = _init_adjoint_body(g_kv_0[b, h], u_eta[h], cuda.threadIdx.x, cuda.blockDim.x)
         if cuda.threadIdx.x == 0:
             out[b, h, 0] = r[0]
 
     @cuda.jit
-    def forward_kernel(q, k, v, eta, kv_0, o, kv_T):
+    def forward_kernel(q, k, v, u_eta, kv_0, o, kv_T):
         T = q.shape[1]
         H = q.shape[2]
         b = cuda.blockIdx.x // H
@@ -243,14 +243,14 @@ def _build(K, V, dtype_name):
         _copy2(kv, kv_0[b, h], r0, rs)
         _sync()
         for t in range(T):
-            _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, r0, rs)
+            _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, r0, rs)
             _copy1(o[b, t, h], o_t, r0, rs)
             _copy2(kv, kv_new, r0, rs)
             _sync()
         _copy2(kv_T[b, h], kv, r0, rs)
 
     @cuda.jit
-    def backward_kernel(q, k, v, eta, kv_0, do, g_kv_T, dq, dk, dv, deta, g_kv_0, L, ck_kv, seg_kv, w_kv, w_kv_new, w_g_kv, w_g_kv_new):
+    def backward_kernel(q, k, v, u_eta, kv_0, do, g_kv_T, dq, dk, dv, du_eta, g_kv_0, L, ck_kv, seg_kv, w_kv, w_kv_new, w_g_kv, w_g_kv_new):
         """Checkpointed adjoint sweep for one (batch, head); scratch arrays are [B·H, ...] per block."""
         T = q.shape[1]
         H = q.shape[2]
@@ -272,12 +272,12 @@ def _build(K, V, dtype_name):
         for t in range(T):  # forward sweep: keep the state entering every segment
             if t % L == 0:
                 _copy2(ck_kv[bh, t // L], kv, r0, rs)
-            _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, r0, rs)
+            _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, r0, rs)
             _copy2(kv, kv_new, r0, rs)
             _sync()
         _copy2(g_kv_new, g_kv_T[b, h], r0, rs)
         _sync()
-        acc_eta = 0.0
+        acc_u_eta = 0.0
         for c in range(nseg - 1, -1, -1):
             t0 = c * L
             t1 = min(T, t0 + L)
@@ -285,17 +285,17 @@ def _build(K, V, dtype_name):
             _sync()
             for t in range(t0, t1):  # recompute the segment's states
                 _copy2(seg_kv[bh, t - t0], kv, r0, rs)
-                _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, r0, rs)
+                _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, r0, rs)
                 _copy2(kv, kv_new, r0, rs)
                 _sync()
             for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                r = _adjoint_body(seg_kv[bh, t - t0], q[b, t, h], k[b, t, h], v[b, t, h], eta[h], kv_new, x, o_t, do[b, t, h], g_kv_new, g_kv, g_x, dq[b, t, h], dk[b, t, h], dv[b, t, h], r0, rs)
-                acc_eta += r[0]
+                r = _adjoint_body(seg_kv[bh, t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, do[b, t, h], g_kv_new, g_kv, g_x, dq[b, t, h], dk[b, t, h], dv[b, t, h], r0, rs)
+                acc_u_eta += r[0]
                 _copy2(g_kv_new, g_kv, r0, rs)
                 _sync()
         _copy2(g_kv_0[b, h], g_kv_new, r0, rs)
         if r0 == 0:
-            deta[b, h] = acc_eta
+            du_eta[b, h] = acc_u_eta
 
     return init_kernel, init_adjoint_kernel, forward_kernel, backward_kernel
 

@@ -86,14 +86,14 @@ def init_state(batch, num_heads, d_k, d_v, params, dtype=jnp.float32):
 # ----------------------------------------------------------------------------------------------------
 # Per-head programs, printed from the verified IR (see DERIVATION.md).
 
-def _init_head(K, V, dtype, lam):
+def _init_head(K, V, dtype, u_lam):
     """Default initial state of one head (dims K, V; dtype)."""
     S = jnp.zeros((K, V), dtype=dtype)
-    P = jnp.eye(K, dtype=dtype) / lam
+    P = jnp.eye(K, dtype=dtype) / u_lam
     return (S, P)
 
 
-def _step_head(S, P, q, k, v, lam):
+def _step_head(S, P, q, k, v, u_lam):
     """One token for one head: states S [K, V], P [K, K]; q, k [K]; v [V].
 
     Returns:
@@ -115,7 +115,7 @@ def _step_head(S, P, q, k, v, lam):
     return o[:, 0], (S_new, P_new)
 
 
-def _stats_head(S, P, lam):
+def _stats_head(S, P, u_lam):
     """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""
     # Ā₀ = P₀⁻¹ (holds λI)  [K, K]
     A0 = jnp.linalg.inv(P)
@@ -124,7 +124,7 @@ def _stats_head(S, P, lam):
     return C0, A0
 
 
-def _precondition_head(q, Abar, lam):
+def _precondition_head(q, Abar, u_lam):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
     q = q[:, None]
     # x_t = Ā_t⁻¹ q_t (preconditioned query)  [K, 1]
@@ -132,7 +132,7 @@ def _precondition_head(q, Abar, lam):
     return x[:, 0]
 
 
-def _final_head(Cbar, Abar, lam):
+def _final_head(Cbar, Abar, u_lam):
     """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""
     # P_T = Ā_T⁻¹  [K, K]
     P_new = jnp.linalg.inv(Abar)

@@ -75,7 +75,7 @@ def _make_bodies(K, V, jit):
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
     """
     @jit
-    def _init_body(S, P, lam, r0, rstep):
+    def _init_body(S, P, u_lam, r0, rstep):
         # default S
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -86,12 +86,12 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             for j in range(K):
                 acc = 0.0
-                acc += (1.0 if i == j else 0.0)/lam
+                acc += (1.0 if i == j else 0.0)/u_lam
                 P[i, j] = acc
         _sync()
 
     @jit
-    def _step_body(S, P, q, k, v, lam, S_new, P_new, Pk, e, o, r0, rstep):
+    def _step_body(S, P, q, k, v, u_lam, S_new, P_new, Pk, e, o, r0, rstep):
         # P k
         for i in range(r0, K, rstep):
             acc = 0.0
@@ -137,7 +137,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _adjoint_body(S, P, q, k, v, lam, S_new, P_new, Pk, e, o, g_o, g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, g_q, g_k, g_v, r0, rstep):
+    def _adjoint_body(S, P, q, k, v, u_lam, S_new, P_new, Pk, e, o, g_o, g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, g_q, g_k, g_v, r0, rstep):
         # P k
         for i in range(r0, K, rstep):
             acc = 0.0
@@ -199,7 +199,7 @@ def _make_bodies(K, V, jit):
         for i in range(r0, V, rstep):
             g_v[i] = 0.0
         g_s = 0.0
-        g_lam = 0.0
+        g_u_lam = 0.0
         _sync()
         # pull back o -> S_new
         for i in range(r0, K, rstep):
@@ -306,16 +306,16 @@ def _make_bodies(K, V, jit):
                 acc += P[m0, i]*g_Pk[m0]
             g_k[i] = acc
         _sync()
-        return (g_lam,)
+        return (g_u_lam,)
 
     @jit
-    def _init_adjoint_body(g_S, g_P, lam, r0, rstep):
-        g_lam = 0.0
-        # pull back P -> lam
+    def _init_adjoint_body(g_S, g_P, u_lam, r0, rstep):
+        g_u_lam = 0.0
+        # pull back P -> u_lam
         for m0 in range(K):
             for m1 in range(K):
-                g_lam += -(1.0 if m0 == m1 else 0.0)*g_P[m0, m1]/lam**2
-        return (g_lam,)
+                g_u_lam += -(1.0 if m0 == m1 else 0.0)*g_P[m0, m1]/u_lam**2
+        return (g_u_lam,)
 
     @jit
     def _copy2(dst, src, r0, rstep):
@@ -337,20 +337,20 @@ def _build(K, V):
     _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)
 
     @_jit
-    def init_all(lam, S_0, P_0):
+    def init_all(u_lam, S_0, P_0):
         for b in range(S_0.shape[0]):
             for h in range(S_0.shape[1]):
-                _init_body(S_0[b, h], P_0[b, h], lam[h], 0, 1)
+                _init_body(S_0[b, h], P_0[b, h], u_lam[h], 0, 1)
 
     @_jit
-    def init_adjoint_all(g_S_0, g_P_0, lam, out):
+    def init_adjoint_all(g_S_0, g_P_0, u_lam, out):
         for b in range(out.shape[0]):
             for h in range(out.shape[1]):
-                r = _init_adjoint_body(g_S_0[b, h], g_P_0[b, h], lam[h], 0, 1)
+                r = _init_adjoint_body(g_S_0[b, h], g_P_0[b, h], u_lam[h], 0, 1)
                 out[b, h, 0] += r[0]
 
     @_jit
-    def forward_all(q, k, v, lam, S_0, P_0, o, S_T, P_T):
+    def forward_all(q, k, v, u_lam, S_0, P_0, o, S_T, P_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         S = np.empty((K, V), dt)
@@ -365,7 +365,7 @@ def _build(K, V):
                 _copy2(S, S_0[b, h], 0, 1)
                 _copy2(P, P_0[b, h], 0, 1)
                 for t in range(T):
-                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
+                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
                     _copy1(o[b, t, h], o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                     _copy2(P, P_new, 0, 1)
@@ -373,7 +373,7 @@ def _build(K, V):
                 _copy2(P_T[b, h], P, 0, 1)
 
     @_jit
-    def backward_all(q, k, v, lam, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, dlam, g_S_0, g_P_0, L):
+    def backward_all(q, k, v, u_lam, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, du_lam, g_S_0, g_P_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
@@ -403,12 +403,12 @@ def _build(K, V):
                     if t % L == 0:
                         _copy2(ck_S[t // L], S, 0, 1)
                         _copy2(ck_P[t // L], P, 0, 1)
-                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
+                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                     _copy2(P, P_new, 0, 1)
                 _copy2(g_S_new, g_S_T[b, h], 0, 1)
                 _copy2(g_P_new, g_P_T[b, h], 0, 1)
-                acc_lam = 0.0
+                acc_u_lam = 0.0
                 for c in range(nseg - 1, -1, -1):
                     t0 = c * L
                     t1 = min(T, t0 + L)
@@ -417,17 +417,17 @@ def _build(K, V):
                     for t in range(t0, t1):  # recompute the segment's states
                         _copy2(seg_S[t - t0], S, 0, 1)
                         _copy2(seg_P[t - t0], P, 0, 1)
-                        _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
+                        _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
                         _copy2(S, S_new, 0, 1)
                         _copy2(P, P_new, 0, 1)
                     for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_S[t - t0], seg_P[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
-                        acc_lam += r[0]
+                        r = _adjoint_body(seg_S[t - t0], seg_P[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
+                        acc_u_lam += r[0]
                         _copy2(g_S_new, g_S, 0, 1)
                         _copy2(g_P_new, g_P, 0, 1)
                 _copy2(g_S_0[b, h], g_S_new, 0, 1)
                 _copy2(g_P_0[b, h], g_P_new, 0, 1)
-                dlam[b, h] = acc_lam
+                du_lam[b, h] = acc_u_lam
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

@@ -74,7 +74,7 @@ def _make_bodies(K, V, jit):
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
     """
     @jit
-    def _init_body(S, P, lam, r0, rstep):
+    def _init_body(S, P, u_lam, r0, rstep):
         # default S
         for i in range(r0, K, rstep):
             for j in range(V):
@@ -85,12 +85,12 @@ def _make_bodies(K, V, jit):
         for i in range(r0, K, rstep):
             for j in range(K):
                 acc = 0.0
-                acc += (1.0 if i == j else 0.0)/lam
+                acc += (1.0 if i == j else 0.0)/u_lam
                 P[i, j] = acc
         _sync()
 
     @jit
-    def _step_body(S, P, q, k, v, lam, S_new, P_new, Pk, e, o, r0, rstep):
+    def _step_body(S, P, q, k, v, u_lam, S_new, P_new, Pk, e, o, r0, rstep):
         # P k
         for i in range(r0, K, rstep):
             acc = 0.0
@@ -136,7 +136,7 @@ def _make_bodies(K, V, jit):
         _sync()
 
     @jit
-    def _adjoint_body(S, P, q, k, v, lam, S_new, P_new, Pk, e, o, g_o, g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, g_q, g_k, g_v, r0, rstep):
+    def _adjoint_body(S, P, q, k, v, u_lam, S_new, P_new, Pk, e, o, g_o, g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, g_q, g_k, g_v, r0, rstep):
         # P k
         for i in range(r0, K, rstep):
             acc = 0.0
@@ -198,7 +198,7 @@ def _make_bodies(K, V, jit):
         for i in range(r0, V, rstep):
             g_v[i] = 0.0
         g_s = 0.0
-        g_lam = 0.0
+        g_u_lam = 0.0
         _sync()
         # pull back o -> S_new
         for i in range(r0, K, rstep):
@@ -305,16 +305,16 @@ def _make_bodies(K, V, jit):
                 acc += P[m0, i]*g_Pk[m0]
             g_k[i] = acc
         _sync()
-        return (g_lam,)
+        return (g_u_lam,)
 
     @jit
-    def _init_adjoint_body(g_S, g_P, lam, r0, rstep):
-        g_lam = 0.0
-        # pull back P -> lam
+    def _init_adjoint_body(g_S, g_P, u_lam, r0, rstep):
+        g_u_lam = 0.0
+        # pull back P -> u_lam
         for m0 in range(K):
             for m1 in range(K):
-                g_lam += -(1.0 if m0 == m1 else 0.0)*g_P[m0, m1]/lam**2
-        return (g_lam,)
+                g_u_lam += -(1.0 if m0 == m1 else 0.0)*g_P[m0, m1]/u_lam**2
+        return (g_u_lam,)
 
     @jit
     def _copy2(dst, src, r0, rstep):
@@ -337,23 +337,23 @@ def _build(K, V, dtype_name):
     _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)
 
     @cuda.jit
-    def init_kernel(lam, S_0, P_0):
+    def init_kernel(u_lam, S_0, P_0):
         H = S_0.shape[1]
         b = cuda.blockIdx.x // H
         h = cuda.blockIdx.x % H
-        _init_body(S_0[b, h], P_0[b, h], lam[h], cuda.threadIdx.x, cuda.blockDim.x)
+        _init_body(S_0[b, h], P_0[b, h], u_lam[h], cuda.threadIdx.x, cuda.blockDim.x)
 
     @cuda.jit
-    def init_adjoint_kernel(g_S_0, g_P_0, lam, out):
+    def init_adjoint_kernel(g_S_0, g_P_0, u_lam, out):
         H = out.shape[1]
         b = cuda.blockIdx.x // H
         h = cuda.blockIdx.x % H
-        r = _init_adjoint_body(g_S_0[b, h], g_P_0[b, h], lam[h], cuda.threadIdx.x, cuda.blockDim.x)
+        r = _init_adjoint_body(g_S_0[b, h], g_P_0[b, h], u_lam[h], cuda.threadIdx.x, cuda.blockDim.x)
         if cuda.threadIdx.x == 0:
             out[b, h, 0] = r[0]
 
     @cuda.jit
-    def forward_kernel(q, k, v, lam, S_0, P_0, o, S_T, P_T):
+    def forward_kernel(q, k, v, u_lam, S_0, P_0, o, S_T, P_T):
         T = q.shape[1]
         H = q.shape[2]
         b = cuda.blockIdx.x // H
@@ -371,7 +371,7 @@ def _build(K, V, dtype_name):
         _copy2(P, P_0[b, h], r0, rs)
         _sync()
         for t in range(T):
-            _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, r0, rs)
+            _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, r0, rs)
             _copy1(o[b, t, h], o_t, r0, rs)
             _copy2(S, S_new, r0, rs)
             _copy2(P, P_new, r0, rs)
@@ -380,7 +380,7 @@ def _build(K, V, dtype_name):
         _copy2(P_T[b, h], P, r0, rs)
 
     @cuda.jit
-    def backward_kernel(q, k, v, lam, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, dlam, g_S_0, g_P_0, L, ck_S, ck_P, seg_S, seg_P, w_S, w_P, w_S_new, w_P_new, w_g_S, w_g_P, w_g_S_new, w_g_P_new):
+    def backward_kernel(q, k, v, u_lam, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, du_lam, g_S_0, g_P_0, L, ck_S, ck_P, seg_S, seg_P, w_S, w_P, w_S_new, w_P_new, w_g_S, w_g_P, w_g_S_new, w_g_P_new):
         """Checkpointed adjoint sweep for one (batch, head); scratch arrays are [B·H, ...] per block."""
         T = q.shape[1]
         H = q.shape[2]
@@ -410,14 +410,14 @@ def _build(K, V, dtype_name):
             if t % L == 0:
                 _copy2(ck_S[bh, t // L], S, r0, rs)
                 _copy2(ck_P[bh, t // L], P, r0, rs)
-            _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, r0, rs)
+            _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, r0, rs)
             _copy2(S, S_new, r0, rs)
             _copy2(P, P_new, r0, rs)
             _sync()
         _copy2(g_S_new, g_S_T[b, h], r0, rs)
         _copy2(g_P_new, g_P_T[b, h], r0, rs)
         _sync()
-        acc_lam = 0.0
+        acc_u_lam = 0.0
         for c in range(nseg - 1, -1, -1):
             t0 = c * L
             t1 = min(T, t0 + L)
@@ -427,20 +427,20 @@ def _build(K, V, dtype_name):
             for t in range(t0, t1):  # recompute the segment's states
                 _copy2(seg_S[bh, t - t0], S, r0, rs)
                 _copy2(seg_P[bh, t - t0], P, r0, rs)
-                _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, r0, rs)
+                _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, r0, rs)
                 _copy2(S, S_new, r0, rs)
                 _copy2(P, P_new, r0, rs)
                 _sync()
             for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                r = _adjoint_body(seg_S[bh, t - t0], seg_P[bh, t - t0], q[b, t, h], k[b, t, h], v[b, t, h], lam[h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], r0, rs)
-                acc_lam += r[0]
+                r = _adjoint_body(seg_S[bh, t - t0], seg_P[bh, t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], r0, rs)
+                acc_u_lam += r[0]
                 _copy2(g_S_new, g_S, r0, rs)
                 _copy2(g_P_new, g_P, r0, rs)
                 _sync()
         _copy2(g_S_0[b, h], g_S_new, r0, rs)
         _copy2(g_P_0[b, h], g_P_new, r0, rs)
         if r0 == 0:
-            dlam[b, h] = acc_lam
+            du_lam[b, h] = acc_u_lam
 
     return init_kernel, init_adjoint_kernel, forward_kernel, backward_kernel
 

@@ -60,8 +60,8 @@ class JaxBackend:
         p = ArrayPrinter()
         rec = ir.recurrence
         states = [st.name for st in rec.states]
-        pnames = [x.name for x in ir.params]
-        inames = [x.name for x in ir.inputs]
+        pnames = [x.symbol for x in ir.params]
+        inames = [x.symbol for x in ir.inputs]
         L: list[str] = []
         L += header(ir, "jax").splitlines()
         L += self._docstring(ir)
@@ -72,8 +72,8 @@ class JaxBackend:
                                       for x in ir.params])
         L += _dict_literal("INPUTS", [f'"{x.name}": {{"shape": ("B", "T", "H"), "space": "{x.space}", '
                                       f'"domain": "{x.domain}"}}' for x in ir.inputs])
-        L += [f"FORMS = {tuple(ir.forms)!r}", f"_PARAM_NAMES = {tuple(pnames)!r}",
-              f"_INPUT_NAMES = {tuple(inames)!r}", "", ""]
+        L += [f"FORMS = {tuple(ir.forms)!r}", f"_PARAM_NAMES = {tuple(x.name for x in ir.params)!r}",
+              f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}", "", ""]
         # ---- State
         L += ["class State(NamedTuple):", '    """Recurrent state of every (batch, head); fla layout, d_k leading.', ""]
         L += [f"    {st.name}: [B, H, {', '.join(_dims(d) for d in st.shape)}] -- {st.doc}." for st in rec.states]
@@ -135,7 +135,7 @@ class JaxBackend:
         items = ", ".join(f'"{x.name}": jnp.full((num_heads,), {x.init!r}, dtype=dtype)' for x in ir.params)
         L += [f"    return {{{items}}}", "", ""]
         st = ir.recurrence.states
-        pn = [x.name for x in ir.params]
+        pn = [x.symbol for x in ir.params]
         L += ["def init_state(batch, num_heads, d_k, d_v, params, dtype=jnp.float32):",
               '    """Default initial state (the spec\'s solver initialisation) for every (batch, head).', "",
               "    Args:", "        batch, num_heads, d_k, d_v: B, H, K, V.",
@@ -153,7 +153,7 @@ class JaxBackend:
     def _kernel_heads(self, ir: LayerIR, p: ArrayPrinter) -> list[str]:
         kf = ir.kernel
         states = [st.name for st in ir.recurrence.states]
-        pn = [x.name for x in ir.params]
+        pn = [x.symbol for x in ir.params]
         L = [f"def _stats_head({', '.join(states + pn)}):",
              '    """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""']
         body = _program(p, kf.stats_from_state)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import sympy as sp
 
 from mesagen.backends.common import header
-from mesagen.ir.records import Assign, LayerIR
+from mesagen.ir.records import USER_PREFIX, Assign, LayerIR
 
 
 def _tex(e: sp.Basic) -> str:
-    return sp.latex(e)
+    """LaTeX of an IR expression, with parameters under their spec names and 1 × 1 identities as 1."""
+    plain = {s: sp.Symbol(s.name[len(USER_PREFIX):]) for s in e.free_symbols
+             if isinstance(s, sp.Symbol) and s.name.startswith(USER_PREFIX)}
+    e = e.xreplace(plain)
+    text = sp.latex(e)
+    return text.replace(r"\mathbb{I}", "1") if getattr(e, "shape", None) == (1, 1) else text
 
 
 def _program(assigns: tuple[Assign, ...]) -> list[str]:

@@ -79,7 +79,7 @@ def layout(ir: LayerIR) -> Layout:
     for n in ("g_o",) + tuple(grad_name(x) for x in new):
         shapes[n] = shapes[n[2:]]
     return Layout(tuple(s.name for s in rec.states), new, temps, scalars,
-                  tuple(p.name for p in ir.params), tuple(i.name for i in ir.inputs), shapes, dims)
+                  tuple(p.symbol for p in ir.params), tuple(i.symbol for i in ir.inputs), shapes, dims)
 
 
 def _body(name: str, args, items: list, printer, ret: str | None = None) -> list[str]:

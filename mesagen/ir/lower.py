@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from mesagen.ir.passes import PASSES, to_stored_layout
-from mesagen.ir.records import InputDecl, LayerIR, ParamDecl
+from mesagen.ir.passes import PASSES, namespace_user_symbols, to_stored_layout
+from mesagen.ir.records import USER_PREFIX, InputDecl, LayerIR, ParamDecl
 from mesagen.symbolic.derive import Derivation
 
 
@@ -25,8 +25,10 @@ def lower(d: Derivation, spec_path: str, spec_sha256: str, skip: frozenset[str] 
     spec = d.spec
     params = tuple(ParamDecl(n, p.init, p.domain) for n, p in spec.parameters.items())
     inputs = tuple(InputDecl(n, i.space, i.domain) for n, i in spec.inputs.items())
-    names = {p.name for p in params} | {i.name for i in inputs}
+    names = {p.symbol for p in params} | {i.symbol for i in inputs}
     rec, kernel = to_stored_layout(d.recurrence, d.kernel, d.stored_names)
+    mapping = {sym: type(sym)(USER_PREFIX + name, **sym.assumptions0) for name, sym in d.params.items()}
+    rec, kernel = namespace_user_symbols(rec, kernel, mapping)
     for name, fn in PASSES:
         if name not in skip or name == "schedule":
             rec, kernel = fn(rec, kernel, names)

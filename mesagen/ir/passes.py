@@ -60,6 +60,21 @@ def to_stored_layout(rec: Recurrence, kernel: KernelForm | None, stored: dict[st
     return rec2, k2
 
 
+def namespace_user_symbols(rec: Recurrence, kernel: KernelForm | None, mapping: dict[sp.Symbol, sp.Symbol]
+                           ) -> tuple[Recurrence, KernelForm | None]:
+    """Rename parameter and input symbols to their code identifiers (``lam`` → ``u_lam``, see USER_PREFIX)."""
+
+    def fix(a: Assign) -> Assign:
+        return Assign(a.target, a.expr.xreplace(mapping), a.shape, a.doc)
+
+    states = tuple(StateDecl(s.name, s.shape, s.init.xreplace(mapping), s.doc) for s in rec.states)
+    rec2 = Recurrence(states, tuple(map(fix, rec.update)), tuple(map(fix, rec.readout)), rec.backward)
+    if kernel is None:
+        return rec2, None
+    return rec2, KernelForm(kernel.uses_gram, tuple(map(fix, kernel.stats_from_state)),
+                            tuple(map(fix, kernel.precondition)), tuple(map(fix, kernel.state_from_stats)))
+
+
 def prune_dead_states(rec: Recurrence, kernel: KernelForm | None, params: set[str]
                       ) -> tuple[Recurrence, KernelForm | None]:
     """Drop states that never influence an output (e.g. Σ k kᵀ for one GD step) and assignments that die.

@@ -128,22 +128,43 @@ class KernelForm:
             raise ValueError("precondition must assign 'x'")
 
 
+#: Prefix of every user-declared name in generated code. No identifier the backends write starts with it, so a
+#: parameter called ``i``, ``acc`` or ``dtype`` cannot shadow a loop index or a local of the generated code.
+USER_PREFIX = "u_"
+
+
 @dataclass(frozen=True)
 class ParamDecl:
-    """A per-head parameter ``[H]`` in its constrained space."""
+    """A per-head parameter ``[H]`` in its constrained space.
+
+    Attributes:
+        name: the spec's name (dictionary key of ``params`` and ``PARAMS``; gradients are ``d<name>``).
+        init, domain: from the spec.
+        symbol: the identifier in generated code (``USER_PREFIX + name``).
+    """
 
     name: str
     init: float
     domain: str
 
+    @property
+    def symbol(self) -> str:
+        """Identifier of this parameter in generated code."""
+        return USER_PREFIX + self.name
+
 
 @dataclass(frozen=True)
 class InputDecl:
-    """A per-token input ``[B, T, H]``."""
+    """A per-token input ``[B, T, H]``; ``name`` is the keyword of ``forward``, ``symbol`` the code identifier."""
 
     name: str
     space: str
     domain: str
+
+    @property
+    def symbol(self) -> str:
+        """Identifier of this input in generated code."""
+        return USER_PREFIX + self.name
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Cross-field rules that pydantic cannot express locally live in :func:`semantic_e
 
 from __future__ import annotations
 
+import keyword
 import math
 from typing import Annotated, Literal, Union
 
@@ -21,14 +22,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 #: A plain identifier: a spec name, parameter or input name. No dots, slashes or spaces.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 
-#: Names reserved by generated code (argument names, module globals, python keywords we would shadow).
+#: Names a parameter or input may not take. Generated code writes every user name with a prefix (``u_lam``), so
+#: no internal identifier can be shadowed; what stays reserved are the public argument names of ``forward`` /
+#: ``step`` (an input is passed as a keyword), the IR's own symbols (one symbol, one meaning in DERIVATION.md),
+#: and Python keywords.
 RESERVED_NAMES = frozenset({
-    "q", "k", "v", "o", "W", "S", "P", "A", "C", "x", "e", "s", "state", "params", "inputs", "form",
-    "initial_state", "output_final_state", "jax", "jnp", "np", "lax", "math", "numba", "cuda", "K", "V", "H",
-    "B", "T", "lambda", "def", "class", "return", "if", "else", "for", "while", "in", "is", "not", "and", "or",
-    "None", "True", "False", "import", "from", "as", "with", "pass", "yield", "global", "nonlocal", "del",
-    "try", "except", "finally", "raise", "assert", "break", "continue", "async", "await", "elif",
-})
+    "q", "k", "v", "o", "q_t", "k_t", "v_t", "state", "params", "inputs", "inputs_t", "form", "initial_state",
+    "output_final_state", "dfinal_state", "do", "W", "S", "P", "A", "C", "x", "e", "s", "K", "V", "H", "B", "T",
+    "jax", "jnp", "np", "lax", "math", "numba", "cuda",
+} | set(keyword.kwlist) | set(keyword.softkwlist))
 
 Domain = Literal["real", "positive", "unit_interval"]
 
@@ -148,6 +150,10 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         (e.g. ``("objective", "regularizer", "coefficient")``) that the loader maps to a line and column.
     """
     errs: list[tuple[tuple[str | int, ...], str]] = []
+    bad = sorted({c for c in spec.description if (not c.isprintable() and c not in "\n") or c in '\\"'})
+    if bad:
+        errs.append((("description",), "the description is copied into generated docstrings and comments: it may "
+                     f"not contain backslashes, double quotes or control characters (found {bad})"))
     names = set(spec.parameters) | set(spec.inputs)
     for group in ("parameters", "inputs"):
         for name in getattr(spec, group):
