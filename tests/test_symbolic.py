@@ -45,13 +45,24 @@ def test_gradient_is_term_by_term():
 
 
 def test_gd_polynomial_matches_explicit_iteration():
+    """W⁽³⁾ = C Σ_j d_j (I − ηA)ʲ: the coefficients (all η) reproduce the scalar GD iteration exactly."""
     eta, a = sp.Symbol("eta"), sp.Symbol("a")
     coeffs = gd_polynomial(eta, 3)
-    p = sum(c * a**j for j, c in enumerate(coeffs))
+    assert coeffs == [eta, eta, eta]
+    p = sum(c * (1 - eta * a) ** j for j, c in enumerate(coeffs))
     w = sp.Integer(0)
     for _ in range(3):
         w = w - eta * (w * a - 1)
     assert sp.expand(p - w) == 0
+
+
+@pytest.mark.parametrize("steps", [17, 32])
+def test_many_gd_steps_verify(tmp_path, steps):
+    """Many GD steps derive, verify in float64 (the stable Horner basis) and build."""
+    text = (ROOT / "specs" / "gd.yaml").read_text().replace("steps: 3", f"steps: {steps}")
+    p = tmp_path / "gd.yaml"
+    p.write_text(text)
+    assert compile_file(p, backends=("jax",)).checks[-1].name == "float64"
 
 
 def _ridge():

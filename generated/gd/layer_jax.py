@@ -102,12 +102,12 @@ def _step_head(kv, kk, q, k, v, u_eta):
     kv_new = k @ v.T + kv
     # A' = A + k kᵀ (running sum)  [K, K]
     kk_new = k @ k.T + kk
-    # Horner: leading coefficient c_2 q  [K, 1]
-    x2 = u_eta**3 * q
-    # Horner: Ā x + c_1 q  [K, 1]
-    x1 = -3*u_eta**2 * q + kk_new @ x2
-    # Horner: Ā x + c_0 q  [K, 1]
-    x = 3*u_eta * q + kk_new @ x1
+    # Horner: leading coefficient d_2 q  [K, 1]
+    x2 = u_eta * q
+    # Horner: (I − ηĀ) x + d_1 q  [K, 1]
+    x1 = u_eta * q - u_eta * kk_new @ x2 + x2
+    # Horner: (I − ηĀ) x + d_0 q  [K, 1]
+    x = u_eta * q - u_eta * kk_new @ x1 + x1
     # o = W⁽3⁾ q = C x  [V, 1]
     o = kv_new.T @ x
     return o[:, 0], (kv_new, kk_new)
@@ -125,12 +125,12 @@ def _stats_head(kv, kk, u_eta):
 def _precondition_head(q, Abar, u_eta):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
     q = q[:, None]
-    # Horner: leading coefficient c_2 q  [K, 1]
-    x2 = u_eta**3 * q
-    # Horner: Ā x + c_1 q  [K, 1]
-    x1 = -3*u_eta**2 * q + Abar @ x2
-    # Horner: Ā x + c_0 q  [K, 1]
-    x = 3*u_eta * q + Abar @ x1
+    # Horner: leading coefficient d_2 q  [K, 1]
+    x2 = u_eta * q
+    # Horner: (I − ηĀ) x + d_1 q  [K, 1]
+    x1 = u_eta * q - u_eta * Abar @ x2 + x2
+    # Horner: (I − ηĀ) x + d_0 q  [K, 1]
+    x = u_eta * q - u_eta * Abar @ x1 + x1
     return x[:, 0]
 
 

@@ -106,26 +106,28 @@ def _make_bodies(K, V, jit):
                 acc += kk[i, j]
                 kk_new[i, j] = acc
         _sync()
-        # Horner: leading coefficient c_2 q
+        # Horner: leading coefficient d_2 q
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += u_eta**3*q[i]
+            acc += u_eta*q[i]
             x2[i] = acc
         _sync()
-        # Horner: Ā x + c_1 q
+        # Horner: (I − ηĀ) x + d_1 q
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += -3*u_eta**2*q[i]
+            acc += u_eta*q[i]
             for m0 in range(K):
-                acc += kk_new[i, m0]*x2[m0]
+                acc += -u_eta*kk_new[i, m0]*x2[m0]
+            acc += x2[i]
             x1[i] = acc
         _sync()
-        # Horner: Ā x + c_0 q
+        # Horner: (I − ηĀ) x + d_0 q
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += 3*u_eta*q[i]
+            acc += u_eta*q[i]
             for m0 in range(K):
-                acc += kk_new[i, m0]*x1[m0]
+                acc += -u_eta*kk_new[i, m0]*x1[m0]
+            acc += x1[i]
             x[i] = acc
         _sync()
         # o = W⁽3⁾ q = C x
@@ -154,26 +156,28 @@ def _make_bodies(K, V, jit):
                 acc += kk[i, j]
                 kk_new[i, j] = acc
         _sync()
-        # Horner: leading coefficient c_2 q
+        # Horner: leading coefficient d_2 q
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += u_eta**3*q[i]
+            acc += u_eta*q[i]
             x2[i] = acc
         _sync()
-        # Horner: Ā x + c_1 q
+        # Horner: (I − ηĀ) x + d_1 q
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += -3*u_eta**2*q[i]
+            acc += u_eta*q[i]
             for m0 in range(K):
-                acc += kk_new[i, m0]*x2[m0]
+                acc += -u_eta*kk_new[i, m0]*x2[m0]
+            acc += x2[i]
             x1[i] = acc
         _sync()
-        # Horner: Ā x + c_0 q
+        # Horner: (I − ηĀ) x + d_0 q
         for i in range(r0, K, rstep):
             acc = 0.0
-            acc += 3*u_eta*q[i]
+            acc += u_eta*q[i]
             for m0 in range(K):
-                acc += kk_new[i, m0]*x1[m0]
+                acc += -u_eta*kk_new[i, m0]*x1[m0]
+            acc += x1[i]
             x[i] = acc
         _sync()
         # o = W⁽3⁾ q = C x
@@ -221,58 +225,66 @@ def _make_bodies(K, V, jit):
         # pull back x -> q
         for i in range(r0, K, rstep):
             acc = g_q[i]
-            acc += 3*u_eta*g_x[i]
+            acc += u_eta*g_x[i]
             g_q[i] = acc
         _sync()
         # pull back x -> u_eta
         for m0 in range(K):
-            g_u_eta += 3*g_x[m0]*q[m0]
+            g_u_eta += g_x[m0]*q[m0]
+        for m1 in range(K):
+            for m2 in range(K):
+                g_u_eta += -g_x[m1]*kk_new[m1, m2]*x1[m2]
         # pull back x -> kk_new
         for i in range(r0, K, rstep):
             for j in range(K):
                 acc = g_kk_new[i, j]
-                acc += g_x[i]*x1[j]
+                acc += -u_eta*g_x[i]*x1[j]
                 g_kk_new[i, j] = acc
         _sync()
         # pull back x -> x1
         for i in range(r0, K, rstep):
             acc = g_x1[i]
             for m0 in range(K):
-                acc += g_x[m0]*kk_new[m0, i]
+                acc += -u_eta*g_x[m0]*kk_new[m0, i]
+            acc += g_x[i]
             g_x1[i] = acc
         _sync()
         # pull back x1 -> q
         for i in range(r0, K, rstep):
             acc = g_q[i]
-            acc += -3*u_eta**2*g_x1[i]
+            acc += u_eta*g_x1[i]
             g_q[i] = acc
         _sync()
         # pull back x1 -> u_eta
         for m0 in range(K):
-            g_u_eta += -6*u_eta*g_x1[m0]*q[m0]
+            g_u_eta += g_x1[m0]*q[m0]
+        for m1 in range(K):
+            for m2 in range(K):
+                g_u_eta += -g_x1[m1]*kk_new[m1, m2]*x2[m2]
         # pull back x1 -> kk_new
         for i in range(r0, K, rstep):
             for j in range(K):
                 acc = g_kk_new[i, j]
-                acc += g_x1[i]*x2[j]
+                acc += -u_eta*g_x1[i]*x2[j]
                 g_kk_new[i, j] = acc
         _sync()
         # pull back x1 -> x2
         for i in range(r0, K, rstep):
             acc = g_x2[i]
             for m0 in range(K):
-                acc += g_x1[m0]*kk_new[m0, i]
+                acc += -u_eta*g_x1[m0]*kk_new[m0, i]
+            acc += g_x1[i]
             g_x2[i] = acc
         _sync()
         # pull back x2 -> q
         for i in range(r0, K, rstep):
             acc = g_q[i]
-            acc += u_eta**3*g_x2[i]
+            acc += u_eta*g_x2[i]
             g_q[i] = acc
         _sync()
         # pull back x2 -> u_eta
         for m0 in range(K):
-            g_u_eta += 3*u_eta**2*g_x2[m0]*q[m0]
+            g_u_eta += g_x2[m0]*q[m0]
         # pull back kk_new -> k
         for i in range(r0, K, rstep):
             acc = g_k[i]

@@ -156,32 +156,34 @@ def _sherman_morrison(tok: Tokens, u: sp.MatrixSymbol, lam: sp.Expr) -> tuple[Re
 
 
 def gd_polynomial(eta: sp.Expr, steps: int) -> list[sp.Expr]:
-    """Coefficients c_j of p_n(a) = Σ_j c_j a^j with W⁽ⁿ⁾ = C·p_n(Ā) for n GD steps from W⁰ = 0.
+    """Coefficients d_j of W⁽ⁿ⁾ = C · Σ_j d_j (I − ηĀ)ʲ for n GD steps from W⁰ = 0.
 
-    From W⁽ʲ⁺¹⁾ = W⁽ʲ⁾ − η (W⁽ʲ⁾ Ā − C): p₀ = 0, p_{j+1}(a) = p_j(a)(1 − η a) + η (all terms are C times a
-    polynomial in Ā, which commutes with itself).
+    From W⁽ʲ⁺¹⁾ = W⁽ʲ⁾ − η (W⁽ʲ⁾ Ā − C): p₀ = 0, p_{j+1}(a) = p_j(a)(1 − η a) + η, a polynomial in Ā times C.
+    It is expanded in the basis b = 1 − η a of the GD iteration matrix rather than in powers of a: the monomial
+    coefficients alternate in sign and grow like binomials (catastrophic cancellation for many steps), while in
+    powers of b they are all η and Horner's rule is the (stable) iteration itself.
     """
-    a = sp.Dummy("a")
+    a, b = sp.Dummy("a"), sp.Dummy("b")
     p = sp.Integer(0)
     for _ in range(steps):
         p = sp.expand(p * (1 - eta * a) + eta)
-    poly = sp.Poly(p, a)
-    return [poly.coeff_monomial(a**j) for j in range(steps)]
+    poly = sp.Poly(sp.expand(p.subs(a, (1 - b) / eta)), b)
+    return [sp.simplify(poly.coeff_monomial(b**j)) for j in range(steps)]
 
 
-def _horner(coeffs: list[sp.Expr], A: MatrixExpr, gram_reg: MatrixExpr, q: sp.MatrixSymbol) -> tuple[Assign, ...]:
-    """x = p(Ā) q by Horner's rule with matrix–vector products only (Ā = A + gram_reg)."""
+def _horner(coeffs: list[sp.Expr], eta: sp.Expr, A: MatrixExpr, gram_reg: MatrixExpr, q: sp.MatrixSymbol
+            ) -> tuple[Assign, ...]:
+    """x = Σ_j d_j (I − ηĀ)ʲ q by Horner's rule with matrix–vector products only (Ā = A + gram_reg)."""
     n = len(coeffs)
     if n == 1:
         return (Assign("x", coeffs[0] * q, ("K", 1), "x = p(Ā) q with p = η (one GD step)"),)
     out = []
     prev = mat(f"x{n - 1}", "K", 1)
-    out.append(Assign(prev.name, coeffs[n - 1] * q, ("K", 1), f"Horner: leading coefficient c_{n - 1} q"))
+    out.append(Assign(prev.name, coeffs[n - 1] * q, ("K", 1), f"Horner: leading coefficient d_{n - 1} q"))
     for j in range(n - 2, -1, -1):
         name = "x" if j == 0 else f"x{j}"
-        expr = A * prev + gram_reg * prev + coeffs[j] * q if not isinstance(gram_reg, sp.ZeroMatrix) \
-            else A * prev + coeffs[j] * q
-        out.append(Assign(name, expr, ("K", 1), f"Horner: Ā x + c_{j} q"))
+        grad = A * prev + gram_reg * prev if not isinstance(gram_reg, sp.ZeroMatrix) else A * prev
+        out.append(Assign(name, prev - eta * grad + coeffs[j] * q, ("K", 1), f"Horner: (I − ηĀ) x + d_{j} q"))
         prev = mat(name, "K", 1)
     return tuple(out)
 
@@ -193,7 +195,7 @@ def _gd(tok: Tokens, gram: MatrixExpr, cross: MatrixExpr, gram_reg: MatrixExpr, 
     A, C = mat("A", "K", "K"), mat("C", "V", "K")
     A_new, C_new = mat("A_new", "K", "K"), mat("C_new", "V", "K")
     coeffs = gd_polynomial(eta, steps)
-    horner = _horner(coeffs, A_new, gram_reg, q)
+    horner = _horner(coeffs, eta, A_new, gram_reg, q)
     update = (Assign("C_new", C + cross, ("V", "K"), "C' = C + v kᵀ (running sum)"),
               Assign("A_new", A + gram, ("K", "K"), "A' = A + k kᵀ (running sum)"))
     x = mat("x", "K", 1)
@@ -203,7 +205,7 @@ def _gd(tok: Tokens, gram: MatrixExpr, cross: MatrixExpr, gram_reg: MatrixExpr, 
     kernel = KernelForm(
         uses_gram=steps > 1,
         stats_from_state=(Assign("C0", C, ("V", "K"), "C̄₀ = C₀"), Assign("A0", A, ("K", "K"), "Ā₀ = A₀")),
-        precondition=_horner(coeffs, mat("Abar", "K", "K"), gram_reg, q),
+        precondition=_horner(coeffs, eta, mat("Abar", "K", "K"), gram_reg, q),
         state_from_stats=(Assign("C_new", mat("Cbar", "V", "K"), ("V", "K"), "C_T = C̄_T"),
                           Assign("A_new", mat("Abar", "K", "K"), ("K", "K"), "A_T = Ā_T")),
     )

@@ -197,13 +197,17 @@ def _check_float(d: Derivation, seed: int) -> Check:
         syms_c = [s.subs(sub) if isinstance(s, sp.MatrixSymbol) else s for s in syms]
         fns.append((a.target, [s.name for s in syms], sp.lambdify(syms_c, expr, modules="numpy")))
     params = {n: 0.3 + 0.5 * rng.random() for n in list(d.spec.parameters) + list(d.spec.inputs)}
-    env0 = {st.name: np.asarray(evaluate(st.init, {n: sp.Float(v) for n, v in params.items()}, dims)
-                                .evalf(), dtype=np.float64) for st in rec.states}
     ks, vs, qs = rng.standard_normal((FLOAT_T, Kd, 1)), rng.standard_normal((FLOAT_T, Vd, 1)), \
         rng.standard_normal((FLOAT_T, Kd, 1))
+    solver = d.spec.solver
+    if solver.kind == "gd":  # a convergent step (η λ_max < 1): many steps stay well-conditioned on both sides
+        coef = d.spec.objective.regularizer.coefficient
+        lam_max = np.linalg.eigvalsh(ks[:, :, 0].T @ ks[:, :, 0])[-1] + (params[coef] if coef else 0.0)
+        params[solver.step_size] = float(0.9 / lam_max)
+    env0 = {st.name: np.asarray(evaluate(st.init, {n: sp.Float(v) for n, v in params.items()}, dims)
+                                .evalf(), dtype=np.float64) for st in rec.states}
     state, worst = env0, 0.0
     W = np.zeros((Vd, Kd))
-    solver = d.spec.solver
     for t in range(FLOAT_T):
         env = {**state, "k": ks[t], "v": vs[t], "q": qs[t], **params}
         for target, names, fn in fns:
