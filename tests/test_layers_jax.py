@@ -178,6 +178,22 @@ def test_forms_agree_and_errors_are_clear(gen):
         m.forward(q, k, v, params, beta=np.ones(q.shape[:-1]))
     with pytest.raises(ValueError, match="inputs must be exactly"):
         gen["delta"].forward(q, k, v, {})
+    with pytest.raises(ValueError, match="floating-point"):
+        m.forward(q.astype(np.int32), k, v, params)
+    with pytest.raises(ValueError, match="params must be a dict"):
+        m.forward(q, k, v, None)
+    _, st = m.forward(q, k, v, params, output_final_state=True)
+    with pytest.raises(ValueError, match=r"initial_state.P must have shape"):
+        m.forward(q, k, v, params, initial_state=(st.S, st.P[..., :2]))
+    with pytest.raises(ValueError, match="initial_state must have fields"):
+        m.forward(q, k, v, params, initial_state=(st.S,))
+    with pytest.raises(ValueError, match="initial_state.S must have shape"):
+        m.step(st, q[:1, 0], k[:1, 0], v[:1, 0], params)
+    # q sets the dtype: float32 q with float64 k, v and state computes (and returns) float32
+    o32, s32 = m.forward(q.astype(np.float32), k, v, params, initial_state=st, output_final_state=True)
+    assert o32.dtype == jnp.float32 and s32.P.dtype == jnp.float32
+    # lists are accepted like arrays
+    assert m.forward(q.tolist(), k.tolist(), v.tolist(), params)[0].shape == q.shape[:-1] + (V,)
 
 
 def test_ridge_checkpointed_backward_segments(gen):

@@ -139,6 +139,10 @@ def _forward_recurrent(q, k, v, ps, state, inputs):
 # Public API (DESIGN §3).
 
 def _check(q, k, v, params, inputs, lead):
+    if not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"{SPEC_NAME}: q must be a floating-point array (it sets the layer's dtype), got {q.dtype}")
+    if not isinstance(params, dict):
+        raise ValueError(f"{SPEC_NAME}: params must be a dict name -> [H] array, got {type(params).__name__}")
     if q.ndim != lead + 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or v.ndim != q.ndim:
         raise ValueError(f"{SPEC_NAME}: expected q, k [..., H, K] and v [..., H, V] with equal leading axes; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -158,6 +162,20 @@ def _check(q, k, v, params, inputs, lead):
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {jnp.shape(inputs[n])}")
 
 
+def _state_in(state, B, H, K, V, dtype):
+    """The caller's initial state as a State of ``dtype`` arrays, after checking its fields and shapes."""
+    if len(state) != len(State._fields):
+        raise ValueError(f"{SPEC_NAME}: initial_state must have fields {State._fields}, got {len(state)} arrays")
+    want = jax.eval_shape(lambda: init_state(B, H, K, V, {n: jnp.ones((H,), dtype) for n in _PARAM_NAMES}, dtype))
+    out = []
+    for name, x, w in zip(State._fields, state, want):
+        x = jnp.asarray(x)
+        if x.shape != w.shape:
+            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {w.shape}, got {x.shape}")
+        out.append(x.astype(dtype))
+    return State(*out)
+
+
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", **inputs):
     """Run the layer over a sequence.
 
@@ -172,22 +190,27 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     Returns:
         (o [B, T, H, V], final State or None).
 
+    The dtype of q sets the computation's dtype (k, v, parameters, inputs and state are cast to it).
+    Parameter values are not range-checked (they may be traced): keep them in their domain (PARAMS).
+
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: unknown form, non-floating q, inconsistent shapes, missing or unknown parameters or
+            inputs, an initial state of the wrong fields or shapes.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this layer offers {FORMS}")
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _check(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
     dtype = q.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
-    state = init_state(B, H, K, V, params, dtype) if initial_state is None else State(*initial_state)
+    state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
     if form == "recurrent":
-        o, final = _forward_recurrent(q, k, v.astype(dtype), ps, state, ins)
+        o, final = _forward_recurrent(q, k.astype(dtype), v.astype(dtype), ps, state, ins)
     else:
-        o, final = _forward_closed_form(q, k, v.astype(dtype), ps, state, ins)
+        o, final = _forward_closed_form(q, k.astype(dtype), v.astype(dtype), ps, state, ins)
     return o, (final if output_final_state else None)
 
 
@@ -198,13 +221,17 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
         (o_t [B, H, V], new State).
 
     Raises:
-        ValueError: inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: non-floating q_t, inconsistent shapes, missing or unknown parameters or inputs, a state of
+            the wrong fields or shapes.
     """
+    q_t, k_t, v_t = jnp.asarray(q_t), jnp.asarray(k_t), jnp.asarray(v_t)
     _check(q_t, k_t, v_t, params, inputs_t, 2)
     dtype = q_t.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
-    return _step_jit(State(*state), q_t, k_t, v_t.astype(dtype), ps, ins)
+    B, H, K = q_t.shape
+    state = _state_in(state, B, H, K, v_t.shape[-1], dtype)
+    return _step_jit(state, q_t, k_t.astype(dtype), v_t.astype(dtype), ps, ins)
 
 
 _step_jit = jax.jit(_step_batched)

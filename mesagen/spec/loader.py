@@ -196,6 +196,8 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
     yaml = YAML(typ="rt", pure=True)
     try:
         root = yaml.load(io.StringIO(text))
+    except RecursionError:
+        raise SpecError(path, "the YAML nests too deeply (a spec is a few levels of maps)") from None
     except MarkedYAMLError as exc:
         raise _syntax_error(path, exc) from None
     except YAMLError as exc:
