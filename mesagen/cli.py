@@ -70,7 +70,11 @@ def _derive(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``mesagen`` command."""
+    from mesagen import __version__
+    from mesagen.backends import CODEGEN_FORMAT
+
     ap = argparse.ArgumentParser(prog="mesagen", description="Compile in-context-objective specs into sequence layers.")
+    ap.add_argument("--version", action="version", version=f"mesagen {__version__} (codegen format {CODEGEN_FORMAT})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     b = sub.add_parser("build", help="compile specs into generated/NAME/ (JAX, Numba, DERIVATION.md)")
     b.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (YAML)")
