@@ -7,6 +7,7 @@ and heads, ``lax.scan``, the checkpointed custom VJP, the parallel form) is a fi
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from mesagen.backends.common import CODEGEN_FORMAT, assign_comment, header, indent, shape_text
@@ -22,10 +23,6 @@ def _program(printer: ArrayPrinter, assigns: tuple[Assign, ...]) -> list[str]:
     return out
 
 
-def _dims(d: str) -> str:
-    return {"K": "K", "V": "V", 1: "1"}[d]
-
-
 def _tuple(names: list[str]) -> str:
     """Python tuple display: ``(a,)`` or ``(a, b)``."""
     return f"({names[0]},)" if len(names) == 1 else f"({', '.join(names)})"
@@ -38,8 +35,6 @@ def _dict_literal(name: str, items: list[str]) -> list[str]:
 
 def _uses(body: list[str], name: str) -> bool:
     """Whether ``name`` appears as a word in the printed statements (comments excluded)."""
-    import re
-
     pattern = re.compile(rf"\b{re.escape(name)}\b")
     return any(pattern.search(line) for line in body if not line.lstrip().startswith("#"))
 
@@ -76,7 +71,7 @@ class JaxBackend:
               f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}", "", ""]
         # ---- State
         L += ["class State(NamedTuple):", '    """Recurrent state of every (batch, head); fla layout, d_k leading.', ""]
-        L += [f"    {st.name}: [B, H, {', '.join(_dims(d) for d in st.shape)}] -- {st.doc}." for st in rec.states]
+        L += [f"    {st.name}: [B, H, {', '.join(str(d) for d in st.shape)}] -- {st.doc}." for st in rec.states]
         L += ['    """', ""]
         L += [f"    {st.name}: jax.Array" for st in rec.states]
         L += ["", ""]

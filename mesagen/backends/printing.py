@@ -159,7 +159,3 @@ class ArrayPrinter(JaxPrinter):
     def _print_MatPow(self, e):
         return f"{self._alias}.linalg.matrix_power({self._print(e.base)}, {self._print(e.exp)})"
 
-
-def print_assign(printer: ArrayPrinter, target: str, expr: sp.Basic) -> str:
-    """``target = <expr>`` with Identity(1) in 1 × 1 sums printed as the number 1."""
-    return f"{target} = {printer.doprint(expr)}"
