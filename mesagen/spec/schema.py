@@ -17,7 +17,7 @@ import keyword
 import math
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
 
 #: A plain identifier: a spec name, parameter or input name. No dots, slashes or spaces.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
@@ -123,7 +123,7 @@ class Input(_Record):
 class Spec(_Record):
     """A whole spec file (``spec_version: 1``)."""
 
-    spec_version: Literal[1]
+    spec_version: StrictInt  # the integer 1 (not true, not 1.0: Literal[1] would take both)
     name: Identifier
     description: str
     objective: Objective
@@ -131,6 +131,13 @@ class Spec(_Record):
     readout: Readout
     parameters: dict[Identifier, Parameter] = Field(default_factory=dict)
     inputs: dict[Identifier, Input] = Field(default_factory=dict)
+
+    @field_validator("spec_version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("Input should be 1 (the only version of the spec language)")
+        return v
 
 
 def _in_domain(x: float, domain: str) -> bool:
