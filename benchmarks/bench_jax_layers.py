@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from timing import median_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,16 +73,6 @@ def plain_ridge(q, k, v, p, i):
 PLAIN = {"linear": plain_linear, "delta": plain_delta, "ridge": plain_ridge}
 
 
-def timeit(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=8)
@@ -111,13 +100,15 @@ def main():
         plain = PLAIN[name]
         pf = jax.jit(lambda q, k, v: plain(q, k, v, params, ins))
         pg = jax.jit(jax.grad(lambda q, k, v: jnp.sum(plain(q, k, v, params, ins) ** 2), argnums=(0, 1, 2)))
-        t_pf, t_pg = timeit(pf, (q, k, v), a.repeats), timeit(pg, (q, k, v), a.repeats)
+        t_pf = median_seconds(lambda: jax.block_until_ready(pf(q, k, v)), a.repeats)
+        t_pg = median_seconds(lambda: jax.block_until_ready(pg(q, k, v)), a.repeats)
         for form in m.FORMS:
             gf = jax.jit(lambda q, k, v, form=form: m.forward(q, k, v, params, form=form, **ins)[0])
             gg = jax.jit(jax.grad(lambda q, k, v, form=form: jnp.sum(m.forward(q, k, v, params, form=form,
                                                                                 **ins)[0] ** 2), argnums=(0, 1, 2)))
             np.testing.assert_allclose(gf(q, k, v), pf(q, k, v), rtol=2e-3, atol=2e-3)
-            t_f, t_g = timeit(gf, (q, k, v), a.repeats), timeit(gg, (q, k, v), a.repeats)
+            t_f = median_seconds(lambda: jax.block_until_ready(gf(q, k, v)), a.repeats)
+            t_g = median_seconds(lambda: jax.block_until_ready(gg(q, k, v)), a.repeats)
             rec[(name, form)] = (t_f, t_g)
             print(f"{name:8s} {form:12s} {1e3 * t_f:9.1f} {1e3 * t_pf:10.1f} {t_f / t_pf:6.2f} {1e3 * t_g:9.1f} "
                   f"{1e3 * t_pg:10.1f} {t_g / t_pg:6.2f}")

@@ -8,22 +8,13 @@ wall times of numba_cuda (device arrays in and out) and JAX-on-GPU, forward and 
 from __future__ import annotations
 
 import importlib
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numba import cuda
 
-
-def med(fn, reps=5):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+from timing import median_seconds
 
 
 def main() -> None:
@@ -51,13 +42,13 @@ def main() -> None:
         dev = [cuda.to_device(x) for x in (q, k, v, do)]
         dins = {n: cuda.to_device(x) for n, x in inputs.items()}
         sync = cuda.synchronize
-        t_cf = med(lambda: (cm.forward(*dev[:3], params, **dins), sync()))
-        t_cb = med(lambda: (cm.forward(*dev[:3], params, **dins), cm.backward(*dev[:3], params, dev[3], **dins),
+        t_cf = median_seconds(lambda: (cm.forward(*dev[:3], params, **dins), sync()))
+        t_cb = median_seconds(lambda: (cm.forward(*dev[:3], params, **dins), cm.backward(*dev[:3], params, dev[3], **dins),
                             sync()))
         jf = jax.jit(lambda q, k, v, p, i: jm.forward(q, k, v, p, **i)[0])
         jq, jk, jv = (jnp.asarray(x) for x in (q, k, v))
-        t_jf = med(lambda: jf(jq, jk, jv, params, inputs).block_until_ready())
-        t_jb = med(lambda: jax.block_until_ready(jg(jq, jk, jv, params, inputs)))
+        t_jf = median_seconds(lambda: jf(jq, jk, jv, params, inputs).block_until_ready())
+        t_jb = median_seconds(lambda: jax.block_until_ready(jg(jq, jk, jv, params, inputs)))
         print(f"{name:7} forward  numba_cuda {t_cf * 1e3:8.2f} ms  jax {t_jf * 1e3:8.2f} ms  ratio {t_jf / t_cf:6.2f}")
         print(f"{name:7} fwd+bwd  numba_cuda {t_cb * 1e3:8.2f} ms  jax {t_jb * 1e3:8.2f} ms  ratio {t_jb / t_cb:6.2f}")
 

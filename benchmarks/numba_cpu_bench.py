@@ -14,6 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 
 def numpy_batched(name, q, k, v, params, inputs):
@@ -43,16 +44,6 @@ def numpy_batched(name, q, k, v, params, inputs):
     return o
 
 
-def timeit(fn, reps):
-    fn()  # warm-up (compilation)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", default="ridge,delta,linear")
@@ -77,12 +68,12 @@ def main() -> None:
         inputs = {"beta": beta} if name == "delta" else {}
         jf = jax.jit(lambda q, k, v, p, i: jm.forward(q, k, v, p, **i)[0])
         jg = jax.jit(jax.grad(lambda q, k, v, p, i: jnp.sum(jm.forward(q, k, v, p, **i)[0] * do), argnums=(0, 1, 2)))
-        t_nf = timeit(lambda: nm.forward(q, k, v, params, **inputs), a.reps)
-        t_jf = timeit(lambda: jf(q, k, v, params, inputs).block_until_ready(), a.reps)
-        t_np = timeit(lambda: numpy_batched(name, q, k, v, params, inputs), 1)
-        t_nb = timeit(lambda: (nm.forward(q, k, v, params, **inputs), nm.backward(q, k, v, params, do, **inputs)),
-                      a.reps)
-        t_jb = timeit(lambda: jax.block_until_ready(jg(q, k, v, params, inputs)), a.reps)
+        t_nf = median_seconds(lambda: nm.forward(q, k, v, params, **inputs), a.reps)
+        t_jf = median_seconds(lambda: jf(q, k, v, params, inputs).block_until_ready(), a.reps)
+        t_np = median_seconds(lambda: numpy_batched(name, q, k, v, params, inputs), 1)
+        t_nb = median_seconds(lambda: (nm.forward(q, k, v, params, **inputs),
+                                       nm.backward(q, k, v, params, do, **inputs)), a.reps)
+        t_jb = median_seconds(lambda: jax.block_until_ready(jg(q, k, v, params, inputs)), a.reps)
         print(f"{name:7} {'forward':10} {t_nf:10.4f} {t_jf:10.4f} {t_np:10.4f} {t_jf / t_nf:7.2f} {t_np / t_nf:7.2f}")
         print(f"{name:7} {'fwd+bwd':10} {t_nb:10.4f} {t_jb:10.4f} {'-':>10} {t_jb / t_nb:7.2f} {'-':>7}")
         st = nm.init_state(B, H, K, V, params, np.float32)

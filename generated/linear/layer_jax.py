@@ -39,6 +39,7 @@ INPUTS = {}
 FORMS = ('recurrent', 'closed_form')
 _PARAM_NAMES = ('eta',)
 _INPUT_NAMES = ()
+_STATE_DIMS = (('K', 'V'),)  # per-head state shapes
 
 
 class State(NamedTuple):
@@ -217,12 +218,13 @@ def _state_in(state, B, H, K, V, dtype):
     """The caller's initial state as a State of ``dtype`` arrays, after checking its fields and shapes."""
     if len(state) != len(State._fields):
         raise ValueError(f"{SPEC_NAME}: initial_state must have fields {State._fields}, got {len(state)} arrays")
-    want = jax.eval_shape(lambda: init_state(B, H, K, V, {n: jnp.ones((H,), dtype) for n in _PARAM_NAMES}, dtype))
+    size = {"K": K, "V": V}
     out = []
-    for name, x, w in zip(State._fields, state, want):
+    for name, x, dims in zip(State._fields, state, _STATE_DIMS):
         x = jnp.asarray(x)
-        if x.shape != w.shape:
-            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {w.shape}, got {x.shape}")
+        want = (B, H) + tuple(size[d] for d in dims)
+        if x.shape != want:
+            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want}, got {x.shape}")
         out.append(x.astype(dtype))
     return State(*out)
 

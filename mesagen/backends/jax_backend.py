@@ -68,7 +68,9 @@ class JaxBackend:
         L += _dict_literal("INPUTS", [f'"{x.name}": {{"shape": ("B", "T", "H"), "space": "{x.space}", '
                                       f'"domain": "{x.domain}"}}' for x in ir.inputs])
         L += [f"FORMS = {tuple(ir.forms)!r}", f"_PARAM_NAMES = {tuple(x.name for x in ir.params)!r}",
-              f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}", "", ""]
+              f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}",
+              f"_STATE_DIMS = {tuple(tuple(str(d) for d in st.shape) for st in rec.states)!r}  # per-head state shapes",
+              "", ""]
         # ---- State
         L += ["class State(NamedTuple):", '    """Recurrent state of every (batch, head); fla layout, d_k leading.', ""]
         L += [f"    {st.name}: [B, H, {', '.join(str(d) for d in st.shape)}] -- {st.doc}." for st in rec.states]
@@ -347,12 +349,13 @@ def _state_in(state, B, H, K, V, dtype):
     """The caller's initial state as a State of ``dtype`` arrays, after checking its fields and shapes."""
     if len(state) != len(State._fields):
         raise ValueError(f"{SPEC_NAME}: initial_state must have fields {State._fields}, got {len(state)} arrays")
-    want = jax.eval_shape(lambda: init_state(B, H, K, V, {n: jnp.ones((H,), dtype) for n in _PARAM_NAMES}, dtype))
+    size = {"K": K, "V": V}
     out = []
-    for name, x, w in zip(State._fields, state, want):
+    for name, x, dims in zip(State._fields, state, _STATE_DIMS):
         x = jnp.asarray(x)
-        if x.shape != w.shape:
-            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {w.shape}, got {x.shape}")
+        want = (B, H) + tuple(size[d] for d in dims)
+        if x.shape != want:
+            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want}, got {x.shape}")
         out.append(x.astype(dtype))
     return State(*out)
 

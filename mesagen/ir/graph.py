@@ -42,7 +42,11 @@ def dataflow(assigns: tuple[Assign, ...], available: set[str]) -> nx.DiGraph:
 
 
 def schedule(assigns: tuple[Assign, ...], available: set[str]) -> tuple[Assign, ...]:
-    """Deterministic topological order (ties broken by original position), after checking the graph."""
+    """Deterministic topological order (ties broken by original position), after checking the graph.
+
+    Raises:
+        ValueError: as :func:`dataflow` (double assignment, undefined read, cycle).
+    """
     g = dataflow(assigns, available)
     by_name = {a.target: a for a in assigns}
     order = nx.lexicographical_topological_sort(g, key=lambda n: (g.nodes[n]["order"], n))
@@ -50,7 +54,11 @@ def schedule(assigns: tuple[Assign, ...], available: set[str]) -> tuple[Assign, 
 
 
 def live(assigns: tuple[Assign, ...], available: set[str], outputs: set[str]) -> set[str]:
-    """Names (assigned or available) from which some name in ``outputs`` can be reached."""
+    """Names (assigned or available) from which some name in ``outputs`` can be reached.
+
+    Raises:
+        ValueError: as :func:`dataflow`.
+    """
     g = dataflow(assigns, available)
     keep = set(outputs)
     for out in outputs:

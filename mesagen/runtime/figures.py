@@ -28,15 +28,7 @@ def plot_per_t(curves: dict[str, np.ndarray], path: Path, title: str = "") -> No
     for name, c in curves.items():
         color, ls, lw = _STYLE.get(name, (None, "-", 1.5))
         ax.plot(np.arange(len(c)), c, ls, color=color, lw=lw, label=f"{_LABEL.get(name, name)} ({np.mean(c):.3f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("context pairs t")
-    ax.set_ylabel("loss ½‖ŝ − s‖²")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, title, "context pairs t", "loss ½‖ŝ − s‖²", legend_size=7)
 
 
 def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
@@ -48,11 +40,16 @@ def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
         ax.plot(*zip(*tr), label="train")
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out")
+    _finish(fig, ax, path, title, "step", "loss", legend_size=8)
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    """Shared styling of both figures (log y, labels, legend, grid), then save and close."""
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)

@@ -20,7 +20,11 @@ DIMS = {"K": K, "V": V, 1: sp.Integer(1)}
 
 
 def mat(name: str, rows: str | int, cols: str | int) -> sp.MatrixSymbol:
-    """A MatrixSymbol with dims given as 'K', 'V' or 1."""
+    """A MatrixSymbol with dims given as 'K' (d_k), 'V' (d_v) or 1, e.g. ``mat("k", "K", 1)`` for a key column.
+
+    Raises:
+        KeyError: a dim other than 'K', 'V', 1.
+    """
     return sp.MatrixSymbol(name, DIMS[rows], DIMS[cols])
 
 
@@ -182,7 +186,11 @@ def evaluate(expr: sp.Basic, env: dict[str, object], dims: dict[str, int]) -> sp
 
 
 def run_program(assigns, env: dict[str, object], dims: dict[str, int]) -> dict[str, object]:
-    """Evaluate a sequence of :class:`~mesagen.ir.records.Assign` exactly, returning the extended env."""
+    """Evaluate a sequence of :class:`~mesagen.ir.records.Assign` exactly, returning the extended env.
+
+    Raises:
+        KeyError, TypeError: as :func:`evaluate`.
+    """
     env = dict(env)
     for a in assigns:
         env[a.target] = evaluate(a.expr, env, dims)
