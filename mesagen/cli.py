@@ -65,6 +65,9 @@ def _derive(args: argparse.Namespace) -> int:
 
     c = compile_file(args.spec, backends=("md",))
     sys.stdout.write(next(iter(c.files.values())))
+    measured = [f"- {ch.name}: {ch.measured}" for ch in c.checks if ch.measured is not None]
+    if measured:  # measured values differ from machine to machine: stdout only, never in a generated file
+        sys.stdout.write("\n## Measured on this machine\n\n" + "\n".join(measured) + "\n")
     return 0
 
 
