@@ -15,9 +15,10 @@ Forms:
     closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
                    (von Oswald et al. 2023, Sec. 3).
 
-Backward of the recurrent form: a custom VJP that recomputes each of ⌈√T⌉ segments from a stored checkpoint of
-the state, so activation memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...); earlier inverses are never
-reconstructed by reverse Sherman–Morrison downdates.
+Backward of the recurrent form: reverse-mode autodiff through a two-level scan whose ⌈√T⌉-token segments are
+rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation memory is O(√T
+· B·H·(K² + K·V)) instead of O(T · ...); earlier inverses are never reconstructed by reverse Sherman–Morrison
+downdates, and every JAX transformation (jit, vmap, grad, vjp, jvp, checkpoint, scan) composes.
 
 Derivation and its verification: DERIVATION.md beside this file.
 """
@@ -179,54 +180,19 @@ def _split_segments(xs, T):
     return head, tail, n, L
 
 
-@jax.custom_vjp
 def _scan_recurrent(ps, state, xs):
-    """lax.scan of the step with a checkpointed backward (see _scan_recurrent_bwd)."""
-    return _scan(ps, state, xs)
-
-
-def _scan_recurrent_fwd(ps, state, xs):
+    """lax.scan of the step in two levels: an outer scan over ⌈√T⌉-token segments whose body is rematerialised
+    (``jax.checkpoint``), so reverse mode keeps only the state entering each segment and recomputes one segment
+    at a time. Plain JAX transformations throughout (no custom VJP), so jit, vmap (batched or unbatched
+    parameters), grad, vjp, jvp, checkpoint and scan all compose. No inverse is ever reconstructed backwards.
+    """
     T = xs[0].shape[0]
     head, tail, n, L = _split_segments(xs, T)
-
-    def segment(carry, seg):
-        new, o = _scan(ps, carry, seg)
-        return new, (o, carry)  # keep the state entering each segment: ⌈√T⌉ checkpoints
-
-    mid, (o_head, checkpoints) = lax.scan(segment, state, head)
+    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, seg))
+    mid, o_head = lax.scan(segment, state, head)
     final, o_tail = _scan(ps, mid, tail)
     o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
-    return (final, o), (ps, checkpoints, mid, head, tail)
-
-
-def _scan_recurrent_bwd(res, cotangents):
-    """Reverse sweep over segments: recompute each segment's states from its checkpoint, then pull back.
-
-    Memory: the ⌈√T⌉ checkpoints plus one segment's residuals. No inverse is ever reconstructed backwards.
-    """
-    ps, checkpoints, mid, head, tail = res
-    g_final, g_o = cotangents
-    T = g_o.shape[0]
-    n = checkpoints[0].shape[0]
-    L = head[0].shape[1] if n else _segment_length(T)
-    g_o_head = g_o[: n * L].reshape((n, L) + g_o.shape[1:])
-    _, pull_tail = jax.vjp(_scan, ps, mid, tail)
-    g_ps, g_mid, g_tail = pull_tail((g_final, g_o[n * L:]))
-
-    def back(carry, seg):
-        g_state, g_ps_acc = carry
-        checkpoint, xs_seg, g_o_seg = seg
-        _, pull = jax.vjp(_scan, ps, checkpoint, xs_seg)
-        gp, gs, gx = pull((g_state, g_o_seg))
-        return (gs, jax.tree.map(jnp.add, g_ps_acc, gp)), gx
-
-    (g_state0, g_ps), g_head = lax.scan(back, (g_mid, g_ps), (checkpoints, head, g_o_head), reverse=True)
-    g_xs = jax.tree.map(lambda a, b: jnp.concatenate([a.reshape((n * L,) + a.shape[2:]), b], axis=0),
-                        g_head, g_tail)
-    return g_ps, g_state0, g_xs
-
-
-_scan_recurrent.defvjp(_scan_recurrent_fwd, _scan_recurrent_bwd)
+    return final, o
 
 
 @jax.jit
