@@ -167,6 +167,16 @@ def _scan(ps, state, xs):
 
     return lax.scan(body, state, xs)
 
+_stats_all = jax.vmap(jax.vmap(_stats_head, in_axes=(0, 0, 0)), in_axes=(0, 0, None))
+_precondition_all = jax.vmap(jax.vmap(jax.vmap(_precondition_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
+                                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES)),
+                             in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
+_final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
+                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
+_USES_GRAM = True
+
+
+
 _scan_recurrent = _scan
 
 
@@ -175,14 +185,6 @@ def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
-
-_stats_all = jax.vmap(jax.vmap(_stats_head, in_axes=(0, 0, 0)), in_axes=(0, 0, None))
-_precondition_all = jax.vmap(jax.vmap(jax.vmap(_precondition_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
-                                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES)),
-                             in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
-_final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
-                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
-_USES_GRAM = True
 
 
 @jax.jit

@@ -15,10 +15,13 @@ Forms:
     closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
                    (von Oswald et al. 2023, Sec. 3).
 
-Backward of the recurrent form: reverse-mode autodiff through a two-level scan whose ⌈√T⌉-token segments are
-rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation memory is O(√T
-· B·H·(K² + K·V)) instead of O(T · ...); earlier inverses are never reconstructed by reverse Sherman–Morrison
-downdates, and every JAX transformation (jit, vmap, grad, vjp, jvp, checkpoint, scan) composes.
+Backward of the recurrent form: implicit differentiation of the exact solution o_t = C̄_t Ā_t⁻¹ q_t (a custom
+VJP: per token x_t = P_t q_t and y_t = W_tᵀ ḡ_t, and reverse running sums of ḡ_t x_tᵀ and y_t x_tᵀ; no adjoint
+through the Sherman–Morrison steps, whose rounding the reverse sweep would amplify by up to 1/λ²). States are
+recomputed one ⌈√T⌉-token segment at a time from stored checkpoints: activation memory O(√T · B·H·(K² + K·V)).
+The forward refactorises the state from its exact statistics (Σ v kᵀ, Σ k kᵀ + λI; Cholesky) at every segment
+boundary, so rank-one rounding never accumulates over more than one segment. Transformations: jit, vmap, grad,
+vjp, checkpoint and scan compose; forward mode (jvp) is not available through the custom VJP.
 
 Derivation and its verification: DERIVATION.md beside this file.
 """
@@ -85,6 +88,29 @@ def init_state(batch, num_heads, d_k, d_v, params, dtype=jnp.float32):
     return State(*(jnp.broadcast_to(x, (batch,) + x.shape) for x in heads))
 
 
+def _spd_solve(A, b):
+    """A⁻¹ b for a symmetric positive-definite A [K, K] and b [K, N]: Cholesky A = L Lᵀ, then forward and back
+    substitution, one row at a time (XLA-CPU's batched triangular solve is orders of magnitude slower at these
+    sizes). Never a general inverse."""
+    L = jnp.linalg.cholesky(A)
+    n = A.shape[-1]
+
+    def forward_row(i, y):
+        return y.at[i].set((b[i] - L[i] @ y) / L[i, i])
+
+    def back_row(j, x):
+        i = n - 1 - j
+        return x.at[i].set((y[i] - L[:, i] @ x) / L[i, i])
+
+    y = lax.fori_loop(0, n, forward_row, jnp.zeros_like(b))
+    return lax.fori_loop(0, n, back_row, jnp.zeros_like(b))
+
+
+def _spd_inv(A):
+    """A⁻¹ for a symmetric positive-definite A [K, K], by Cholesky (see _spd_solve)."""
+    return _spd_solve(A, jnp.eye(A.shape[-1], dtype=A.dtype))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-head programs, printed from the verified IR (see DERIVATION.md).
 
@@ -120,7 +146,7 @@ def _step_head(S, P, q, k, v, u_lam):
 def _stats_head(S, P, u_lam):
     """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""
     # Ā₀ = P₀⁻¹ (holds λI)  [K, K]
-    A0 = jnp.linalg.inv(P)
+    A0 = _spd_inv(P)
     # C̄₀ = W₀ Ā₀  [V, K]
     C0 = S.T @ A0
     return C0, A0
@@ -130,14 +156,14 @@ def _precondition_head(q, Abar, u_lam):
     """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""
     q = q[:, None]
     # x_t = Ā_t⁻¹ q_t (preconditioned query)  [K, 1]
-    x = jnp.linalg.solve(Abar, q)
+    x = _spd_solve(Abar, q)
     return x[:, 0]
 
 
 def _final_head(Cbar, Abar, u_lam):
     """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""
     # P_T = Ā_T⁻¹  [K, K]
-    P_new = jnp.linalg.inv(Abar)
+    P_new = _spd_inv(Abar)
     # W_T = C̄_T P_T  [K, V]
     S_new = P_new.T @ Cbar.T
     return (S_new, P_new)
@@ -166,6 +192,16 @@ def _scan(ps, state, xs):
 
     return lax.scan(body, state, xs)
 
+_stats_all = jax.vmap(jax.vmap(_stats_head, in_axes=(0, 0, 0)), in_axes=(0, 0, None))
+_precondition_all = jax.vmap(jax.vmap(jax.vmap(_precondition_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
+                                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES)),
+                             in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
+_final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
+                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
+_USES_GRAM = True
+
+
+
 
 def _segment_length(T):
     """Segment length ⌈√T⌉ of the checkpointed backward (at least 1)."""
@@ -180,19 +216,128 @@ def _split_segments(xs, T):
     return head, tail, n, L
 
 
-def _scan_recurrent(ps, state, xs):
-    """lax.scan of the step in two levels: an outer scan over ⌈√T⌉-token segments whose body is rematerialised
-    (``jax.checkpoint``), so reverse mode keeps only the state entering each segment and recomputes one segment
-    at a time. Plain JAX transformations throughout (no custom VJP), so jit, vmap (batched or unbatched
-    parameters), grad, vjp, jvp, checkpoint and scan all compose. No inverse is ever reconstructed backwards.
+
+def _gram_sums(seg):
+    """Σ v kᵀ [B, H, V, K] and Σ k kᵀ [B, H, K, K] over the tokens of time-major seg = (q, k, v, ...)."""
+    k, v = seg[1], seg[2]
+    return jnp.einsum("tbhv,tbhk->bhvk", v, k), jnp.einsum("tbhk,tbhj->bhkj", k, k)
+
+
+def _scan_refactorised(ps, state, xs):
+    """Forward of the recurrent form: the rank-one (Sherman–Morrison) step inside each ⌈√T⌉-token segment, and
+    at every segment boundary a fresh state from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ
+    (a Cholesky-based inverse), so rank-one rounding errors never accumulate over more than one segment.
+
+    Returns:
+        (final State, o [T, B, H, V], checkpoints: the State entering each full segment [n, B, H, ...],
+        the State entering the tail, (C̄₀, Ā₀), (C̄_T, Ā_T)).
     """
     T = xs[0].shape[0]
     head, tail, n, L = _split_segments(xs, T)
-    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, seg))
-    mid, o_head = lax.scan(segment, state, head)
-    final, o_tail = _scan(ps, mid, tail)
+    stats0 = _stats_all(*state, *ps)
+
+    def segment(carry, seg):
+        st, C, A = carry
+        _, o = _scan(ps, st, seg)
+        dC, dA = _gram_sums(seg)
+        C, A = C + dC, A + dA
+        return (State(*_final_all(C, A, *ps)), C, A), (o, st)
+
+    (mid, C, A), (o_head, checkpoints) = lax.scan(segment, (state,) + tuple(stats0), head)
+    _, o_tail = _scan(ps, mid, tail)
+    dC, dA = _gram_sums(tail)
+    statsT = (C + dC, A + dA)
+    final = State(*_final_all(*statsT, *ps))
     o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
+    return final, o, checkpoints, mid, stats0, statsT
+
+
+@jax.custom_vjp
+def _scan_recurrent(ps, state, xs):
+    """The recurrent form, differentiated implicitly (see _scan_recurrent_bwd)."""
+    final, o = _scan_refactorised(ps, state, xs)[:2]
     return final, o
+
+
+def _scan_recurrent_fwd(ps, state, xs):
+    final, o, checkpoints, mid, stats0, statsT = _scan_refactorised(ps, state, xs)
+    return (final, o), (ps, state, xs, checkpoints, mid, statsT)
+
+
+def _segment_states(ps, state, seg):
+    """The states after every token of a segment (recomputed from the state entering it): [L, B, H, ...]."""
+
+    def body(carry, x):
+        _, new = _step_batched(carry, x[0], x[1], x[2], ps, x[3:])
+        return new, new
+
+    return lax.scan(body, state, seg)[1]
+
+
+def _segment_pullback(ps, state, seg, g_o, acc):
+    """Reverse sweep over one segment. With W_t = C̄_t Ā_t⁻¹, x_t = Ā_t⁻¹ q_t and y_t = W_tᵀ ḡ_t
+    (ḡ_t the cotangent of o_t), the exact derivatives of o_t = C̄_t Ā_t⁻¹ q_t are
+        ∂q_t = y_t,   ∂C̄_t = ḡ_t x_tᵀ,   ∂Ā_t = −y_t x_tᵀ,
+    and since C̄_t, Ā_t are running sums, token i receives the reverse sums Ĉ_i = Σ_{t≥i} ḡ_t x_tᵀ and
+    Â_i = −Σ_{t≥i} y_t x_tᵀ:  ∂v_i = Ĉ_i k_i,  ∂k_i = Ĉ_iᵀ v_i + (Â_i + Â_iᵀ) k_i.
+    Positions whose own and later cotangents are all zero get exactly zero (never 0 · a non-finite value).
+    """
+    S, P = _segment_states(ps, state, seg)                          # [L, B, H, K, V], [L, B, H, K, K]
+    q, k, v = seg[0], seg[1], seg[2]
+    live = jnp.any(g_o != 0, axis=-1)                               # [L, B, H]
+    x = jnp.where(live[..., None], jnp.einsum("tbhkj,tbhj->tbhk", P, q), 0)
+    y = jnp.where(live[..., None], jnp.einsum("tbhkv,tbhv->tbhk", S, g_o), 0)
+    g = jnp.where(live[..., None], g_o, 0)
+
+    def body(carry, tok):
+        Ch, Ah, seen = carry
+        x_t, y_t, g_t, k_t, v_t, live_t = tok
+        Ch = Ch + jnp.einsum("bhv,bhk->bhvk", g_t, x_t)
+        Ah = Ah - jnp.einsum("bhk,bhj->bhkj", y_t, x_t)
+        seen = seen | live_t
+        dv = jnp.einsum("bhvk,bhk->bhv", Ch, k_t)
+        dk = jnp.einsum("bhvk,bhv->bhk", Ch, v_t) + jnp.einsum("bhkj,bhj->bhk", Ah + jnp.swapaxes(Ah, -1, -2), k_t)
+        dv = jnp.where(seen[..., None], dv, 0)
+        dk = jnp.where(seen[..., None], dk, 0)
+        return (Ch, Ah, seen), (dk, dv)
+
+    acc, (dk, dv) = lax.scan(body, acc, (x, y, g, k, v, live), reverse=True)
+    return acc, (y, dk, dv) + tuple(jnp.zeros_like(a) for a in seg[3:])
+
+
+def _scan_recurrent_bwd(res, cotangents):
+    """Implicit differentiation of the exact ridge solution (no adjoint through Sherman–Morrison steps, whose
+    rounding errors the reverse sweep would amplify by up to 1/λ²): the final state's cotangent is pulled back
+    through state_from_stats, every output's through the formulas of _segment_pullback, and the statistics'
+    reverse sums Ĉ₀, Â₀ through stats_from_state to the initial state. Recomputes one segment at a time from
+    the stored checkpoints: activation memory O(√T · B·H·(K² + K·V)).
+    """
+    ps, state, xs, checkpoints, mid, statsT = res
+    g_final, g_o = cotangents
+    T = g_o.shape[0]
+    head, tail, n, L = _split_segments(xs, T)
+    live_final = jnp.any(jnp.stack([jnp.any(g != 0, axis=(-2, -1)) for g in g_final]), axis=0)   # [B, H]
+    _, pull_final = jax.vjp(lambda C, A, *p: State(*_final_all(C, A, *p)), *statsT, *ps)
+    gC, gA, *g_ps = pull_final(State(*(jnp.where(live_final[..., None, None], g, 0) for g in g_final)))
+    gC = jnp.where(live_final[..., None, None], gC, 0)
+    gA = jnp.where(live_final[..., None, None], gA, 0)
+    acc = (gC, gA, live_final)
+    acc, g_tail = _segment_pullback(ps, mid, tail, g_o[n * L:], acc)
+    g_o_head = g_o[: n * L].reshape((n, L) + g_o.shape[1:])
+
+    def back(acc, seg):
+        checkpoint, xs_seg, g_o_seg = seg
+        return _segment_pullback(ps, checkpoint, xs_seg, g_o_seg, acc)
+
+    (gC0, gA0, _), g_head = lax.scan(back, acc, (checkpoints, head, g_o_head), reverse=True)
+    _, pull_stats = jax.vjp(lambda st, *p: _stats_all(*st, *p), state, *ps)
+    g_state, *g_ps0 = pull_stats((gC0, gA0))
+    g_xs = jax.tree.map(lambda a, b: jnp.concatenate([a.reshape((n * L,) + a.shape[2:]), b], axis=0),
+                        g_head, g_tail)
+    return tuple(a + b for a, b in zip(g_ps, g_ps0)), g_state, g_xs
+
+
+_scan_recurrent.defvjp(_scan_recurrent_fwd, _scan_recurrent_bwd)
 
 
 @jax.jit
@@ -200,14 +345,6 @@ def _forward_recurrent(q, k, v, ps, state, inputs):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
-
-_stats_all = jax.vmap(jax.vmap(_stats_head, in_axes=(0, 0, 0)), in_axes=(0, 0, None))
-_precondition_all = jax.vmap(jax.vmap(jax.vmap(_precondition_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
-                                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES)),
-                             in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
-_final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
-                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
-_USES_GRAM = True
 
 
 @jax.jit

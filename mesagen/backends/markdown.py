@@ -60,6 +60,13 @@ class MarkdownBackend:
         if ir.recurrence.backward == "checkpointed":
             L += ["Backward: recompute from $\\lceil\\sqrt{T}\\rceil$ state checkpoints (never reverse "
                   "Sherman–Morrison downdates).", ""]
+        elif ir.recurrence.backward == "implicit":
+            L += ["Backward: implicit differentiation of $o_t = \\bar C_t \\bar A_t^{-1} q_t$. With "
+                  "$x_t = P_t q_t$ and $y_t = W_t^\\top \\bar g_t$: $\\partial q_t = y_t$, "
+                  "$\\partial \\bar C_t = \\bar g_t x_t^\\top$, $\\partial \\bar A_t = -y_t x_t^\\top$, accumulated "
+                  "in reverse running sums; states recomputed from $\\lceil\\sqrt{T}\\rceil$ checkpoints, never "
+                  "by reverse Sherman–Morrison downdates. The forward refactorises $P$, $W$ from the exact "
+                  "statistics at every checkpoint.", ""]
         if ir.kernel is not None:
             kf = ir.kernel
             L += ["## 5. Parallel (closed) form", "",

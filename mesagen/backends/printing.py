@@ -57,6 +57,10 @@ class ArrayPrinter(JaxPrinter):
 
     Args:
         dtype_name: the name of the variable holding the dtype in the generated function (for ``eye``/``zeros``).
+        spd: every ``Inverse`` the expressions hold is of a symmetric positive-definite matrix (the ridge family:
+            Ā = Σ k kᵀ + λI with λ > 0, and its inverse P). Solves and inverses are then printed as the module's
+            Cholesky helpers ``_spd_solve`` / ``_spd_inv`` (backward-stable, and half the work of LU), never as a
+            general inverse.
     """
 
     _module = "jax.numpy"
@@ -64,9 +68,11 @@ class ArrayPrinter(JaxPrinter):
     _solve = "jnp.linalg.solve"
     _inv = "jnp.linalg.inv"
 
-    def __init__(self, dtype_name: str = "dtype") -> None:
+    def __init__(self, dtype_name: str = "dtype", spd: bool = False) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.dtype_name = dtype_name
+        if spd:
+            self._solve, self._inv = "_spd_solve", "_spd_inv"
 
     def _module_format(self, fqn, register=True):
         out = super()._module_format(fqn, register)

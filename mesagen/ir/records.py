@@ -85,7 +85,16 @@ class Recurrence:
     states: tuple[StateDecl, ...]
     update: tuple[Assign, ...]
     readout: tuple[Assign, ...]
-    backward: str = "autodiff"  # "autodiff" | "checkpointed" (custom VJP recomputing from sqrt(T) checkpoints)
+    backward: str = "autodiff"
+    """How reverse mode is generated:
+
+    - ``autodiff``: plain autodiff through the scan.
+    - ``checkpointed``: autodiff through ⌈√T⌉ rematerialised segments (activation memory O(√T)).
+    - ``implicit``: the exact ridge solution o_t = C_t A_t⁻¹ q_t differentiated implicitly (one more product
+      with the stored inverse per token, no adjoint through the rank-one recursion), with the recurrence
+      refactorised from its exact statistics at every segment boundary. Requires a kernel form and the states
+      ``(W, P)`` = (C_t A_t⁻¹, A_t⁻¹), in this order.
+    """
 
     def __post_init__(self) -> None:
         written = [a.target for a in self.update + self.readout]
@@ -97,8 +106,11 @@ class Recurrence:
                 raise ValueError(f"state {st.name!r} has no update {st.name}_new")
         if "o" not in [a.target for a in self.readout]:
             raise ValueError("readout must assign 'o'")
-        if self.backward not in ("autodiff", "checkpointed"):
+        if self.backward not in ("autodiff", "checkpointed", "implicit"):
             raise ValueError(f"unknown backward {self.backward!r}")
+        if self.backward == "implicit" and [(s.name, s.shape) for s in self.states] not in (
+                [("W", ("V", "K")), ("P", ("K", "K"))], [("S", ("K", "V")), ("P", ("K", "K"))]):
+            raise ValueError("backward 'implicit' needs the states (W [V, K], P [K, K]) = (C A⁻¹, A⁻¹)")
 
 
 @dataclass(frozen=True)
@@ -195,5 +207,7 @@ class LayerIR:
     def __post_init__(self) -> None:
         if not self.forms or self.forms[0] != "recurrent":
             raise ValueError("forms must start with 'recurrent'")
+        if self.recurrence.backward == "implicit" and (self.kernel is None or not self.kernel.uses_gram):
+            raise ValueError("backward 'implicit' needs a kernel form over the Gram sums")
         if ("closed_form" in self.forms) != (self.kernel is not None):
             raise ValueError("'closed_form' is offered exactly when a kernel form exists")

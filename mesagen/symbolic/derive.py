@@ -152,7 +152,7 @@ def _sherman_morrison(tok: Tokens, u: sp.MatrixSymbol, lam: sp.Expr) -> tuple[Re
         state_from_stats=(Assign("P_new", sp.Inverse(A), ("K", "K"), "P_T = Ā_T⁻¹"),
                           Assign("W_new", C * P_new, ("V", "K"), "W_T = C̄_T P_T")),
     )
-    return Recurrence(states, update, readout, backward="checkpointed"), kernel
+    return Recurrence(states, update, readout, backward="implicit"), kernel
 
 
 def gd_polynomial(eta: sp.Expr, steps: int) -> list[sp.Expr]:
