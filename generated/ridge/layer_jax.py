@@ -275,34 +275,38 @@ def _segment_states(ps, state, seg):
 
 
 def _segment_pullback(ps, state, seg, g_o, acc):
-    """Reverse sweep over one segment. With W_t = C̄_t Ā_t⁻¹, x_t = Ā_t⁻¹ q_t and y_t = W_tᵀ ḡ_t
-    (ḡ_t the cotangent of o_t), the exact derivatives of o_t = C̄_t Ā_t⁻¹ q_t are
+    """Reverse sweep over one segment of L tokens. With W_t = C̄_t Ā_t⁻¹, x_t = Ā_t⁻¹ q_t = P_t q_t and
+    y_t = W_tᵀ ḡ_t (ḡ_t the cotangent of o_t), the exact derivatives of o_t = C̄_t Ā_t⁻¹ q_t are
         ∂q_t = y_t,   ∂C̄_t = ḡ_t x_tᵀ,   ∂Ā_t = −y_t x_tᵀ,
     and since C̄_t, Ā_t are running sums, token i receives the reverse sums Ĉ_i = Σ_{t≥i} ḡ_t x_tᵀ and
-    Â_i = −Σ_{t≥i} y_t x_tᵀ:  ∂v_i = Ĉ_i k_i,  ∂k_i = Ĉ_iᵀ v_i + (Â_i + Â_iᵀ) k_i.
-    Positions whose own and later cotangents are all zero get exactly zero (never 0 · a non-finite value).
+    Â_i = −Σ_{t≥i} y_t x_tᵀ:  ∂v_i = Ĉ_i k_i,  ∂k_i = Ĉ_iᵀ v_i + (Â_i + Â_iᵀ) k_i. Inside the segment these
+    are causal-masked products of [L, L] score matrices (matmuls, no loop); acc = (Ĉ, Â, seen) carries the sums
+    of later segments. Positions whose own and later cotangents are all zero get exactly zero (never 0 times
+    a non-finite value).
     """
     S, P = _segment_states(ps, state, seg)                          # [L, B, H, K, V], [L, B, H, K, K]
     q, k, v = seg[0], seg[1], seg[2]
+    Ch, Ah, seen = acc
     live = jnp.any(g_o != 0, axis=-1)                               # [L, B, H]
     x = jnp.where(live[..., None], jnp.einsum("tbhkj,tbhj->tbhk", P, q), 0)
     y = jnp.where(live[..., None], jnp.einsum("tbhkv,tbhv->tbhk", S, g_o), 0)
     g = jnp.where(live[..., None], g_o, 0)
-
-    def body(carry, tok):
-        Ch, Ah, seen = carry
-        x_t, y_t, g_t, k_t, v_t, live_t = tok
-        Ch = Ch + jnp.einsum("bhv,bhk->bhvk", g_t, x_t)
-        Ah = Ah - jnp.einsum("bhk,bhj->bhkj", y_t, x_t)
-        seen = seen | live_t
-        dv = jnp.einsum("bhvk,bhk->bhv", Ch, k_t)
-        dk = jnp.einsum("bhvk,bhv->bhk", Ch, v_t) + jnp.einsum("bhkj,bhj->bhk", Ah + jnp.swapaxes(Ah, -1, -2), k_t)
-        dv = jnp.where(seen[..., None], dv, 0)
-        dk = jnp.where(seen[..., None], dk, 0)
-        return (Ch, Ah, seen), (dk, dv)
-
-    acc, (dk, dv) = lax.scan(body, acc, (x, y, g, k, v, live), reverse=True)
-    return acc, (y, dk, dv) + tuple(jnp.zeros_like(a) for a in seg[3:])
+    Ls = q.shape[0]
+    later = jnp.arange(Ls)[:, None] >= jnp.arange(Ls)[None, :]     # [t, i]: t ≥ i
+    mask = lambda a: jnp.where(later[:, :, None, None], a, 0)       # noqa: E731  [t, i, B, H]
+    xk = mask(jnp.einsum("tbhk,ibhk->tibh", x, k))                  # x_tᵀ k_i
+    gv = mask(jnp.einsum("tbhv,ibhv->tibh", g, v))                  # ḡ_tᵀ v_i
+    yk = mask(jnp.einsum("tbhk,ibhk->tibh", y, k))                  # y_tᵀ k_i
+    dv = jnp.einsum("tibh,tbhv->ibhv", xk, g) + jnp.einsum("bhvk,ibhk->ibhv", Ch, k)
+    dk = (jnp.einsum("tibh,tbhk->ibhk", gv - yk, x) - jnp.einsum("tibh,tbhk->ibhk", xk, y)
+          + jnp.einsum("bhvk,ibhv->ibhk", Ch, v) + jnp.einsum("bhkj,ibhj->ibhk", Ah + jnp.swapaxes(Ah, -1, -2), k))
+    seen_i = seen | (jnp.cumsum(live[::-1], axis=0)[::-1] > 0)       # [L, B, H]: a live cotangent at t ≥ i
+    dv = jnp.where(seen_i[..., None], dv, 0)
+    dk = jnp.where(seen_i[..., None], dk, 0)
+    Ch = Ch + jnp.einsum("tbhv,tbhk->bhvk", g, x)
+    Ah = Ah - jnp.einsum("tbhk,tbhj->bhkj", y, x)
+    seen = seen | jnp.any(live, axis=0)
+    return (Ch, Ah, seen), (y, dk, dv) + tuple(jnp.zeros_like(a) for a in seg[3:])
 
 
 def _scan_recurrent_bwd(res, cotangents):
