@@ -83,7 +83,7 @@ def test_config_errors_name_file_and_field(tmp_path):
         model: {tokens: constructed, d_model: 40, blocks: [softmax], init_std: 0.1}
         train: {steps: 10, schedule: {peak_lr: 1.0e-3, kind: warmup_cosin}}
     """))
-    with pytest.raises(ConfigError, match=r"c\.yaml: train\.schedule\.kind"):
+    with pytest.raises(ConfigError, match=r"c\.yaml:3:48: train\.schedule\.kind"):
         load_config(p)
     p.write_text("model: {tokens: constructed, d_model: 12, blocks: [softmax], init_std: 0.1}\n"
                  "train: {steps: 10, schedule: {peak_lr: 1.0e-3}}\n")
