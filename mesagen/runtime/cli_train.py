@@ -104,7 +104,8 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on an argparse subparsers object; each sets ``func`` to its handler."""
     p = subparsers.add_parser("train", help="train a model on a paper task (YAML run config)")
     p.add_argument("config", nargs="?", help="run config YAML (e.g. configs/default.yaml)")
-    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--steps", type=int,
+                   help="override train.steps (a warm-up + cosine schedule is rescaled in proportion)")
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
