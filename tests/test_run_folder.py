@@ -195,6 +195,16 @@ def test_config_reports_every_mistake_with_line_and_column(tmp_path, capsys):
         f"{p}:10:3: train.bogus: unknown key 'bogus'"]
     assert cli_train.main(["train", str(p)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"mesagen train: {line}" for line in info.value.lines]
+    p.write_text(textwrap.dedent("""\
+        model: {tokens: constructed, d_model: 12, blocks: [softmax], init_std: 0.1}
+        train:
+          steps: 10
+          schedule: {peak_lr: 1.0e-3, kind: warmup_cosine, warmup_steps: 20}
+        """))
+    with pytest.raises(ConfigError) as info:                               # cross-field rules: all, located
+        load_config(p)
+    assert [line.split(": ")[0:2] for line in info.value.lines] == [
+        [f"{p}:1:30", "model.d_model"], [f"{p}:4:52", "train.schedule.warmup_steps"]]
 
 
 def test_generated_layer_search_rule(tmp_path, monkeypatch):

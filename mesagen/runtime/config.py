@@ -157,15 +157,19 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        # Every cross-field problem, one "dotted.field: reason" line each (``_format`` splits and locates them).
+        problems = []
         if self.model.tokens == "constructed" and self.model.d_model != 4 * self.task.observed_dim:
-            raise ValueError(f"model.d_model must be 4 * state dim = {4 * self.task.observed_dim} for "
-                             f"constructed tokens, got {self.model.d_model}")
+            problems.append(f"model.d_model: must be 4 * state dim = {4 * self.task.observed_dim} for "
+                            f"constructed tokens, got {self.model.d_model}")
         sched = self.train.schedule
         decay = sched.decay_steps or self.train.steps
         if sched.kind == "warmup_cosine" and decay <= sched.warmup_steps:
-            raise ValueError(f"train.schedule.warmup_steps ({sched.warmup_steps}) must be below the schedule length "
-                             f"(train.schedule.decay_steps or train.steps = {decay}); lower warmup_steps or "
-                             "train longer")
+            problems.append(f"train.schedule.warmup_steps: {sched.warmup_steps} must be below the schedule length "
+                            f"(train.schedule.decay_steps or train.steps = {decay}); lower warmup_steps, train "
+                            "longer, or pass --steps (which rescales the warm-up)")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def with_overrides(self, *, steps: int | None = None, seed: int | None = None) -> "RunConfig":
@@ -235,6 +239,12 @@ def _format(err: ValidationError, root: Any = None) -> list[str]:
         loc = tuple(e["loc"])
         if e["type"] == "too_short" and any(tuple(o["loc"][:len(loc)]) == loc and o is not e for o in errors):
             continue  # pydantic's follow-up of an invalid item ("at least 1 item after validation, not 0")
+        if not loc and e["type"] == "value_error":      # RunConfig._consistent: "dotted.field: reason" lines
+            for problem in _reason(e).split("\n"):
+                field, _, reason = problem.partition(": ")
+                at = tuple(field.split("."))
+                lines.append(f"{_locate(root, at)}{field}: {reason}")
+            continue
         lines.append(f"{_locate(root, loc)}{_dotted(loc)}: {_reason(e)}")
     return lines
 
