@@ -11,7 +11,7 @@ import numpy as np
 from mesagen.data import sample_states
 from mesagen.runtime.baselines import baseline_losses, fit_baselines
 from mesagen.runtime.config import load_config
-from mesagen.runtime.figures import plot_per_t, plot_training
+from mesagen.runtime.figures import GREEK, plot_per_t, plot_training
 
 #: Positions shown in the summary table (t = number of context pairs).
 TABLE_T = (0, 1, 5, 10, 20, 30, 49)
@@ -54,8 +54,7 @@ def provenance(trainer, model, steps: int, wall_s: float | None) -> dict:
 
 def params_line(params: dict) -> str:
     """``"learned λ: block_0 [0.93, 1.21]"``-style text of :func:`~mesagen.runtime.train.learned_params`."""
-    greek = {"lam": "λ", "eta": "η", "beta": "β"}
-    parts = [f"{blk} {greek.get(n, n)}=[{', '.join(f'{x:.3g}' for x in v)}]"
+    parts = [f"{blk} {GREEK.get(n, n)}=[{', '.join(f'{x:.3g}' for x in v)}]"
              for blk, ps in params.items() for n, v in ps.items()]
     return "learned " + "; ".join(parts) if parts else "no learned layer parameters"
 

@@ -12,6 +12,9 @@ import numpy as np  # noqa: E402
 
 _STYLE = {"model": ("C0", "-", 2.0), "gd1": ("C1", "--", 1.5), "ridge": ("C2", "--", 1.5),
           "predict_zero": ("0.5", ":", 1.2), "predict_last": ("0.7", ":", 1.2)}
+#: Display names of spec parameters in figures and titles.
+GREEK = {"lam": "λ", "eta": "η", "beta": "β"}
+
 _LABEL = {"model": "model", "gd1": "GD-1 (tuned η)", "ridge": "ridge LSQ (tuned λ)",
           "predict_zero": "predict 0", "predict_last": "predict s_t"}
 
@@ -52,7 +55,7 @@ def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
         for blk, ps in (r.get("params") or {}).items():
             for name, values in ps.items():
                 for h, v in enumerate(values):
-                    series.setdefault(f"{blk} {name}[{h}]", []).append((r["step"], v))
+                    series.setdefault(f"{blk} {GREEK.get(name, name)}[{h}]", []).append((r["step"], v))
     if series:
         ax2 = ax.twinx()
         for i, (label, pts) in enumerate(sorted(series.items())):
