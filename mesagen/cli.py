@@ -90,12 +90,11 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("derive", help="print the derivation of a spec (Markdown with LaTeX)")
     d.add_argument("spec", help="spec file (YAML)")
     d.set_defaults(func=_derive)
-    try:
-        from mesagen.runtime.cli_train import add_subparsers
-    except ImportError:  # the trainer is optional for the compiler
-        pass
-    else:
-        add_subparsers(sub)
+    # Imports only the standard library and mesagen.errors: an ImportError here is a bug and must surface.
+    # Missing third-party runtime packages are reported by the train / eval handlers with what to install.
+    from mesagen.runtime.cli_train import add_subparsers
+
+    add_subparsers(sub)
     return ap
 
 

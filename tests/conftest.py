@@ -6,6 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import mesagen  # noqa: F401,I001 -- first: sets PJRT_NPROC before any JAX backend starts (mesagen._xla_cpu)
 import jax
 import numpy as np
 import pytest

@@ -83,11 +83,11 @@ def test_config_errors_name_file_and_field(tmp_path):
         model: {tokens: constructed, d_model: 40, blocks: [softmax], init_std: 0.1}
         train: {steps: 10, schedule: {peak_lr: 1.0e-3, kind: warmup_cosin}}
     """))
-    with pytest.raises(ConfigError, match=r"c\.yaml: train\.schedule\.kind"):
+    with pytest.raises(ConfigError, match=r"c\.yaml:3:48: train\.schedule\.kind"):
         load_config(p)
     p.write_text("model: {tokens: constructed, d_model: 12, blocks: [softmax], init_std: 0.1}\n"
                  "train: {steps: 10, schedule: {peak_lr: 1.0e-3}}\n")
-    with pytest.raises(ConfigError, match="d_model must be 4"):
+    with pytest.raises(ConfigError, match=r"c\.yaml:1:30: model\.d_model: must be 4"):
         load_config(p)
     p.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

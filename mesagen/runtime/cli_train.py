@@ -1,65 +1,101 @@
 """``mesagen train`` and ``mesagen eval`` subcommands (wired into ``mesagen.cli`` by ``add_subparsers``).
 
-    mesagen train CONFIG [--steps N] [--out DIR] [--seed S]
-    mesagen train --resume RUN_DIR
-    mesagen eval RUN_DIR
+    mesagen train CONFIG [--steps N] [--out DIR] [--seed S] [--overwrite] [--generated DIR]
+    mesagen train --resume RUN_DIR [--generated DIR]
+    mesagen eval RUN_DIR [--generated DIR]
 
-Exit status: 0 on success, 2 on a bad config / missing layer / missing run (one line on stderr, no traceback).
+Exit status: 0 on success, 2 on a bad config / missing layer / missing run / missing dependency (one line per
+mistake on stderr, no traceback), 130 / 143 after SIGINT / SIGTERM (the checkpoint is saved and the resume
+command printed). This module imports no third-party package, so ``mesagen`` always offers ``train``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 from mesagen.errors import MesagenError
 
+#: Third-party modules the trainer needs -> what to install if one is missing (jax ... tqdm are dependencies
+#: of mesagen itself; numba only of the ``numba_cpu`` backend, the ``numba`` extra).
+RUNTIME_MODULES = {"jax": "mesagen", "jaxlib": "mesagen", "equinox": "mesagen", "optax": "mesagen",
+                   "matplotlib": "mesagen", "tqdm": "mesagen", "numpy": "mesagen", "numba": "mesagen[numba]"}
+
+
+def missing_dependency(exc: ImportError) -> str | None:
+    """The install hint for an ImportError caused by a missing third-party runtime module, else None (a bug)."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and name in RUNTIME_MODULES:
+        return (f"the trainer needs the Python package {name!r}, which is not installed; install it with: "
+                f"python3 -m pip install '{RUNTIME_MODULES[name]}'")
+    return None
+
+
+def _fail(prog: str, exc: Exception) -> int:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"{prog}: {line}", file=sys.stderr)
+    return 2
+
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Handler of ``mesagen train``; returns the exit status."""
-    from mesagen.runtime.config import load_config
-    from mesagen.runtime.train import train
+    """Handler of ``mesagen train``; returns the exit status (0, 2 on bad input, 128 + signal if interrupted)."""
     try:
-        if args.resume:
-            if args.config or args.steps is not None or args.seed is not None or args.out or args.overwrite:
-                print("mesagen train: --resume takes only RUN_DIR (the run's config.yaml is used as is)",
-                      file=sys.stderr)
-                return 2
-            run_dir = Path(args.resume)
-            if not (run_dir / "checkpoint.eqx").exists():
-                print(f"mesagen train: {run_dir}: no checkpoint.eqx to resume from", file=sys.stderr)
-                return 2
-            train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
-            return 0
-        if not args.config:
-            print("mesagen train: give CONFIG or --resume RUN_DIR", file=sys.stderr)
-            return 2
-        config = load_config(args.config).with_overrides(steps=args.steps, seed=args.seed)
-        run_dir = Path(args.out) if args.out else Path("runs") / config.name
-        if (run_dir / "checkpoint.eqx").exists():
-            if not args.overwrite:
-                print(f"mesagen train: {run_dir} already holds a run; use --resume {run_dir}, --overwrite or "
-                      "another --out", file=sys.stderr)
-                return 2
-            shutil.rmtree(run_dir)  # a run folder (it holds a checkpoint): start afresh
-        train(config, run_dir)
-        print(f"run folder: {run_dir}")
-        return 0
-    except MesagenError as exc:
-        print(f"mesagen train: {exc}", file=sys.stderr)
+        from mesagen.runtime.config import load_config
+        from mesagen.runtime.loader import use_generated_dir
+        from mesagen.runtime.train import TrainingInterrupted, train
+    except ImportError as exc:
+        hint = missing_dependency(exc)
+        if hint is None:
+            raise
+        print(f"mesagen train: {hint}", file=sys.stderr)
         return 2
+    try:
+        with use_generated_dir(args.generated):
+            if args.resume:
+                if args.config or args.steps is not None or args.seed is not None or args.out or args.overwrite:
+                    print("mesagen train: --resume takes only RUN_DIR (the run's config.yaml is used as is)",
+                          file=sys.stderr)
+                    return 2
+                run_dir = Path(args.resume)
+                train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+                print(f"run folder: {run_dir}")
+                return 0
+            if not args.config:
+                print("mesagen train: give CONFIG or --resume RUN_DIR", file=sys.stderr)
+                return 2
+            loaded = load_config(args.config)
+            config = loaded.with_overrides(steps=args.steps, seed=args.seed)
+            change = loaded.schedule_change(config)
+            if change:
+                print(f"mesagen train: {change}")
+            run_dir = Path(args.out) if args.out else Path("runs") / config.name
+            train(config, run_dir, overwrite=args.overwrite)
+            print(f"run folder: {run_dir}")
+            return 0
+    except TrainingInterrupted as exc:
+        print(f"mesagen train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except MesagenError as exc:
+        return _fail("mesagen train", exc)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``mesagen eval``; returns the exit status."""
-    from mesagen.runtime.evaluate import evaluate_run
     try:
-        evaluate_run(args.run_dir)
-    except (MesagenError, FileNotFoundError) as exc:
-        print(f"mesagen eval: {exc}", file=sys.stderr)
+        from mesagen.runtime.evaluate import evaluate_run
+        from mesagen.runtime.loader import use_generated_dir
+    except ImportError as exc:
+        hint = missing_dependency(exc)
+        if hint is None:
+            raise
+        print(f"mesagen eval: {hint}", file=sys.stderr)
         return 2
+    try:
+        with use_generated_dir(args.generated):
+            evaluate_run(args.run_dir)
+    except (MesagenError, FileNotFoundError) as exc:
+        return _fail("mesagen eval", exc)
     print(f"wrote {Path(args.run_dir) / 'eval.json'} and {Path(args.run_dir) / 'per_t.png'}")
     return 0
 
@@ -68,14 +104,21 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on an argparse subparsers object; each sets ``func`` to its handler."""
     p = subparsers.add_parser("train", help="train a model on a paper task (YAML run config)")
     p.add_argument("config", nargs="?", help="run config YAML (e.g. configs/default.yaml)")
-    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--steps", type=int,
+                   help="override train.steps (a warm-up + cosine schedule is rescaled in proportion)")
     p.add_argument("--seed", type=int, help="override train.seed")
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted run in the run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in the run folder (after the new config, layers and model check out; "
+                        "only files mesagen wrote are replaced)")
+    gen_help = ("folder holding NAME/layer_jax.py for generated:NAME (default: $MESAGEN_GENERATED, else "
+                "./generated, else the checkout's generated/)")
+    p.add_argument("--generated", metavar="DIR", help=gen_help)
     p.set_defaults(func=cmd_train)
     e = subparsers.add_parser("eval", help="per-t loss of a trained run against the baselines, with a figure")
     e.add_argument("run_dir", help="run folder written by mesagen train")
+    e.add_argument("--generated", metavar="DIR", help=gen_help)
     e.set_defaults(func=cmd_eval)
 
 

@@ -1,7 +1,8 @@
 """Run configuration: YAML -> frozen, validated records (nanoGPT-style config as data, no exec, no globals).
 
-Errors name the file and the dotted field path and are raised as :class:`ConfigError`; the CLI turns them
-into one line on stderr and exit status 2.
+Errors name the file, line, column and dotted field path (``file:line:col: field: reason``); every mistake of
+a file is reported at once, one line each, in one :class:`ConfigError`; the CLI prints the lines on stderr
+and exits with status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from mesagen.data import DynamicsConfig
@@ -18,7 +20,15 @@ from mesagen.errors import MesagenError
 
 
 class ConfigError(MesagenError):
-    """A run config file is invalid (message: ``file: field: reason``)."""
+    """A run config file is invalid.
+
+    Attributes:
+        lines: one ``file:line:col: field: reason`` line per mistake (the message joins them with newlines).
+    """
+
+    def __init__(self, lines: str | list[str]) -> None:
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        super().__init__("\n".join(self.lines))
 
 
 class _Frozen(BaseModel):
@@ -147,40 +157,128 @@ class RunConfig(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
+        # Every cross-field problem, one "dotted.field: reason" line each (``_format`` splits and locates them).
+        problems = []
         if self.model.tokens == "constructed" and self.model.d_model != 4 * self.task.observed_dim:
-            raise ValueError(f"model.d_model must be 4 * state dim = {4 * self.task.observed_dim} for "
-                             f"constructed tokens, got {self.model.d_model}")
+            problems.append(f"model.d_model: must be 4 * state dim = {4 * self.task.observed_dim} for "
+                            f"constructed tokens, got {self.model.d_model}")
         sched = self.train.schedule
         decay = sched.decay_steps or self.train.steps
         if sched.kind == "warmup_cosine" and decay <= sched.warmup_steps:
-            raise ValueError(f"train.schedule.warmup_steps ({sched.warmup_steps}) must be below the schedule length "
-                             f"(train.schedule.decay_steps or train.steps = {decay}); lower warmup_steps or "
-                             "train longer")
+            problems.append(f"train.schedule.warmup_steps: {sched.warmup_steps} must be below the schedule length "
+                            f"(train.schedule.decay_steps or train.steps = {decay}); lower warmup_steps, train "
+                            "longer, or pass --steps (which rescales the warm-up)")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     def with_overrides(self, *, steps: int | None = None, seed: int | None = None) -> "RunConfig":
         """Return a copy with ``train.steps`` / ``train.seed`` replaced (CLI ``--steps`` / ``--seed``).
 
+        A new ``steps`` rescales a ``warmup_cosine`` schedule with it: ``warmup_steps`` and ``decay_steps``
+        (if set) are multiplied by ``steps / train.steps`` and rounded (warm-up kept below the run length),
+        so the schedule keeps its shape -- the way the shipped configs were scaled from the paper's -- and
+        ``--steps 10`` is a valid smoke test of any config. :meth:`schedule_change` describes the change.
+
+        Args:
+            steps: new ``train.steps`` (>= 1), or None to keep it.
+            seed: new ``train.seed``, or None to keep it.
+
         Raises:
-            ConfigError: the overridden config is inconsistent (e.g. fewer steps than warm-up steps).
+            ConfigError: the overridden config is invalid (e.g. ``steps`` < 1).
         """
-        train = self.train.model_copy(update={k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None})
+        update: dict[str, Any] = {"seed": seed} if seed is not None else {}
+        if steps is not None and steps != self.train.steps:
+            update["steps"] = steps
+            sched = self.train.schedule
+            if sched.kind == "warmup_cosine" and steps >= 1:
+                ratio = steps / self.train.steps
+                decay = max(1, round(sched.decay_steps * ratio)) if sched.decay_steps else None
+                warm = min(round(sched.warmup_steps * ratio), (decay or steps) - 1)
+                update["schedule"] = sched.model_copy(update={"warmup_steps": max(0, warm), "decay_steps": decay})
         try:
+            train = TrainConfig.model_validate({**self.train.model_dump(), **update})
             return RunConfig.model_validate({**self.model_dump(), "train": train.model_dump()})
         except ValidationError as exc:
-            raise ConfigError(f"with --steps {steps} / --seed {seed}: {_format(exc)}") from None
+            raise ConfigError([f"--steps {steps} / --seed {seed}: {line}" for line in _format(exc)]) from None
+
+    def schedule_change(self, other: "RunConfig") -> str | None:
+        """One line describing how ``other``'s learning-rate schedule differs from this one's, or None."""
+        a, b = self.train.schedule, other.train.schedule
+        if a == b:
+            return None
+        parts = [f"{f} {getattr(a, f)} -> {getattr(b, f)}" for f in ("warmup_steps", "decay_steps")
+                 if getattr(a, f) != getattr(b, f)]
+        return (f"train.steps {self.train.steps} -> {other.train.steps}: schedule scaled in proportion "
+                f"({', '.join(parts)})")
 
 
-def _format(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        parts.append(f"{field}: {e['msg']}")
-    return "; ".join(parts)
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for key in loc:
+        out += f"[{key}]" if isinstance(key, int) else ("." if out else "") + str(key)
+    return out or "<root>"
+
+
+def _reason(e: dict) -> str:
+    if e["type"] == "extra_forbidden":
+        return f"unknown key {e['loc'][-1]!r}"
+    if e["type"] == "missing":
+        return "required field is missing"
+    msg = e["msg"].removeprefix("Value error, ")
+    if "input" in e and not isinstance(e["input"], (dict, list, tuple)):
+        msg += f" (got {e['input']!r})"
+    return msg
+
+
+def _format(err: ValidationError, root: Any = None) -> list[str]:
+    """One ``line:col: field: reason`` (``field: reason`` without a ruamel tree) per pydantic error."""
+    errors = err.errors(include_url=False)
+    lines = []
+    for e in errors:
+        loc = tuple(e["loc"])
+        if e["type"] == "too_short" and any(tuple(o["loc"][:len(loc)]) == loc and o is not e for o in errors):
+            continue  # pydantic's follow-up of an invalid item ("at least 1 item after validation, not 0")
+        if not loc and e["type"] == "value_error":      # RunConfig._consistent: "dotted.field: reason" lines
+            for problem in _reason(e).split("\n"):
+                field, _, reason = problem.partition(": ")
+                at = tuple(field.split("."))
+                lines.append(f"{_locate(root, at)}{field}: {reason}")
+            continue
+        lines.append(f"{_locate(root, loc)}{_dotted(loc)}: {_reason(e)}")
+    return lines
+
+
+def _locate(root: Any, loc: tuple) -> str:
+    """``"line:col: "`` of the deepest node along ``loc`` in a ruamel round-trip tree (1-based), or ``""``."""
+    if not isinstance(root, (CommentedMap, CommentedSeq)) or root.lc.line is None:
+        return ""
+    line, col, node = root.lc.line, root.lc.col, root
+    for key in loc:
+        if isinstance(node, CommentedMap) and key in node and key in node.lc.data:
+            line, col = node.lc.key(key)
+        elif isinstance(node, CommentedSeq) and isinstance(key, int) and 0 <= key < len(node) and node.lc.data:
+            line, col = node.lc.item(key)
+        else:
+            break
+        node = node[key]
+    return f"{line + 1}:{col + 1}: "
+
+
+def _plain(node: Any) -> Any:
+    """ruamel round-trip containers and scalars -> plain dict / list / str / int / float / bool / None."""
+    if isinstance(node, dict):
+        return {str(k) if not isinstance(k, (int, float, bool)) else k: _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    for kind in (bool, int, float, str):
+        if isinstance(node, kind):
+            return kind(node)
+    return node
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a run config (YAML, safe loading).
+    """Read and validate a run config (YAML, ruamel round-trip loading: positions kept, no Python objects).
 
     Args:
         path: the YAML file.
@@ -189,21 +287,25 @@ def load_config(path: str | Path) -> RunConfig:
         The frozen :class:`RunConfig`.
 
     Raises:
-        ConfigError: if the file is missing, is not YAML, or fails validation (message names file and field).
+        ConfigError: if the file is missing, is not YAML, or fails validation; every validation error of the
+            file is one ``file:line:col: field: reason`` line of :attr:`ConfigError.lines`.
     """
     path = Path(path)
     try:
-        data = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+        root = YAML(typ="rt", pure=True).load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     except YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}<root>: not valid YAML: {problem}") from exc
+    if not isinstance(root, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping")
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(_plain(root))
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_format(exc)}") from exc
+        raise ConfigError([f"{path}:{line}" for line in _format(exc, root)]) from exc
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 from mesagen.data import sample_states
 from mesagen.runtime.baselines import baseline_losses, fit_baselines
 from mesagen.runtime.config import load_config
-from mesagen.runtime.figures import plot_per_t, plot_training
+from mesagen.runtime.figures import GREEK, plot_per_t, plot_training
 
 #: Positions shown in the summary table (t = number of context pairs).
 TABLE_T = (0, 1, 5, 10, 20, 30, 49)
@@ -35,9 +35,42 @@ def format_table(curves: dict[str, np.ndarray], ts: tuple[int, ...] = TABLE_T) -
     return "\n".join([head, *rows])
 
 
-def write_evaluation(run_dir: Path, trainer, model) -> dict:
-    """Evaluate ``model`` and the baselines on the held-out set; write ``eval.json``, ``per_t.png``,
-    ``training.png``; print the table. Returns the ``eval.json`` content."""
+def provenance(trainer, model, steps: int, wall_s: float | None) -> dict:
+    """What produced a model: its description (depth, layer kinds), the learned layer parameters (constrained
+    space, per head), layer spec hashes and files, steps / batch / tokens trained, mesagen and jax versions,
+    training wall time and throughput (None where the wall time is unknown)."""
+    from mesagen import __version__
+    from mesagen.runtime.train import describe_model, layer_provenance, learned_params
+
+    cfg = trainer.config
+    tokens = steps * cfg.train.batch_size * cfg.task.seq_len
+    rate = steps / wall_s if wall_s else None
+    return {"model": describe_model(cfg), "depth": len(cfg.model.blocks), "params": learned_params(model),
+            "layers": layer_provenance(model), "steps_trained": steps, "batch_size": cfg.train.batch_size,
+            "tokens_trained": tokens, "mesagen_version": __version__, "jax_version": jax.__version__,
+            "wall_s": wall_s, "steps_per_s": rate, "tokens_per_s": rate * cfg.train.batch_size * cfg.task.seq_len
+            if rate else None}
+
+
+def params_line(params: dict) -> str:
+    """``"learned λ: block_0 [0.93, 1.21]"``-style text of :func:`~mesagen.runtime.train.learned_params`."""
+    parts = [f"{blk} {GREEK.get(n, n)}=[{', '.join(f'{x:.3g}' for x in v)}]"
+             for blk, ps in params.items() for n, v in ps.items()]
+    return "learned " + "; ".join(parts) if parts else "no learned layer parameters"
+
+
+def write_evaluation(run_dir: Path, trainer, model, *, steps: int | None = None, wall_s: float | None = None) -> dict:
+    """Evaluate ``model`` and the baselines on the held-out set; write ``eval.json`` (per-t curves, means,
+    fitted baselines and :func:`provenance`), ``per_t.png``, ``training.png``; print the table.
+
+    Args:
+        run_dir: the run folder. trainer: its :class:`~mesagen.runtime.train.Trainer`. model: the model.
+        steps: optimiser steps the model was trained (default ``train.steps``).
+        wall_s: training wall time in seconds (None if unknown).
+
+    Returns:
+        The ``eval.json`` content.
+    """
     run_dir = Path(run_dir)
     base_path = run_dir / "baselines.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else None
@@ -45,13 +78,15 @@ def write_evaluation(run_dir: Path, trainer, model) -> dict:
         base = {**baselines_for(trainer), "eval": trainer.config.eval.model_dump(), "task": trainer.config.task.model_dump()}
         base_path.write_text(json.dumps(base) + "\n")
     curves = {"model": trainer.evaluate(model), **{k: np.asarray(v) for k, v in base["per_t"].items()}}
+    prov = provenance(trainer, model, trainer.config.train.steps if steps is None else steps, wall_s)
     result = {"name": trainer.config.name, "fitted": base["fitted"],
               "mean": {k: float(np.mean(v)) for k, v in curves.items()},
-              "per_t": {k: v.tolist() for k, v in curves.items()}}
+              "per_t": {k: v.tolist() for k, v in curves.items()}, **prov}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_per_t(curves, run_dir / "per_t.png", title=f"{trainer.config.name}: held-out loss per position")
+    named = f"{trainer.config.name} ({prov['model']}, {prov['steps_trained']} steps)\n{params_line(prov['params'])}"
+    plot_per_t(curves, run_dir / "per_t.png", title=f"held-out loss per position: {named}")
     from mesagen.runtime.train import read_metrics
-    plot_training(read_metrics(run_dir), run_dir / "training.png", title=trainer.config.name)
+    plot_training(read_metrics(run_dir), run_dir / "training.png", title=named)
     print(f"{trainer.config.name}: held-out loss (0.5 * squared error summed over dims), "
           f"gd1 eta={base['fitted']['gd1_eta']:.4f}, ridge lambda={base['fitted']['ridge_lambda']:.2e}")
     print(format_table(curves))
@@ -63,6 +98,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
 
     Raises:
         ConfigError: if ``config.yaml`` is invalid. FileNotFoundError: if there is no checkpoint.
+        CheckpointError: if the checkpoint is not in this mesagen's format.
         LayerLoadError: if a generated layer is missing or changed since training.
     """
     from mesagen.runtime.train import Trainer
@@ -71,5 +107,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
     ckpt = run_dir / "checkpoint.eqx"
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no checkpoint (train the run first)")
+    from mesagen.runtime.train import read_checkpoint_header
+    header = read_checkpoint_header(ckpt)
     trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
-    return write_evaluation(run_dir, trainer, trainer.load(ckpt).model)
+    state = trainer.load(ckpt)
+    return write_evaluation(run_dir, trainer, state.model, steps=state.step, wall_s=header.get("wall_s"))

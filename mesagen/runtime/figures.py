@@ -12,6 +12,9 @@ import numpy as np  # noqa: E402
 
 _STYLE = {"model": ("C0", "-", 2.0), "gd1": ("C1", "--", 1.5), "ridge": ("C2", "--", 1.5),
           "predict_zero": ("0.5", ":", 1.2), "predict_last": ("0.7", ":", 1.2)}
+#: Display names of spec parameters in figures and titles.
+GREEK = {"lam": "λ", "eta": "η", "beta": "β"}
+
 _LABEL = {"model": "model", "gd1": "GD-1 (tuned η)", "ridge": "ridge LSQ (tuned λ)",
           "predict_zero": "predict 0", "predict_last": "predict s_t"}
 
@@ -32,7 +35,14 @@ def plot_per_t(curves: dict[str, np.ndarray], path: Path, title: str = "") -> No
 
 
 def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
-    """Training loss and held-out mean loss against the step (log scale)."""
+    """Training loss and held-out mean loss against the step (log scale); the learned layer parameters
+    recorded with them (``params`` of ``metrics.jsonl``, e.g. λ per head) on a second, right-hand axis.
+
+    Args:
+        metrics: the records of ``metrics.jsonl``.
+        path: output PNG.
+        title: figure title.
+    """
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     tr = [(r["step"], r["train_loss"]) for r in metrics if "train_loss" in r]
     ev = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
@@ -40,6 +50,18 @@ def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
         ax.plot(*zip(*tr), label="train")
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in metrics:
+        for blk, ps in (r.get("params") or {}).items():
+            for name, values in ps.items():
+                for h, v in enumerate(values):
+                    series.setdefault(f"{blk} {GREEK.get(name, name)}[{h}]", []).append((r["step"], v))
+    if series:
+        ax2 = ax.twinx()
+        for i, (label, pts) in enumerate(sorted(series.items())):
+            ax2.plot(*zip(*pts), ":", color=f"C{(i + 2) % 10}", lw=1.2, label=label)
+        ax2.set_ylabel("learned layer parameter", fontsize=8)
+        ax2.legend(fontsize=6, loc="upper right")
     _finish(fig, ax, path, title, "step", "loss", legend_size=8)
 
 

@@ -1,14 +1,27 @@
 """Load generated layer modules by path and check their provenance (DESIGN.md Sec. 3).
 
-A block's layer is named in a run config as ``softmax``, ``generated:NAME`` (``generated/NAME/layer_jax.py``
-under the repository root) or a path to a module file (absolute, or relative to the repository root).
+A block's layer is named in a run config as ``softmax``, ``generated:NAME`` or a path to a module file
+(absolute, or relative to the repository root).
+
+Where ``generated:NAME`` is looked up -- the one rule, implemented by :func:`generated_dirs`:
+
+1. the folder given explicitly (``mesagen train/eval --generated DIR``), else
+2. the folder in the environment variable ``MESAGEN_GENERATED``, else
+3. ``./generated`` of the current folder (where ``mesagen build`` writes by default), then the source
+   checkout's ``generated/`` (the shipped layers).
+
+With 1 or 2 only that folder is searched; with 3 the first folder holding ``NAME/layer_jax.py`` wins. If none
+does, the error lists every folder searched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -24,11 +37,48 @@ REQUIRED_NAMES = ("SPEC_NAME", "SPEC_SHA256", "CODEGEN_FORMAT", "PARAMS", "INPUT
 #: Repository root (the folder holding ``mesagen/``, ``generated/`` and ``configs/``).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
+#: Environment variable naming the folder of generated layers (rule 2 of :func:`generated_dirs`).
+GENERATED_ENV = "MESAGEN_GENERATED"
+
 _CACHE: dict[Path, ModuleType] = {}
+_EXPLICIT: list[Path] = []   # set by use_generated_dir (the CLI's --generated)
 
 
 class LayerLoadError(MesagenError):
     """A generated layer module is missing, malformed, stale, or of an unsupported codegen format."""
+
+
+def generated_dirs(explicit: str | Path | None = None) -> list[Path]:
+    """The folders searched for ``generated:NAME``, in order (the module docstring states the rule).
+
+    Args:
+        explicit: a folder given on the command line (``--generated``); default: the one set by
+            :func:`use_generated_dir`, if any.
+
+    Returns:
+        Absolute folders (not checked for existence), without duplicates.
+    """
+    if explicit is None and _EXPLICIT:
+        explicit = _EXPLICIT[-1]
+    if explicit is not None:
+        return [Path(explicit).resolve()]
+    if os.environ.get(GENERATED_ENV):
+        return [Path(os.environ[GENERATED_ENV]).resolve()]
+    dirs = [(Path.cwd() / "generated").resolve(), (REPO_ROOT / "generated").resolve()]
+    return list(dict.fromkeys(dirs))
+
+
+@contextlib.contextmanager
+def use_generated_dir(path: str | Path | None) -> Iterator[None]:
+    """Within the block, :func:`generated_dirs` searches only ``path`` (no-op for None): the CLI's ``--generated``."""
+    if path is None:
+        yield
+        return
+    _EXPLICIT.append(Path(path))
+    try:
+        yield
+    finally:
+        _EXPLICIT.pop()
 
 
 def resolve_layer_path(kind: str, root: Path | None = None) -> Path:
@@ -36,20 +86,28 @@ def resolve_layer_path(kind: str, root: Path | None = None) -> Path:
 
     Args:
         kind: ``generated:NAME`` or a path ending in ``.py``.
-        root: base of relative paths (default: the repository root).
+        root: for ``generated:NAME``, the folder holding ``NAME/`` (skips the search rule of
+            :func:`generated_dirs`); for a relative ``.py`` path, its base (default: the repository root).
 
     Returns:
-        The absolute module path (not checked for existence).
+        The absolute module path; a ``generated:NAME`` path exists, a ``.py`` path is not checked.
 
     Raises:
-        LayerLoadError: if ``kind`` is neither form.
+        LayerLoadError: if ``kind`` is neither form, or no searched folder holds ``NAME/layer_jax.py`` (the
+            message lists the folders searched).
     """
-    base = Path(root) if root is not None else REPO_ROOT
     if kind.startswith("generated:"):
         name = kind.split(":", 1)[1]
-        if not name or "/" in name:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise LayerLoadError(f"bad layer kind {kind!r}: expected generated:NAME")
-        return (base / "generated" / name / "layer_jax.py").resolve()
+        dirs = [Path(root).resolve()] if root is not None else generated_dirs()
+        for d in dirs:
+            if (d / name / "layer_jax.py").is_file():
+                return (d / name / "layer_jax.py").resolve()
+        searched = ", ".join(str(d / name / "layer_jax.py") for d in dirs)
+        raise LayerLoadError(f"layer {kind!r} not found; searched {searched} (run `mesagen build specs/{name}.yaml`"
+                             f", or point --generated / ${GENERATED_ENV} at the folder holding {name}/)")
+    base = Path(root) if root is not None else REPO_ROOT
     if kind.endswith(".py"):
         path = Path(kind)
         return (path if path.is_absolute() else base / path).resolve()

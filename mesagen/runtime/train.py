@@ -7,12 +7,23 @@ uninterrupted one would. The held-out set comes from ``PRNGKey(eval.seed)`` and 
 
 Run folder: ``config.yaml`` (the resolved config), ``layers.json`` (spec hashes of generated layers),
 ``metrics.jsonl``, ``checkpoint.eqx``, ``baselines.json``, ``eval.json`` and PNG figures.
+
+``checkpoint.eqx`` is one file, replaced atomically: a magic line, a JSON header (step, the losses of the
+unfinished logging window, wall time so far) and the equinox leaves of model, optimiser state, step and data
+key. ``metrics.jsonl`` starts with a ``"event": "start"`` record (model description, layer spec hashes and
+files, batch, mesagen and jax versions, initial parameters); training records carry ``wall_s`` (training
+time so far), ``steps_per_s`` and ``tokens_per_s`` of the logging window (the first window includes
+compilation); evaluation records carry the learned layer parameters in constrained space.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +34,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from mesagen import __version__
 from mesagen.data import constructed_tokens, raw_tokens, sample_states
+from mesagen.errors import MesagenError
 from mesagen.runtime.config import RunConfig, ScheduleConfig, TrainConfig, dump_config
 from mesagen.runtime.layers import GeneratedAttention
 from mesagen.runtime.model import Model
@@ -129,19 +142,102 @@ class Trainer:
         return 0.5 * np.mean(np.sum(err ** 2, -1), 0)
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def save(self, state: TrainState, path: Path) -> None:
-        """Serialise model, optimiser state, step and data key (atomically: temp file + rename)."""
-        tmp = path.with_suffix(".tmp")
-        eqx.tree_serialise_leaves(tmp, (state.model, state.opt_state, np.asarray(state.step, np.int64),
-                                        jax.random.key_data(state.data_key)))
+    def save(self, state: TrainState, path: Path, header: dict | None = None) -> None:
+        """Write one checkpoint file atomically: a JSON header line, then model, optimiser state, step and data
+        key (equinox leaves) -- into ``PATH.tmp``, fsynced, then renamed over ``path``. A kill at any moment
+        leaves either the old or the new checkpoint, never a mix.
+
+        Args:
+            state: what to save. path: the checkpoint file (``run_dir/checkpoint.eqx``).
+            header: JSON-serialisable bookkeeping stored with it (``step`` is always added).
+        """
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(CHECKPOINT_MAGIC)
+            fh.write(json.dumps({**(header or {}), "step": state.step}).encode() + b"\n")
+            eqx.tree_serialise_leaves(fh, (state.model, state.opt_state, np.asarray(state.step, np.int64),
+                                           jax.random.key_data(state.data_key)))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
 
     def load(self, path: Path) -> TrainState:
-        """Inverse of :meth:`save` into this trainer's template."""
+        """Inverse of :meth:`save` into this trainer's template (:func:`read_checkpoint_header` reads the header).
+
+        Raises:
+            CheckpointError: if the file is not a mesagen checkpoint of this format.
+        """
         t = self.initial_state()
-        model, opt, step, key = eqx.tree_deserialise_leaves(
-            path, (t.model, t.opt_state, np.asarray(0, np.int64), jax.random.key_data(t.data_key)))
+        with open(path, "rb") as fh:
+            _read_header(fh, path)
+            model, opt, step, key = eqx.tree_deserialise_leaves(
+                fh, (t.model, t.opt_state, np.asarray(0, np.int64), jax.random.key_data(t.data_key)))
         return TrainState(model, opt, int(step), jax.random.wrap_key_data(key) if _typed(t.data_key) else key)
+
+
+#: First line of every checkpoint file (format 1: this line, one JSON header line, then equinox leaves).
+CHECKPOINT_MAGIC = b"mesagen-checkpoint 1\n"
+
+#: Files mesagen writes into a run folder: ``--overwrite`` replaces these and never touches anything else.
+RUN_FILES = ("config.yaml", "layers.json", "metrics.jsonl", "checkpoint.eqx", "checkpoint.eqx.tmp",
+             "checkpoint.json", "checkpoint.tmp", "baselines.json", "eval.json", "per_t.png", "training.png")
+
+
+class CheckpointError(MesagenError):
+    """A checkpoint file is missing, truncated or not in this mesagen's format."""
+
+
+class RunExistsError(MesagenError):
+    """The run folder already holds a run and neither resuming nor overwriting was asked for."""
+
+
+class TrainingInterrupted(MesagenError):
+    """SIGINT / SIGTERM stopped training after a checkpoint was saved.
+
+    Attributes:
+        signum: the signal received. step: the step saved. run_dir: the run folder.
+    """
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, Path(run_dir)
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} received: stopped after step {step} and saved the checkpoint; resume with: "
+                         f"mesagen train --resume {shlex.quote(str(run_dir))}")
+
+
+def _read_header(fh, path: Path) -> dict:
+    if fh.read(len(CHECKPOINT_MAGIC)) != CHECKPOINT_MAGIC:
+        raise CheckpointError(f"{path}: not a mesagen checkpoint (format 1); it was written by another mesagen "
+                              "version or is damaged -- retrain with --overwrite")
+    try:
+        return json.loads(fh.readline())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint header: {exc}") from None
+
+
+def read_checkpoint_header(path: str | Path) -> dict:
+    """The JSON header of a checkpoint (``step``, ``pending_losses``, ``wall_s``, ...).
+
+    Raises:
+        CheckpointError: if the file is not a mesagen checkpoint. FileNotFoundError: if it does not exist.
+    """
+    with open(path, "rb") as fh:
+        return _read_header(fh, Path(path))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _typed(key: jax.Array) -> bool:
@@ -159,8 +255,89 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_at: int | None = None) -> TrainState:
+def learned_params(model: Model) -> dict[str, dict[str, list[float]]]:
+    """``{"block_i": {name: [per-head values]}}``: every generated layer's spec parameters in constrained
+    space (e.g. the mesa layer's ridge coefficient λ per head, as the layer uses it)."""
+    return {f"block_{i}": {n: np.asarray(v, np.float64).tolist() for n, v in b.attn.params().items()}
+            for i, b in enumerate(model.blocks) if isinstance(b.attn, GeneratedAttention)}
+
+
+def describe_model(config: RunConfig) -> str:
+    """One line naming the model: depth and each block's layer kind (form, backend), e.g.
+    ``1 layer: generated:ridge (recurrent); constructed tokens``."""
+    blocks = []
+    for b in config.model.blocks:
+        extra = [x for x in (b.form, b.backend if b.backend != "jax" else None) if x]
+        blocks.append(b.layer + (f" ({', '.join(extra)})" if extra else ""))
+    n = len(blocks)
+    return f"{n} layer{'s' if n > 1 else ''}: {' -> '.join(blocks)}; {config.model.tokens} tokens"
+
+
+def layer_provenance(model: Model) -> dict[str, dict]:
+    """Per generated block: spec name, spec sha256, module file, form (what produced the layer)."""
+    out = {}
+    for i, b in enumerate(model.blocks):
+        if isinstance(b.attn, GeneratedAttention):
+            layer = b.attn.layer
+            out[f"block_{i}"] = {"spec_name": layer.SPEC_NAME, "spec_sha256": layer.SPEC_SHA256,
+                                 "module": str(getattr(layer, "__file__", "") or ""), "form": b.attn.form}
+    return out
+
+
+class _StopOnSignal:
+    """Within the block, the first SIGINT / SIGTERM only sets :attr:`signum` (the loop then saves and stops);
+    handlers are restored on exit and after the first signal, so a second Ctrl-C interrupts at once. Outside
+    the main thread signals cannot be caught and nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def _clear_run_folder(run_dir: Path) -> list[str]:
+    """Delete the files of :data:`RUN_FILES` in ``run_dir`` (nothing else); returns the names deleted."""
+    removed = []
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+            removed.append(name)
+    return removed
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds (part of) a mesagen run: a checkpoint, metrics or a stored config."""
+    return any((Path(run_dir) / n).exists() for n in ("checkpoint.eqx", "metrics.jsonl", "layers.json"))
+
+
+def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_at: int | None = None,
+          overwrite: bool = False, log=print) -> TrainState:
     """Train (or resume) a run and write its folder.
+
+    Everything is validated before the folder is touched: the config, every layer module (loaded and
+    checked) and the model (built once). A folder that already holds a run is refused unless ``overwrite``;
+    overwriting deletes only the files mesagen writes (:data:`RUN_FILES`), never other files in the folder.
+    SIGINT / SIGTERM during training save a checkpoint and raise :class:`TrainingInterrupted`, whose message
+    is the exact resume command.
 
     Args:
         config: the run config (on resume: the one stored in the folder).
@@ -168,53 +345,94 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
         resume: continue from ``run_dir/checkpoint.eqx``; metrics after the checkpoint are dropped so the
             log matches an uninterrupted run.
         stop_at: stop after this step (for tests of interruption); defaults to ``train.steps``.
+        overwrite: replace the run already in ``run_dir``.
+        log: where one-line notices go (default ``print``).
 
     Returns:
         The final :class:`TrainState`.
 
     Raises:
-        FileNotFoundError: on resume without a checkpoint. LayerLoadError: on a missing / stale layer.
+        CheckpointError: on resume without a valid checkpoint. LayerLoadError: on a missing / stale layer.
+        RunExistsError: the folder holds a run and neither ``resume`` nor ``overwrite`` is set.
+        TrainingInterrupted: after SIGINT / SIGTERM (the checkpoint is saved first).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics = run_dir / "checkpoint.eqx", run_dir / "metrics.jsonl"
     tc = config.train
     if resume:
+        if not ckpt.is_file():
+            raise CheckpointError(f"{run_dir}: no checkpoint.eqx to resume from")
+        header = read_checkpoint_header(ckpt)
         trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
         state = trainer.load(ckpt)
-        kept = [r for r in read_metrics(run_dir) if r["step"] <= state.step]
+        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= state.step]
         metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        side = json.loads(ckpt.with_suffix(".json").read_text())
-        losses = [jnp.float32(v) for v in side["pending_losses"]]
+        losses = [jnp.float32(v) for v in header["pending_losses"]]
+        wall = float(header.get("wall_s", 0.0))
     else:
         trainer = Trainer(config)
-        state = trainer.initial_state()
+        state = trainer.initial_state()          # loads and checks every layer, builds the model
+        if holds_run(run_dir):
+            if not overwrite:
+                raise RunExistsError(f"{run_dir} already holds a run; use --resume {run_dir}, --overwrite or "
+                                     "another --out")
+            removed = _clear_run_folder(run_dir)
+            kept = sorted(p.name for p in run_dir.iterdir())
+            log(f"overwriting the run in {run_dir}: replaced {', '.join(removed) or 'nothing'}"
+                + (f"; kept files mesagen did not write: {', '.join(kept)}" if kept else ""))
+        run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, run_dir / "config.yaml")
         (run_dir / "layers.json").write_text(json.dumps(layer_hashes(state.model), indent=1) + "\n")
         metrics.write_text("")
-        losses = []
+        _append(metrics, {"step": 0, "event": "start", "model": describe_model(config),
+                          "layers": layer_provenance(state.model), "batch_size": tc.batch_size,
+                          "seq_len": config.task.seq_len, "mesagen_version": __version__,
+                          "jax_version": jax.__version__, "params": learned_params(state.model)})
+        losses, wall = [], 0.0
     schedule = make_schedule(tc.schedule, tc.steps)
     end = min(stop_at or tc.steps, tc.steps)
+    tokens_per_step = tc.batch_size * config.task.seq_len
     bar = tqdm(total=tc.steps, initial=state.step, disable=not tc.progress, desc=config.name, dynamic_ncols=True)
-    while state.step < end:
-        state, loss = trainer.step(state)
-        losses.append(loss)
-        s, last = state.step, state.step == tc.steps
-        if s % tc.log_every == 0 or last:
-            mean = float(jnp.mean(jnp.stack(losses)))
-            losses = []
-            _append(metrics, {"step": s, "train_loss": mean, "lr": float(schedule(s - 1))})
-            bar.set_postfix(loss=f"{mean:.4f}")
-        if s % tc.eval_every == 0 or last:
-            per_t = trainer.evaluate(state.model)
-            _append(metrics, {"step": s, "eval_loss": float(per_t.mean()), "eval_per_t": per_t.tolist()})
-        if s % tc.checkpoint_every == 0 or last or s == end:
-            trainer.save(state, ckpt)   # + the losses of the unfinished logging window, so resumed logs match
-            ckpt.with_suffix(".json").write_text(json.dumps(
-                {"step": s, "pending_losses": [float(v) for v in losses]}) + "\n")
-        bar.update(1)
+    loop_start, wall_before = time.perf_counter(), wall
+    window_t, window_steps = loop_start, 0
+
+    def checkpoint() -> None:
+        # + the losses of the unfinished logging window, so resumed logs match
+        trainer.save(state, ckpt, {"pending_losses": [float(v) for v in losses], "wall_s": wall,
+                                   "mesagen_version": __version__})
+
+    with _StopOnSignal() as stop:
+        while state.step < end:
+            state, loss = trainer.step(state)
+            losses.append(loss)
+            s, last = state.step, state.step == tc.steps
+            window_steps += 1
+            if s % tc.log_every == 0 or last:
+                mean = float(jnp.mean(jnp.stack(losses)))      # waits for the step: timings below are real
+                now = time.perf_counter()
+                wall = wall_before + now - loop_start
+                rate = window_steps / max(now - window_t, 1e-9)
+                _append(metrics, {"step": s, "train_loss": mean, "lr": float(schedule(s - 1)),
+                                  "wall_s": wall, "steps_per_s": rate, "tokens_per_s": rate * tokens_per_step})
+                losses, window_t, window_steps = [], now, 0
+                bar.set_postfix(loss=f"{mean:.4f}")
+            if s % tc.eval_every == 0 or last:
+                per_t = trainer.evaluate(state.model)
+                _append(metrics, {"step": s, "eval_loss": float(per_t.mean()), "eval_per_t": per_t.tolist(),
+                                  "params": learned_params(state.model)})
+            if s % tc.checkpoint_every == 0 or last or s == end:
+                wall = wall_before + time.perf_counter() - loop_start
+                checkpoint()
+            bar.update(1)
+            if stop.signum is not None:
+                if not (s % tc.checkpoint_every == 0 or last or s == end):
+                    wall = wall_before + time.perf_counter() - loop_start
+                    checkpoint()
+                bar.close()
+                raise TrainingInterrupted(stop.signum, s, run_dir)
     bar.close()
+    wall = wall_before + time.perf_counter() - loop_start
     if state.step == tc.steps:
         from mesagen.runtime.evaluate import write_evaluation
-        write_evaluation(run_dir, trainer, state.model)
+        write_evaluation(run_dir, trainer, state.model, steps=state.step, wall_s=wall)
     return state
