@@ -99,24 +99,38 @@ def _atom(e: sp.Basic) -> Factor:
     raise NotImplementedError(f"no loop lowering for factor {e} ({type(e).__name__})")
 
 
+def _expand(e: sp.Basic) -> list[tuple[sp.Expr, list[sp.Basic]]]:
+    """Distribute products over sums: ``e`` as a list of (scalar coefficient, [atomic matrix factors]).
+
+    Handles nested ``MatAdd`` / ``MatMul`` (including a scalar times a sum, e.g. ``(λ I + A) x``), and
+    ``Transpose`` of any of them (reversed, transposed factors); atoms are left to :func:`_atom`.
+    """
+    if isinstance(e, sp.ZeroMatrix):
+        return []
+    if isinstance(e, sp.MatAdd):
+        return [t for a in e.args for t in _expand(a)]
+    if isinstance(e, sp.MatMul):
+        out = [(sp.Integer(1), [])]
+        for a in e.args:
+            parts = _expand(a) if isinstance(a, MatrixExpr) else [(a, [])]
+            out = [(c1 * c2, f1 + f2) for c1, f1 in out for c2, f2 in parts]
+        return out
+    if isinstance(e, sp.Transpose) and isinstance(e.arg, (sp.MatAdd, sp.MatMul, sp.Transpose)):
+        return [(c, [sp.Transpose(f) for f in reversed(fs)]) for c, fs in _expand(e.arg)]
+    return [(sp.Integer(1), [e])]
+
+
 def terms_of(expr: sp.Basic) -> tuple[Term, ...]:
-    """Split a matrix expression into :class:`Term` s (zero terms dropped).
+    """Split a matrix expression into :class:`Term` s, products distributed over sums (zero terms dropped).
 
     Raises:
         NotImplementedError: a node outside MatAdd / MatMul / Transpose / 1 × 1 Inverse / symbols / Identity.
     """
     out = []
-    for t in (expr.args if isinstance(expr, sp.MatAdd) else (expr,)):
-        if isinstance(t, sp.ZeroMatrix):
+    for coef, fs in _expand(expr):
+        if coef == 0:
             continue
-        args = t.args if isinstance(t, sp.MatMul) else (t,)
-        coef, factors = sp.Integer(1), []
-        for a in args:
-            if isinstance(a, MatrixExpr):
-                factors.append(_atom(a))
-            else:
-                coef *= a
-        out.append(Term(coef, tuple(factors)))
+        out.append(Term(coef, tuple(_atom(f) for f in fs)))
     return tuple(out)
 
 
