@@ -314,6 +314,7 @@ def _make_bodies(K, V, jit):
         for m0 in range(K):
             for m1 in range(K):
                 g_u_lam += -(1.0 if m0 == m1 else 0.0)*g_P[m0, m1]/u_lam**2
+        _sync()  # 1 × 1 statements above read shared buffers the caller may overwrite next
         return (g_u_lam,)
 
     @jit

@@ -82,17 +82,40 @@ def layout(ir: LayerIR) -> Layout:
                   tuple(p.symbol for p in ir.params), tuple(i.symbol for i in ir.inputs), shapes, dims)
 
 
+def _reads(st: Stmt) -> set[str]:
+    """Names of the buffers a statement reads (its factors, its contracted cotangent, and ``+=`` its target)."""
+    names = {f.name for t in st.terms for f in t.factors + ((t.contract,) if t.contract else ()) if f.kind == "sym"}
+    return names | ({st.target} if st.op == "+=" else set())
+
+
 def _body(name: str, args, items: list, printer, ret: str | None = None) -> list[str]:
-    """A jitted body: each item is a :class:`Stmt` (printed, then ``_sync()`` if it wrote an array) or raw lines."""
+    """A jitted body: each item is a :class:`Stmt` or raw lines; barriers placed for the CUDA block's threads.
+
+    Threads split the rows of every array statement, so ``_sync()`` follows each one (its rows are read by
+    other threads next). A 1 × 1 statement is computed by every thread into a local and reads arrays other
+    threads wrote: a ``_sync()`` precedes the first later array write to any buffer it read (otherwise a fast
+    thread could overwrite an element a slow thread is still reading), and ends the body when such reads are
+    still pending (the caller may overwrite them next). Raw lines (the zeroing block) end with their own sync.
+    """
     L = ["@jit", f"def {name}({', '.join(args)}):"]
     inner: list[str] = []
+    pending: set[str] = set()  # buffers read by 1 × 1 statements since the last barrier
     for st in items:
         if not isinstance(st, Stmt):
             inner += st
+            pending = set() if st and st[-1] == "_sync()" else pending
             continue
+        if st.shape != (1, 1) and st.target in pending:
+            inner.append("_sync()  # a 1 × 1 statement above read this buffer")
+            pending = set()
         inner += print_stmt(st, True, printer)
         if st.shape != (1, 1):
             inner.append("_sync()")
+            pending = set()
+        else:
+            pending |= _reads(st) - {st.target}
+    if pending:
+        inner.append("_sync()  # 1 × 1 statements above read shared buffers the caller may overwrite next")
     if ret is not None:
         inner.append(f"return {ret}")
     return L + indent(inner or ["pass"]) + [""]
