@@ -4,14 +4,17 @@ The combinations come from the schema itself (tests/spec_combinations.py), so th
 validator and the backends cannot drift apart: each admitted combination is described by exactly one row
 of the table with the forms its JAX module offers, each row is realised by an admitted combination, and
 each built layer runs once on a tiny input with the Numba CPU module (forward and adjoint) equal to the JAX
-module (every form; reverse-mode autodiff) in float64. The CUDA modules of the same combinations are run
-in the simulator by tests/cuda/sim_checks.py.
+module (every form; reverse-mode autodiff) in float64, and the CUDA module equal to the Numba CPU module in
+the CUDA simulator (a child process, tests/cuda/run_layer.py, under the race detector).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +117,14 @@ def test_combination_builds_and_runs_on_every_backend(c, tmp_path, x64):
         close(g["d" + n], gp[n])
     for n in inputs:
         close(g["d" + n], gi[n])
+
+    case = {"q": q, "k": k, "v": v, "do": do, "o": o, **{f"state_{i}": x for i, x in enumerate(st)}}
+    case.update({f"param_{n}": x for n, x in params.items()})
+    case.update({f"input_{n}": x for n, x in inputs.items()})
+    case.update({f"grad_{n}": x for n, x in g.items() if n != "dinitial_state"})
+    np.savez(tmp_path / "case.npz", **case)
+    runner = Path(__file__).resolve().parent / "cuda" / "run_layer.py"
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, str(runner), str(tmp_path / "combo_layer_numba_cuda.py"),
+                           str(tmp_path / "case.npz")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

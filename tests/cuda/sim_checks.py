@@ -153,3 +153,53 @@ def test_shared_array_is_one_per_call_site_even_when_allocation_is_slow(monkeypa
     out = np.zeros(1)
     kernel[1, 8](out)
     assert out[0] == 36.0
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_dtype_policy(name):
+    """q float32 / float64 is the compute dtype (others: ValueError); k, v, params, inputs are cast to it."""
+    q, k, v, do, beta = data(8, t=3)
+    params, inputs = params_inputs(name, beta)
+    m = module(name, "numba_cuda")
+    for bad in (np.float16, np.int32, np.bool_, np.complex64):
+        with pytest.raises(ValueError, match=rf"^{name}: q has dtype {np.dtype(bad).name}.*float32 or float64"):
+            m.forward(q.astype(bad), k, v, params, **inputs)
+    with pytest.raises(ValueError, match=rf"^{name}: v has dtype int64; it must be a real floating array"):
+        m.backward(q, k, v.astype(np.int64), params, do, **inputs)
+    ps = {n: x.astype(np.float16) for n, x in params.items()}
+    o, st = m.forward(q.astype(np.float32), k, v.astype(np.float16), ps, output_final_state=True, **inputs)
+    g = m.backward(q.astype(np.float32), k, v.astype(np.float16), ps, do, dfinal_state=st, **inputs)
+    arrays = [o, *st] + [x for n, d in g.items() for x in (d if n == "dinitial_state" else [d])]
+    assert {a.dtype for a in arrays} == {np.dtype(np.float32)}
+    c = module(name, "numba_cpu")
+    close(o, c.forward(q.astype(np.float32), k, v.astype(np.float16), ps, **inputs)[0], rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*invalid value encountered:RuntimeWarning")  # inf - inf in the simulator
+@pytest.mark.filterwarnings("ignore:.*overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", LAYERS)
+def test_non_finite_input_does_not_reach_earlier_positions(name):
+    """Issue 7 item 4 on the CUDA modules: NaN / inf at t = 3, loss on t < 3 (B = H = 1, T = 6, K = 3, V = 4)."""
+    rng = np.random.default_rng(11)
+    q, k, v, do = (rng.standard_normal((1, 6, 1, d)) for d in (3, 3, 4, 4))
+    params, inputs = params_inputs(name, rng.uniform(0.1, 0.9, (1, 6, 1)), h=1)
+    do[:, 3:] = 0.0
+    m = module(name, "numba_cuda")
+    clean = m.backward(q, k, v, params, do, **inputs)
+    clean_o = m.forward(q, k, v, params, **inputs)[0]
+    for target, bad in (("k", np.nan), ("v", np.inf), ("q", -np.inf)) + ((("beta", np.nan),) if inputs else ()):
+        arrays = {"q": q.copy(), "k": k.copy(), "v": v.copy(), **{n: x.copy() for n, x in inputs.items()}}
+        arrays[target][:, 3] = bad
+        ins = {n: arrays[n] for n in inputs}
+        o = m.forward(arrays["q"], arrays["k"], arrays["v"], params, **ins)[0]
+        np.testing.assert_array_equal(o[:, :3], clean_o[:, :3])
+        g = m.backward(arrays["q"], arrays["k"], arrays["v"], params, do, **ins)
+        for n, x in g.items():
+            if n == "dinitial_state":
+                for a, c in zip(x, clean[n]):
+                    np.testing.assert_array_equal(a, c)
+            elif x.ndim >= 3:
+                np.testing.assert_array_equal(x[:, :3], clean[n][:, :3], err_msg=f"{target}: {n}")
+                np.testing.assert_array_equal(x[:, 3:], 0.0, err_msg=f"{target}: {n}")
+            else:
+                np.testing.assert_array_equal(x, clean[n], err_msg=f"{target}: {n}")
