@@ -67,7 +67,7 @@ def _sync():
 
 
 def _make_bodies(K, V, ftype, jit):
-    """Per-head bodies for d_k = K, d_v = V and compute dtype ``ftype`` (closure constants), compiled with ``jit``.
+    """Per-head bodies for d_k = K, d_v = V, compute dtype ``ftype`` (closure constants), jitted by ``jit``.
 
     Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).
     Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each

@@ -142,7 +142,7 @@ def plain_bodies(ir: LayerIR) -> list[str]:
     gs = tuple(grad_name(n) for n in scal)
     ret = ("(" + ", ".join(gs) + ",)") if gs else None
     L = ["def _make_bodies(K, V, ftype, jit):",
-         '    """Per-head bodies for d_k = K, d_v = V and compute dtype ``ftype`` (closure constants), compiled with ``jit``.',
+         '    """Per-head bodies for d_k = K, d_v = V, compute dtype ``ftype`` (closure constants), jitted by ``jit``.',
          "",
          "    Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).",
          "    Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each",
@@ -209,9 +209,10 @@ def causal_start(lay: Layout, r0: str, rs: str) -> list[str]:
         L += [f"for i in range({grad_name(st)}_T.shape[2]):", f"    for j in range({grad_name(st)}_T.shape[3]):",
               f"        if {grad_name(st)}_T[b, h, i, j] != 0:", "            tl = T - 1"]
     L += ["for t in range(tl + 1, T):"]
-    L += [f"    for i in range({r0}, {d}.shape[3], {rs}):\n        {d}[b, t, h, i] = ftype(0)" for d in ("dq", "dk", "dv")]
+    for d in ("dq", "dk", "dv"):
+        L += [f"    for i in range({r0}, {d}.shape[3], {rs}):", f"        {d}[b, t, h, i] = ftype(0)"]
     if lay.inputs and r0 == "0":
         L += [f"    d{i}[b, t, h] = ftype(0)" for i in lay.inputs]
     elif lay.inputs:
         L += [f"    if {r0} == 0:"] + [f"        d{i}[b, t, h] = ftype(0)" for i in lay.inputs]
-    return [x for line in L for x in line.split("\n")]
+    return L

@@ -74,7 +74,8 @@ def numba_layer(module) -> Callable:
         """See :func:`numba_layer`."""
         dt = compute_dtype(module.SPEC_NAME, q)
         k, v = (_real(module.SPEC_NAME, n, x, dt) for n, x in (("k", k), ("v", v)))
-        st = tuple(_real(module.SPEC_NAME, f"initial_state.{n}", x, dt) for n, x in zip(state_cls._fields, initial_state))
+        st = tuple(_real(module.SPEC_NAME, f"initial_state.{n}", x, dt)
+                   for n, x in zip(state_cls._fields, initial_state))
         params = {n: _real(module.SPEC_NAME, f"parameter {n!r}", x, dt) for n, x in params.items()}
         inputs = {n: _real(module.SPEC_NAME, f"input {n!r}", x, dt) for n, x in (inputs or {}).items()}
         o, fin = apply_(q, k, v, params, st, inputs)
