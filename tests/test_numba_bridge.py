@@ -60,3 +60,31 @@ def test_numba_cpu_layer_matches_jax_module_with_default_state(name, x64):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="offers"):
         layer.forward(q, k, v, params, form="closed_form", **inputs)
+
+
+@pytest.mark.parametrize("name", ["gd", "delta"])
+def test_bridge_dtype_policy(name):
+    """q's dtype is the compute dtype (float32 / float64, else ValueError); other arguments are cast to it."""
+    from mesagen.runtime.numba_bridge import NumbaCpuLayer
+
+    jm, nm = module(name, "jax"), module(name, "numba_cpu")
+    layer = NumbaCpuLayer(nm, jm)
+    q, k, v, do, beta = data(9)
+    params, inputs = params_inputs(name, beta)
+    for bad in (jnp.float16, jnp.bfloat16, jnp.int32, jnp.bool_):
+        with pytest.raises(ValueError, match=rf"^{name}: q has dtype {jnp.dtype(bad).name}.*float32 or float64"):
+            layer.forward(jnp.asarray(q).astype(bad), k, v, params, **inputs)
+    with pytest.raises(ValueError, match=rf"^{name}: k has dtype int32; it must be a real floating array"):
+        layer.forward(jnp.asarray(q, jnp.float32), jnp.asarray(k).astype(jnp.int32), v, params, **inputs)
+    q32 = jnp.asarray(q, jnp.float32)
+    p16 = {n: jnp.asarray(x, jnp.float16) for n, x in params.items()}
+    i16 = {n: jnp.asarray(x, jnp.float16) for n, x in inputs.items()}
+
+    def loss(q, k, v):
+        o, fin = layer.forward(q, k, v, p16, output_final_state=True, **i16)
+        assert o.dtype == jnp.float32 and all(x.dtype == jnp.float32 for x in fin)
+        return jnp.sum(o * do.astype(np.float32))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q32, jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.float16))
+    assert [g.dtype for g in grads] == [jnp.float32, jnp.bfloat16, jnp.float16]  # cotangents match primals
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)

@@ -65,9 +65,10 @@ def _sync():
     return None
 
 
-def _make_bodies(K, V, jit):
-    """Per-head bodies for d_k = K, d_v = V (closure constants), compiled with ``jit``.
+def _make_bodies(K, V, ftype, jit):
+    """Per-head bodies for d_k = K, d_v = V, compute dtype ``ftype`` (closure constants), jitted by ``jit``.
 
+    Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).
     Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each
     array statement; 1 × 1 temporaries are locals that every caller computes. Returns
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
@@ -77,7 +78,7 @@ def _make_bodies(K, V, jit):
         # default kv
         for i in range(r0, K, rstep):
             for j in range(V):
-                acc = 0.0
+                acc = ftype(0)
                 kv[i, j] = acc
         _sync()
 
@@ -86,20 +87,20 @@ def _make_bodies(K, V, jit):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
-                acc = 0.0
+                acc = ftype(0)
                 acc += k[i]*v[j]
                 acc += kv[i, j]
                 kv_new[i, j] = acc
         _sync()
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
-            acc = 0.0
+            acc = ftype(0)
             acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
         for i in range(r0, V, rstep):
-            acc = 0.0
+            acc = ftype(0)
             for m0 in range(K):
                 acc += kv_new[m0, i]*x[m0]
             o[i] = acc
@@ -110,20 +111,20 @@ def _make_bodies(K, V, jit):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
-                acc = 0.0
+                acc = ftype(0)
                 acc += k[i]*v[j]
                 acc += kv[i, j]
                 kv_new[i, j] = acc
         _sync()
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
-            acc = 0.0
+            acc = ftype(0)
             acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
         for i in range(r0, V, rstep):
-            acc = 0.0
+            acc = ftype(0)
             for m0 in range(K):
                 acc += kv_new[m0, i]*x[m0]
             o[i] = acc
@@ -131,16 +132,16 @@ def _make_bodies(K, V, jit):
         # zero the cotangents of this step's reads
         for i in range(r0, K, rstep):
             for j in range(V):
-                g_kv[i, j] = 0.0
+                g_kv[i, j] = ftype(0)
         for i in range(r0, K, rstep):
-            g_x[i] = 0.0
+            g_x[i] = ftype(0)
         for i in range(r0, K, rstep):
-            g_q[i] = 0.0
+            g_q[i] = ftype(0)
         for i in range(r0, K, rstep):
-            g_k[i] = 0.0
+            g_k[i] = ftype(0)
         for i in range(r0, V, rstep):
-            g_v[i] = 0.0
-        g_u_eta = 0.0
+            g_v[i] = ftype(0)
+        g_u_eta = ftype(0)
         _sync()
         # pull back o -> kv_new
         for i in range(r0, K, rstep):
@@ -190,7 +191,7 @@ def _make_bodies(K, V, jit):
 
     @jit
     def _init_adjoint_body(g_kv, u_eta, r0, rstep):
-        g_u_eta = 0.0
+        g_u_eta = ftype(0)
         return (g_u_eta,)
 
     @jit
@@ -208,9 +209,10 @@ def _make_bodies(K, V, jit):
 
 
 @lru_cache(maxsize=None)
-def _build(K, V):
-    """Compile the bodies and the batched drivers for d_k = K, d_v = V (sizes baked as constants)."""
-    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)
+def _build(K, V, dtype_name):
+    """Compile the bodies and the batched drivers for d_k = K, d_v = V, compute dtype "float32" | "float64"."""
+    ftype = np.float64 if dtype_name == "float64" else np.float32
+    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, ftype, _jit)
 
     @_jit
     def init_all(u_eta, kv_0):
@@ -259,17 +261,36 @@ def _build(K, V):
         seg_kv = np.empty((L,) + (K, V), dt)
         for b in range(B):
             for h in range(H):
+                # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+                # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+                # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+                tl = -1
+                for t in range(T):
+                    for j in range(do.shape[3]):
+                        if do[b, t, h, j] != 0:
+                            tl = t
+                for i in range(g_kv_T.shape[2]):
+                    for j in range(g_kv_T.shape[3]):
+                        if g_kv_T[b, h, i, j] != 0:
+                            tl = T - 1
+                for t in range(tl + 1, T):
+                    for i in range(0, dq.shape[3], 1):
+                        dq[b, t, h, i] = ftype(0)
+                    for i in range(0, dk.shape[3], 1):
+                        dk[b, t, h, i] = ftype(0)
+                    for i in range(0, dv.shape[3], 1):
+                        dv[b, t, h, i] = ftype(0)
                 _copy2(kv, kv_0[b, h], 0, 1)
-                for t in range(T):  # forward sweep: keep the state entering every segment
+                for t in range(tl + 1):  # forward sweep: keep the state entering every segment
                     if t % L == 0:
                         _copy2(ck_kv[t // L], kv, 0, 1)
                     _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, 0, 1)
                     _copy2(kv, kv_new, 0, 1)
                 _copy2(g_kv_new, g_kv_T[b, h], 0, 1)
-                acc_u_eta = 0.0
-                for c in range(nseg - 1, -1, -1):
+                acc_u_eta = ftype(0)
+                for c in range((tl + L) // L - 1, -1, -1):
                     t0 = c * L
-                    t1 = min(T, t0 + L)
+                    t1 = min(tl + 1, t0 + L)
                     _copy2(kv, ck_kv[c], 0, 1)
                     for t in range(t0, t1):  # recompute the segment's states
                         _copy2(seg_kv[t - t0], kv, 0, 1)
@@ -289,10 +310,30 @@ def _build(K, V):
 # ----------------------------------------------------------------------------------------------------
 # Public API (DESIGN §3), over numpy arrays.
 
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _compute_dtype(q):
+    """The compute dtype: q's dtype, which must be float32 or float64 (the documented dtype policy)."""
+    dt = np.asarray(q).dtype
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{SPEC_NAME}: q has dtype {dt}, but this layer computes in q's dtype, which must be "
+                         f"float32 or float64; cast q first (e.g. q.astype(np.float32))")
+    return dt
+
+
+def _real(what, x, dt):
+    """``x`` as a C-contiguous array of the compute dtype ``dt``; it must hold real floating values."""
+    x = np.asarray(x)
+    if not (x.dtype.kind == "f" or (x.dtype.kind == "V" and x.dtype.name.startswith(("bfloat", "float")))):
+        raise ValueError(f"{SPEC_NAME}: {what} has dtype {x.dtype}; it must be a real floating array (it is "
+                         f"cast to the compute dtype {dt}, q's dtype)")
+    return np.ascontiguousarray(x, dtype=dt)
+
+
 def _prepare(q, k, v, params, inputs, lead):
-    q = np.asarray(q)
-    dt = q.dtype if q.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    q, k, v = (np.ascontiguousarray(x, dtype=dt) for x in (q, k, v))
+    dt = _compute_dtype(q)
+    q, k, v = (_real(n, x, dt) for n, x in (("q", q), ("k", k), ("v", v)))
     if q.ndim != lead + 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or v.ndim != q.ndim:
         raise ValueError(f"{SPEC_NAME}: expected q, k [..., H, K] and v [..., H, V] with equal leading axes; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -301,26 +342,36 @@ def _prepare(q, k, v, params, inputs, lead):
     for n in _PARAM_NAMES:
         if n not in params or np.shape(params[n]) != (H,):
             raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [H] = ({H},)")
-        ps.append(np.ascontiguousarray(params[n], dtype=dt))
+        ps.append(_real(f"parameter {n!r}", params[n], dt))
     if sorted(inputs) != sorted(_INPUT_NAMES):
         raise ValueError(f"{SPEC_NAME}: per-token inputs must be exactly {list(_INPUT_NAMES)}, got {sorted(inputs)}")
     ins = []
     for n in _INPUT_NAMES:
         if np.shape(inputs[n]) != q.shape[:-1]:
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {np.shape(inputs[n])}")
-        ins.append(np.ascontiguousarray(inputs[n], dtype=dt))
+        ins.append(_real(f"input {n!r}", inputs[n], dt))
     return q, k, v, ps, ins, dt
 
 
 def init_state(batch, num_heads, d_k, d_v, params, dtype=np.float32):
     """Default initial state (the spec's solver initialisation) for every (batch, head).
 
+    Args:
+        batch, num_heads, d_k, d_v: sizes B, H, K, V.  params: dict name -> [H] real floating values.
+        dtype: float32 or float64, the compute dtype of the layer calls that will use this state.
+
     Returns:
         State with fields kv [B, H, ...], numpy arrays of ``dtype``.
+
+    Raises:
+        ValueError: ``dtype`` is not float32 / float64, or a parameter is not real floating.
     """
-    fields = [np.empty((batch, num_heads) + _state_shape(n, d_k, d_v), dtype) for n in State._fields]
-    ps = [np.ascontiguousarray(params[n], dtype=dtype) for n in _PARAM_NAMES]
-    _build(d_k, d_v)[0](*ps, *fields)
+    dt = np.dtype(dtype)
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{SPEC_NAME}: init_state dtype {dt} is not supported; use float32 or float64")
+    fields = [np.empty((batch, num_heads) + _state_shape(n, d_k, d_v), dt) for n in State._fields]
+    ps = [_real(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]
+    _build(d_k, d_v, dt.name)[0](*ps, *fields)
     return State(*fields)
 
 
@@ -331,7 +382,7 @@ def _state_shape(name, d_k, d_v):
 def _initial(initial_state, B, H, K, V, params, dt):
     if initial_state is None:
         return init_state(B, H, K, V, params, dt)
-    st = State(*(np.ascontiguousarray(x, dtype=dt) for x in initial_state))
+    st = State(*(_real(f"initial_state.{n}", x, dt) for n, x in zip(State._fields, initial_state)))
     for n, x in zip(State._fields, st):
         if x.shape != (B, H) + _state_shape(n, K, V):
             raise ValueError(f"{SPEC_NAME}: state {n!r} must have shape {(B, H) + _state_shape(n, K, V)}")
@@ -342,7 +393,9 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     """Run the layer over a sequence (recurrent form).
 
     Args:
-        q, k: [B, T, H, K] queries and keys.  v: [B, T, H, V] values; float32 or float64 (q's dtype rules).
+        q, k: [B, T, H, K] queries and keys.  v: [B, T, H, V] values.  Dtypes: q's dtype is the compute dtype
+            and must be float32 or float64; k, v, params, inputs and initial_state must be real floating and
+            are cast to it.
         params: dict name -> [H] (constrained space).  initial_state: a State or None (solver default).
         output_final_state: also return the state after the last token.  form: must be "recurrent".
         **inputs: per-token inputs, each [B, T, H] (see INPUTS).
@@ -351,7 +404,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         (o [B, T, H, V], final State or None), numpy arrays of q's dtype.
 
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, q not float32 /
+            float64, or another array not real floating.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
@@ -361,7 +415,7 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     st = _initial(initial_state, B, H, K, V, params, dt)
     o = np.full((B, T, H, V), np.nan, dt)
     final = State(*(np.array(x) for x in st))
-    _build(K, V)[2](q, k, v, *ps, *ins, *st, o, *final)
+    _build(K, V, dt.name)[2](q, k, v, *ps, *ins, *st, o, *final)
     return o, (final if output_final_state else None)
 
 
@@ -382,31 +436,32 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
 
     Returns:
         dict with dq, dk [B, T, H, K], dv [B, T, H, V], d<param> [H] (including the path through the default
-        initial state when ``initial_state`` is None), d<input> [B, T, H], dinitial_state (a State).
+        initial state when ``initial_state`` is None), d<input> [B, T, H], dinitial_state (a State); all of q's dtype.
 
     Raises:
-        ValueError: inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
+            another array (do and dfinal_state included) not real floating.
     """
     q, k, v, ps, ins, dt = _prepare(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
     st = _initial(initial_state, B, H, K, V, params, dt)
-    do = np.ascontiguousarray(do, dtype=dt)
+    do = _real("do", do, dt)
     if do.shape != v.shape:
         raise ValueError(f"{SPEC_NAME}: do must have shape {v.shape}, got {do.shape}")
     gT = (State(*(np.zeros_like(x) for x in st)) if dfinal_state is None
-          else State(*(np.ascontiguousarray(x, dtype=dt) for x in dfinal_state)))
+          else State(*(_real(f"dfinal_state.{n}", x, dt) for n, x in zip(State._fields, dfinal_state))))
     dq, dk, dv = (np.full(x.shape, np.nan, dt) for x in (q, k, v))
     dps = [np.zeros((B, H), dt) for _ in _PARAM_NAMES]
     dins = [np.full((B, T, H), np.nan, dt) for _ in _INPUT_NAMES]
     g0 = State(*(np.full(x.shape, np.nan, dt) for x in st))
-    init_all, init_adjoint_all, _, backward_all = _build(K, V)
+    init_all, init_adjoint_all, _, backward_all = _build(K, V, dt.name)
     L = max(1, math.isqrt(max(T - 1, 0)) + 1)  # segment length ⌈√T⌉
     backward_all(q, k, v, *ps, *ins, *st, do, *gT, dq, dk, dv, *dps, *dins, *g0, L)
     if initial_state is None and _PARAM_NAMES:
-        acc = np.zeros((B, H, len(_PARAM_NAMES)), np.float64)
+        acc = np.zeros((B, H, len(_PARAM_NAMES)), dt)
         init_adjoint_all(*g0, *ps, acc)
-        dps = [d + acc[:, :, n].astype(dt) for n, d in enumerate(dps)]
+        dps = [d + acc[:, :, n] for n, d in enumerate(dps)]
     out = {"dq": dq, "dk": dk, "dv": dv, "dinitial_state": g0}
     out.update({"d" + n: d.sum(axis=0) for n, d in zip(_PARAM_NAMES, dps)})
     out.update({"d" + n: d for n, d in zip(_INPUT_NAMES, dins)})

@@ -64,9 +64,10 @@ def _sync():
     cuda.syncthreads()
 
 
-def _make_bodies(K, V, jit):
-    """Per-head bodies for d_k = K, d_v = V (closure constants), compiled with ``jit``.
+def _make_bodies(K, V, ftype, jit):
+    """Per-head bodies for d_k = K, d_v = V, compute dtype ``ftype`` (closure constants), jitted by ``jit``.
 
+    Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).
     Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each
     array statement; 1 × 1 temporaries are locals that every caller computes. Returns
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
@@ -76,7 +77,7 @@ def _make_bodies(K, V, jit):
         # default kv
         for i in range(r0, K, rstep):
             for j in range(V):
-                acc = 0.0
+                acc = ftype(0)
                 kv[i, j] = acc
         _sync()
 
@@ -85,20 +86,20 @@ def _make_bodies(K, V, jit):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
-                acc = 0.0
+                acc = ftype(0)
                 acc += k[i]*v[j]
                 acc += kv[i, j]
                 kv_new[i, j] = acc
         _sync()
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
-            acc = 0.0
+            acc = ftype(0)
             acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
         for i in range(r0, V, rstep):
-            acc = 0.0
+            acc = ftype(0)
             for m0 in range(K):
                 acc += kv_new[m0, i]*x[m0]
             o[i] = acc
@@ -109,20 +110,20 @@ def _make_bodies(K, V, jit):
         # C' = C + v kᵀ (running sum)
         for i in range(r0, K, rstep):
             for j in range(V):
-                acc = 0.0
+                acc = ftype(0)
                 acc += k[i]*v[j]
                 acc += kv[i, j]
                 kv_new[i, j] = acc
         _sync()
         # x = p(Ā) q with p = η (one GD step)
         for i in range(r0, K, rstep):
-            acc = 0.0
+            acc = ftype(0)
             acc += u_eta*q[i]
             x[i] = acc
         _sync()
         # o = W⁽1⁾ q = C x
         for i in range(r0, V, rstep):
-            acc = 0.0
+            acc = ftype(0)
             for m0 in range(K):
                 acc += kv_new[m0, i]*x[m0]
             o[i] = acc
@@ -130,16 +131,16 @@ def _make_bodies(K, V, jit):
         # zero the cotangents of this step's reads
         for i in range(r0, K, rstep):
             for j in range(V):
-                g_kv[i, j] = 0.0
+                g_kv[i, j] = ftype(0)
         for i in range(r0, K, rstep):
-            g_x[i] = 0.0
+            g_x[i] = ftype(0)
         for i in range(r0, K, rstep):
-            g_q[i] = 0.0
+            g_q[i] = ftype(0)
         for i in range(r0, K, rstep):
-            g_k[i] = 0.0
+            g_k[i] = ftype(0)
         for i in range(r0, V, rstep):
-            g_v[i] = 0.0
-        g_u_eta = 0.0
+            g_v[i] = ftype(0)
+        g_u_eta = ftype(0)
         _sync()
         # pull back o -> kv_new
         for i in range(r0, K, rstep):
@@ -189,7 +190,7 @@ def _make_bodies(K, V, jit):
 
     @jit
     def _init_adjoint_body(g_kv, u_eta, r0, rstep):
-        g_u_eta = 0.0
+        g_u_eta = ftype(0)
         return (g_u_eta,)
 
     @jit
@@ -210,7 +211,8 @@ def _make_bodies(K, V, jit):
 def _build(K, V, dtype_name):
     """Compile-ready kernels for d_k = K, d_v = V and dtype "float32" | "float64" (sizes baked)."""
     dt = float64 if dtype_name == "float64" else float32
-    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)
+    ftype = np.float64 if dtype_name == "float64" else np.float32
+    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, ftype, _jit)
 
     @cuda.jit
     def init_kernel(u_eta, kv_0):
@@ -259,7 +261,6 @@ def _build(K, V, dtype_name):
         r0 = cuda.threadIdx.x
         rs = cuda.blockDim.x
         bh = cuda.blockIdx.x
-        nseg = (T + L - 1) // L
         kv = w_kv[bh]
         kv_new = w_kv_new[bh]
         g_kv = w_g_kv[bh]
@@ -267,9 +268,28 @@ def _build(K, V, dtype_name):
         x = cuda.shared.array((K,), dt)
         o_t = cuda.shared.array((V,), dt)
         g_x = cuda.shared.array((K,), dt)
+        # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+        # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+        # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+        tl = -1
+        for t in range(T):
+            for j in range(do.shape[3]):
+                if do[b, t, h, j] != 0:
+                    tl = t
+        for i in range(g_kv_T.shape[2]):
+            for j in range(g_kv_T.shape[3]):
+                if g_kv_T[b, h, i, j] != 0:
+                    tl = T - 1
+        for t in range(tl + 1, T):
+            for i in range(r0, dq.shape[3], rs):
+                dq[b, t, h, i] = ftype(0)
+            for i in range(r0, dk.shape[3], rs):
+                dk[b, t, h, i] = ftype(0)
+            for i in range(r0, dv.shape[3], rs):
+                dv[b, t, h, i] = ftype(0)
         _copy2(kv, kv_0[b, h], r0, rs)
         _sync()
-        for t in range(T):  # forward sweep: keep the state entering every segment
+        for t in range(tl + 1):  # forward sweep: keep the state entering every segment
             if t % L == 0:
                 _copy2(ck_kv[bh, t // L], kv, r0, rs)
             _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_eta[h], kv_new, x, o_t, r0, rs)
@@ -277,10 +297,10 @@ def _build(K, V, dtype_name):
             _sync()
         _copy2(g_kv_new, g_kv_T[b, h], r0, rs)
         _sync()
-        acc_u_eta = 0.0
-        for c in range(nseg - 1, -1, -1):
+        acc_u_eta = ftype(0)
+        for c in range((tl + L) // L - 1, -1, -1):
             t0 = c * L
-            t1 = min(T, t0 + L)
+            t1 = min(tl + 1, t0 + L)
             _copy2(kv, ck_kv[bh, c], r0, rs)
             _sync()
             for t in range(t0, t1):  # recompute the segment's states
@@ -327,12 +347,34 @@ def _is_device(x):
     return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
 
 
-def _dev(x, dt):
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _compute_dtype(q):
+    """The compute dtype: q's dtype, which must be float32 or float64 (the documented dtype policy)."""
+    dt = np.dtype(q.dtype) if hasattr(q, "dtype") else np.asarray(q).dtype
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{SPEC_NAME}: q has dtype {dt}, but this layer computes in q's dtype, which must be "
+                         f"float32 or float64; cast q first (e.g. q.astype(np.float32))")
+    return dt
+
+
+def _real_float(dt):
+    dt = np.dtype(dt)
+    return dt.kind == "f" or (dt.kind == "V" and dt.name.startswith(("bfloat", "float")))
+
+
+def _dev(what, x, dt):
+    """``x`` as a device array of the compute dtype ``dt`` (copied/cast as needed); it must be real floating."""
     if _is_device(x):
         x = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
-        if x.dtype != dt:
-            raise ValueError(f"{SPEC_NAME}: device array of dtype {x.dtype}, expected {dt}")
-        return x
+        if np.dtype(x.dtype) == dt:
+            return x
+        x = x.copy_to_host()
+    x = np.asarray(x)
+    if not _real_float(x.dtype):
+        raise ValueError(f"{SPEC_NAME}: {what} has dtype {x.dtype}; it must be a real floating array (it is "
+                         f"cast to the compute dtype {dt}, q's dtype)")
     return cuda.to_device(np.ascontiguousarray(x, dtype=dt))
 
 
@@ -341,7 +383,7 @@ def _nan(shape, dt):
 
 
 def _prepare(q, k, v, params, inputs):
-    dt = np.dtype(q.dtype) if np.dtype(q.dtype) in (np.float32, np.float64) else np.dtype(np.float64)
+    dt = _compute_dtype(q)
     if len(q.shape) != 4 or tuple(k.shape) != tuple(q.shape) or tuple(v.shape[:3]) != tuple(q.shape[:3]):
         raise ValueError(f"{SPEC_NAME}: expected q, k [B, T, H, K] and v [B, T, H, V]; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -355,9 +397,9 @@ def _prepare(q, k, v, params, inputs):
         if tuple(inputs[n].shape) != tuple(q.shape[:3]):
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {tuple(q.shape[:3])}")
     host = not _is_device(q)
-    qd, kd, vd = (_dev(x, dt) for x in (q, k, v))
-    ps = [_dev(params[n], dt) for n in _PARAM_NAMES]
-    ins = [_dev(inputs[n], dt) for n in _INPUT_NAMES]
+    qd, kd, vd = (_dev(n, x, dt) for n, x in (("q", q), ("k", k), ("v", v)))
+    ps = [_dev(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]
+    ins = [_dev(f"input {n!r}", inputs[n], dt) for n in _INPUT_NAMES]
     return qd, kd, vd, ps, ins, dt, host
 
 
@@ -372,16 +414,22 @@ def _init_device(B, H, K, V, ps, dt):
 
 
 def init_state(batch, num_heads, d_k, d_v, params, dtype=np.float32):
-    """Default initial state for every (batch, head), computed by a kernel; returns numpy arrays of ``dtype``."""
+    """Default initial state for every (batch, head), computed by a kernel; returns numpy arrays of ``dtype``.
+
+    Raises:
+        ValueError: ``dtype`` is not float32 / float64, or a parameter is not real floating.
+    """
     dt = np.dtype(dtype)
-    ps = [_dev(params[n], dt) for n in _PARAM_NAMES]
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{SPEC_NAME}: init_state dtype {dt} is not supported; use float32 or float64")
+    ps = [_dev(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]
     return State(*(x.copy_to_host() for x in _init_device(batch, num_heads, d_k, d_v, ps, dt)))
 
 
 def _initial(initial_state, B, H, K, V, ps, dt):
     if initial_state is None:
         return _init_device(B, H, K, V, ps, dt)
-    st = State(*(_dev(x, dt) for x in initial_state))
+    st = State(*(_dev(f"initial_state.{n}", x, dt) for n, x in zip(State._fields, initial_state)))
     for n, x in zip(State._fields, st):
         if tuple(x.shape) != (B, H) + _state_shape(n, K, V):
             raise ValueError(f"{SPEC_NAME}: state {n!r} must have shape {(B, H) + _state_shape(n, K, V)}")
@@ -395,7 +443,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         (o [B, T, H, V], final State or None): numpy when q is numpy, else device arrays.
 
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, q not float32 /
+            float64 (q's dtype is the compute dtype), or another array not real floating.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
@@ -423,20 +472,22 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
     """Vector-Jacobian product of :func:`forward` (checkpointed adjoint recurrence); as in the CPU module.
 
     Returns:
-        dict with dq, dk, dv, d<param> [H], d<input> [B, T, H], dinitial_state (numpy or device arrays).
+        dict with dq, dk, dv, d<param> [H], d<input> [B, T, H], dinitial_state (numpy or device arrays), all
+        of q's dtype.
 
     Raises:
-        ValueError: inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
+            another array (do and dfinal_state included) not real floating.
     """
     qd, kd, vd, ps, ins, dt, host = _prepare(q, k, v, params, inputs)
     B, T, H, K = qd.shape
     V = vd.shape[3]
     st = _initial(initial_state, B, H, K, V, ps, dt)
-    dod = _dev(do, dt)
+    dod = _dev("do", do, dt)
     if tuple(dod.shape) != tuple(vd.shape):
         raise ValueError(f"{SPEC_NAME}: do must have shape {tuple(vd.shape)}, got {tuple(dod.shape)}")
-    gT = (State(*(_dev(np.zeros(x.shape, dt), dt) for x in st)) if dfinal_state is None
-          else State(*(_dev(x, dt) for x in dfinal_state)))
+    gT = (State(*(cuda.to_device(np.zeros(x.shape, dt)) for x in st)) if dfinal_state is None
+          else State(*(_dev(f"dfinal_state.{n}", x, dt) for n, x in zip(State._fields, dfinal_state))))
     dq, dk, dv = (_nan(tuple(x.shape), dt) for x in (qd, kd, vd))
     dps = [_nan((B, H), dt) for _ in _PARAM_NAMES]
     dins = [_nan((B, T, H), dt) for _ in _INPUT_NAMES]

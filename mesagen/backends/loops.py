@@ -99,24 +99,38 @@ def _atom(e: sp.Basic) -> Factor:
     raise NotImplementedError(f"no loop lowering for factor {e} ({type(e).__name__})")
 
 
+def _expand(e: sp.Basic) -> list[tuple[sp.Expr, list[sp.Basic]]]:
+    """Distribute products over sums: ``e`` as a list of (scalar coefficient, [atomic matrix factors]).
+
+    Handles nested ``MatAdd`` / ``MatMul`` (including a scalar times a sum, e.g. ``(λ I + A) x``), and
+    ``Transpose`` of any of them (reversed, transposed factors); atoms are left to :func:`_atom`.
+    """
+    if isinstance(e, sp.ZeroMatrix):
+        return []
+    if isinstance(e, sp.MatAdd):
+        return [t for a in e.args for t in _expand(a)]
+    if isinstance(e, sp.MatMul):
+        out = [(sp.Integer(1), [])]
+        for a in e.args:
+            parts = _expand(a) if isinstance(a, MatrixExpr) else [(a, [])]
+            out = [(c1 * c2, f1 + f2) for c1, f1 in out for c2, f2 in parts]
+        return out
+    if isinstance(e, sp.Transpose) and isinstance(e.arg, (sp.MatAdd, sp.MatMul, sp.Transpose)):
+        return [(c, [sp.Transpose(f) for f in reversed(fs)]) for c, fs in _expand(e.arg)]
+    return [(sp.Integer(1), [e])]
+
+
 def terms_of(expr: sp.Basic) -> tuple[Term, ...]:
-    """Split a matrix expression into :class:`Term` s (zero terms dropped).
+    """Split a matrix expression into :class:`Term` s, products distributed over sums (zero terms dropped).
 
     Raises:
         NotImplementedError: a node outside MatAdd / MatMul / Transpose / 1 × 1 Inverse / symbols / Identity.
     """
     out = []
-    for t in (expr.args if isinstance(expr, sp.MatAdd) else (expr,)):
-        if isinstance(t, sp.ZeroMatrix):
+    for coef, fs in _expand(expr):
+        if coef == 0:
             continue
-        args = t.args if isinstance(t, sp.MatMul) else (t,)
-        coef, factors = sp.Integer(1), []
-        for a in args:
-            if isinstance(a, MatrixExpr):
-                factors.append(_atom(a))
-            else:
-                coef *= a
-        out.append(Term(coef, tuple(factors)))
+        out.append(Term(coef, tuple(_atom(f) for f in fs)))
     return tuple(out)
 
 
@@ -174,17 +188,52 @@ def forward_stmts(assigns, shapes: dict[str, tuple]) -> list[Stmt]:
 
 
 # ---------------------------------------------------------------------------------------------- printing
+FTYPE = "ftype"
+"""Name of the compute dtype's scalar constructor in generated bodies (``np.float32`` or ``np.float64``)."""
+
+
 class ScalarPrinter(PythonCodePrinter):
-    """Prints one scalar element expression (Indexed, Symbols, KroneckerDelta) as Numba-friendly Python."""
+    """Prints one scalar element expression (Indexed, Symbols, KroneckerDelta) as Numba-friendly Python.
+
+    Every number is printed as ``ftype(...)``, the compute dtype's constructor, so float32 data is computed in
+    float32: a bare ``1.0`` or ``1`` would promote a float32 expression to float64 under Numba's typing rules.
+    Integer powers become products (``s**2`` → ``(s*s)``, ``s**-1`` → ``ftype(1)/s``) for the same reason.
+    Array indices stay plain integers.
+    """
 
     def __init__(self) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": False})
 
+    def _num(self, text: str) -> str:
+        return f"{FTYPE}({text})"
+
+    def _print_Integer(self, e):
+        return self._num(str(int(e)))
+
+    _print_Zero = _print_One = _print_NegativeOne = _print_Integer
+
+    def _print_Rational(self, e):
+        return f"({self._num(str(e.p))}/{self._num(str(e.q))})"
+
+    _print_Half = _print_Rational
+
+    def _print_Float(self, e):
+        return self._num(repr(float(e)))
+
+    def _print_Pow(self, e, rational=False):
+        b, x = e.args
+        if x.is_Integer and 1 <= abs(int(x)) <= 4:
+            prod = "*".join([self.parenthesize(b, 60)] * abs(int(x)))
+            return f"({prod})" if int(x) > 0 else f"({self._num('1')}/({prod}))"
+        raise NotImplementedError(f"no float-exact printing for the power {e}")
+
     def _print_KroneckerDelta(self, e):
-        return f"(1.0 if {self._print(e.args[0])} == {self._print(e.args[1])} else 0.0)"
+        a, b = (PythonCodePrinter._print(self, x) if not x.is_Integer else str(int(x)) for x in e.args)
+        return f"({self._num('1')} if {a} == {b} else {self._num('0')})"
 
     def _print_Indexed(self, e):
-        return f"{e.base.label}[{', '.join(self._print(i) for i in e.indices)}]"
+        idx = (str(int(i)) if i.is_Integer else PythonCodePrinter._print(self, i) for i in e.indices)
+        return f"{e.base.label}[{', '.join(idx)}]"
 
 
 def _dim(d) -> str:
@@ -260,7 +309,7 @@ def print_stmt(st: Stmt, strided: bool, printer: ScalarPrinter) -> list[str]:
     if rows == 1 and cols == 1:
         acc, pad, lines = st.target, "", []
         if st.op == "=":
-            lines.append(f"{st.target} = 0.0")
+            lines.append(f"{st.target} = {FTYPE}(0)")
     else:
         cell = f"{st.target}[i]" if cols == 1 else (f"{st.target}[j]" if rows == 1 else f"{st.target}[i, j]")
         acc, pad, lines = "acc", "    ", []
@@ -270,7 +319,7 @@ def print_stmt(st: Stmt, strided: bool, printer: ScalarPrinter) -> list[str]:
         if cols != 1:
             head.append(f"    for j in range({_dim(cols)}):")
             pad = "        "
-        lines += head + [pad + ("acc = 0.0" if st.op == "=" else f"acc = {cell}")]
+        lines += head + [pad + (f"acc = {FTYPE}(0)" if st.op == "=" else f"acc = {cell}")]
     for term in st.terms:
         sums, value = element(term, i, j, fresh)
         inner = pad

@@ -1,6 +1,6 @@
 """Pieces shared by the Numba CPU and CUDA emitters: the layer's buffers, the plain per-head bodies, the API.
 
-Both generated modules contain the same *plain body* text, ``_make_bodies(K, V, jit)``: per-head functions
+Both generated modules contain the same *plain body* text, ``_make_bodies(K, V, ftype, jit)``: per-head functions
 over stored elements (printed by :mod:`mesagen.backends.loops`) that take a row range ``range(r0, R, rstep)``
 and call ``_sync()`` between statements. The CPU module passes ``r0 = 0, rstep = 1`` and a no-op ``_sync``;
 the CUDA module passes ``threadIdx.x, blockDim.x`` and ``cuda.syncthreads``. ``K`` and ``V`` are closure
@@ -82,24 +82,47 @@ def layout(ir: LayerIR) -> Layout:
                   tuple(p.symbol for p in ir.params), tuple(i.symbol for i in ir.inputs), shapes, dims)
 
 
+def _reads(st: Stmt) -> set[str]:
+    """Names of the buffers a statement reads (its factors, its contracted cotangent, and ``+=`` its target)."""
+    names = {f.name for t in st.terms for f in t.factors + ((t.contract,) if t.contract else ()) if f.kind == "sym"}
+    return names | ({st.target} if st.op == "+=" else set())
+
+
 def _body(name: str, args, items: list, printer, ret: str | None = None) -> list[str]:
-    """A jitted body: each item is a :class:`Stmt` (printed, then ``_sync()`` if it wrote an array) or raw lines."""
+    """A jitted body: each item is a :class:`Stmt` or raw lines; barriers placed for the CUDA block's threads.
+
+    Threads split the rows of every array statement, so ``_sync()`` follows each one (its rows are read by
+    other threads next). A 1 × 1 statement is computed by every thread into a local and reads arrays other
+    threads wrote: a ``_sync()`` precedes the first later array write to any buffer it read (otherwise a fast
+    thread could overwrite an element a slow thread is still reading), and ends the body when such reads are
+    still pending (the caller may overwrite them next). Raw lines (the zeroing block) end with their own sync.
+    """
     L = ["@jit", f"def {name}({', '.join(args)}):"]
     inner: list[str] = []
+    pending: set[str] = set()  # buffers read by 1 × 1 statements since the last barrier
     for st in items:
         if not isinstance(st, Stmt):
             inner += st
+            pending = set() if st and st[-1] == "_sync()" else pending
             continue
+        if st.shape != (1, 1) and st.target in pending:
+            inner.append("_sync()  # a 1 × 1 statement above read this buffer")
+            pending = set()
         inner += print_stmt(st, True, printer)
         if st.shape != (1, 1):
             inner.append("_sync()")
+            pending = set()
+        else:
+            pending |= _reads(st) - {st.target}
+    if pending:
+        inner.append("_sync()  # 1 × 1 statements above read shared buffers the caller may overwrite next")
     if ret is not None:
         inner.append(f"return {ret}")
     return L + indent(inner or ["pass"]) + [""]
 
 
 def plain_bodies(ir: LayerIR) -> list[str]:
-    """The text of ``_make_bodies(K, V, jit)``, identical in the CPU and CUDA modules."""
+    """The text of ``_make_bodies(K, V, ftype, jit)``, identical in the CPU and CUDA modules."""
     lay = layout(ir)
     rec = ir.recurrence
     p = ScalarPrinter()
@@ -111,16 +134,17 @@ def plain_bodies(ir: LayerIR) -> list[str]:
     zero = ["# zero the cotangents of this step's reads"]
     for n in lay.states + lay.temps + ("q", "k", "v"):
         d = lay.dims[n]
-        cell = f"{grad_name(n)}[i, j] = 0.0" if d[1] != "1" else f"{grad_name(n)}[i] = 0.0"
+        cell = f"{grad_name(n)}[i, j] = ftype(0)" if d[1] != "1" else f"{grad_name(n)}[i] = ftype(0)"
         zero += [f"for i in range(r0, {d[0]}, rstep):"]
         zero += [f"    for j in range({d[1]}):", f"        {cell}"] if d[1] != "1" else [f"    {cell}"]
-    zero += [f"{grad_name(n)} = 0.0" for n in lay.scalar_temps + scal]
+    zero += [f"{grad_name(n)} = ftype(0)" for n in lay.scalar_temps + scal]
     zero += ["_sync()"]
     gs = tuple(grad_name(n) for n in scal)
     ret = ("(" + ", ".join(gs) + ",)") if gs else None
-    L = ["def _make_bodies(K, V, jit):",
-         '    """Per-head bodies for d_k = K, d_v = V (closure constants), compiled with ``jit``.',
+    L = ["def _make_bodies(K, V, ftype, jit):",
+         '    """Per-head bodies for d_k = K, d_v = V, compute dtype ``ftype`` (closure constants), jitted by ``jit``.',
          "",
+         "    Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).",
          "    Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each",
          "    array statement; 1 × 1 temporaries are locals that every caller computes. Returns",
          "    (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).",
@@ -132,7 +156,7 @@ def plain_bodies(ir: LayerIR) -> list[str]:
     B += _body("_adjoint_body", lay.fwd_args + lay.grad_args + ("r0", "rstep"), fwd + [zero] + adj, p, ret)
     init_ret = ("(" + ", ".join(grad_name(n) for n in lay.params) + ",)") if lay.params else None
     B += _body("_init_adjoint_body", tuple(grad_name(s) for s in lay.states) + lay.params + ("r0", "rstep"),
-               [[f"{grad_name(n)} = 0.0" for n in lay.params]] + init_adj, p, init_ret)
+               [[f"{grad_name(n)} = ftype(0)" for n in lay.params]] + init_adj, p, init_ret)
     B += ["@jit", "def _copy2(dst, src, r0, rstep):",
           "    for i in range(r0, dst.shape[0], rstep):",
           "        for j in range(dst.shape[1]):",
@@ -165,3 +189,30 @@ def constants(ir: LayerIR) -> list[str]:
           "    del d_k, d_v", f"    return {{{items}}}", "", ""]
     return L
 
+
+
+def causal_start(lay: Layout, r0: str, rs: str) -> list[str]:
+    """Driver lines (inside the (b, h) loop of a backward) that find ``tl``, where the reverse sweep starts.
+
+    ``tl`` is the last position whose output cotangent ``do[b, t, h]`` is nonzero (NaN counts as nonzero), or
+    T − 1 when any final-state cotangent is nonzero; −1 when there is none. Gradients of positions after ``tl``
+    are written as exact zeros and those steps are neither recomputed nor pulled back, so a non-finite value
+    there never meets a zero cotangent (0 · NaN = NaN would otherwise reach every earlier position): the
+    gradients at t depend only on positions ≤ t and on nonzero cotangents. Rows ``range(r0, R, rs)`` per thread.
+    """
+    L = ["# causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1",
+         "# if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a",
+         "# non-finite input there never meets a zero cotangent (0 · NaN = NaN)",
+         "tl = -1", "for t in range(T):", "    for j in range(do.shape[3]):", "        if do[b, t, h, j] != 0:",
+         "            tl = t"]
+    for st in lay.states:
+        L += [f"for i in range({grad_name(st)}_T.shape[2]):", f"    for j in range({grad_name(st)}_T.shape[3]):",
+              f"        if {grad_name(st)}_T[b, h, i, j] != 0:", "            tl = T - 1"]
+    L += ["for t in range(tl + 1, T):"]
+    for d in ("dq", "dk", "dv"):
+        L += [f"    for i in range({r0}, {d}.shape[3], {rs}):", f"        {d}[b, t, h, i] = ftype(0)"]
+    if lay.inputs and r0 == "0":
+        L += [f"    d{i}[b, t, h] = ftype(0)" for i in lay.inputs]
+    elif lay.inputs:
+        L += [f"    if {r0} == 0:"] + [f"        d{i}[b, t, h] = ftype(0)" for i in lay.inputs]
+    return L

@@ -9,7 +9,7 @@ the numpy API.
 from __future__ import annotations
 
 from mesagen.backends.common import header, indent
-from mesagen.backends.numba_common import Layout, constants, layout, plain_bodies
+from mesagen.backends.numba_common import Layout, causal_start, constants, layout, plain_bodies
 from mesagen.backends.loops import grad_name
 from mesagen.ir.records import LayerIR
 
@@ -59,9 +59,10 @@ class NumbaCpuBackend:
         alloc = [a.replace("o = np.empty", "o_t = np.empty") if a.startswith("o = ") else a for a in alloc]
         load = [f"_copy2({s}, {s}_0[b, h], 0, 1)" for s in S]
         advance = [f"_copy2({s}, {s}_new, 0, 1)" for s in S]
-        F = ["@lru_cache(maxsize=None)", "def _build(K, V):",
-             '    """Compile the bodies and the batched drivers for d_k = K, d_v = V (sizes baked as constants)."""',
-             "    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)",
+        F = ["@lru_cache(maxsize=None)", "def _build(K, V, dtype_name):",
+             '    """Compile the bodies and the batched drivers for d_k = K, d_v = V, compute dtype "float32" | "float64"."""',
+             '    ftype = np.float64 if dtype_name == "float64" else np.float32',
+             "    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, ftype, _jit)",
              ""]
         D = ["@_jit", f"def init_all({', '.join(ps + [s + '_0' for s in S])}):",
              f"    for b in range({S[0]}_0.shape[0]):", f"        for h in range({S[0]}_0.shape[1]):",
@@ -95,16 +96,17 @@ class NumbaCpuBackend:
         D += indent([f"ck_{s} = np.empty((nseg,) + {lay.alloc_shape(s)}, dt)" for s in S])
         D += indent([f"seg_{s} = np.empty((L,) + {lay.alloc_shape(s)}, dt)" for s in S])
         D += ["    for b in range(B):", "        for h in range(H):"]
+        D += indent(causal_start(lay, "0", "1"), 12)
         D += indent(load, 12)
-        D += ["            for t in range(T):  # forward sweep: keep the state entering every segment",
+        D += ["            for t in range(tl + 1):  # forward sweep: keep the state entering every segment",
               "                if t % L == 0:"]
         D += indent([f"_copy2(ck_{s}[t // L], {s}, 0, 1)" for s in S], 20)
         D += ["                " + step_call(lay, "_step_body", S, [])]
         D += indent(advance, 16)
         D += indent([f"_copy2({g(s)}_new, {g(s)}_T[b, h], 0, 1)" for s in S], 12)
-        D += indent([f"acc_{p} = 0.0" for p in ps], 12)
-        D += ["            for c in range(nseg - 1, -1, -1):", "                t0 = c * L",
-              "                t1 = min(T, t0 + L)"]
+        D += indent([f"acc_{p} = ftype(0)" for p in ps], 12)
+        D += ["            for c in range((tl + L) // L - 1, -1, -1):", "                t0 = c * L",
+              "                t1 = min(tl + 1, t0 + L)"]
         D += indent([f"_copy2({s}, ck_{s}[c], 0, 1)" for s in S], 16)
         D += ["                for t in range(t0, t1):  # recompute the segment's states"]
         D += indent([f"_copy2(seg_{s}[t - t0], {s}, 0, 1)" for s in S], 20)
@@ -127,10 +129,30 @@ _API = '''
 # ----------------------------------------------------------------------------------------------------
 # Public API (DESIGN §3), over numpy arrays.
 
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _compute_dtype(q):
+    """The compute dtype: q's dtype, which must be float32 or float64 (the documented dtype policy)."""
+    dt = np.asarray(q).dtype
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{{SPEC_NAME}}: q has dtype {{dt}}, but this layer computes in q's dtype, which must be "
+                         f"float32 or float64; cast q first (e.g. q.astype(np.float32))")
+    return dt
+
+
+def _real(what, x, dt):
+    """``x`` as a C-contiguous array of the compute dtype ``dt``; it must hold real floating values."""
+    x = np.asarray(x)
+    if not (x.dtype.kind == "f" or (x.dtype.kind == "V" and x.dtype.name.startswith(("bfloat", "float")))):
+        raise ValueError(f"{{SPEC_NAME}}: {{what}} has dtype {{x.dtype}}; it must be a real floating array (it is "
+                         f"cast to the compute dtype {{dt}}, q's dtype)")
+    return np.ascontiguousarray(x, dtype=dt)
+
+
 def _prepare(q, k, v, params, inputs, lead):
-    q = np.asarray(q)
-    dt = q.dtype if q.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-    q, k, v = (np.ascontiguousarray(x, dtype=dt) for x in (q, k, v))
+    dt = _compute_dtype(q)
+    q, k, v = (_real(n, x, dt) for n, x in (("q", q), ("k", k), ("v", v)))
     if q.ndim != lead + 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or v.ndim != q.ndim:
         raise ValueError(f"{{SPEC_NAME}}: expected q, k [..., H, K] and v [..., H, V] with equal leading axes; "
                          f"got q {{q.shape}}, k {{k.shape}}, v {{v.shape}}")
@@ -139,26 +161,36 @@ def _prepare(q, k, v, params, inputs, lead):
     for n in _PARAM_NAMES:
         if n not in params or np.shape(params[n]) != (H,):
             raise ValueError(f"{{SPEC_NAME}}: parameter {{n!r}} must be given with shape [H] = ({{H}},)")
-        ps.append(np.ascontiguousarray(params[n], dtype=dt))
+        ps.append(_real(f"parameter {{n!r}}", params[n], dt))
     if sorted(inputs) != sorted(_INPUT_NAMES):
         raise ValueError(f"{{SPEC_NAME}}: per-token inputs must be exactly {{list(_INPUT_NAMES)}}, got {{sorted(inputs)}}")
     ins = []
     for n in _INPUT_NAMES:
         if np.shape(inputs[n]) != q.shape[:-1]:
             raise ValueError(f"{{SPEC_NAME}}: input {{n!r}} must have shape {{q.shape[:-1]}}, got {{np.shape(inputs[n])}}")
-        ins.append(np.ascontiguousarray(inputs[n], dtype=dt))
+        ins.append(_real(f"input {{n!r}}", inputs[n], dt))
     return q, k, v, ps, ins, dt
 
 
 def init_state(batch, num_heads, d_k, d_v, params, dtype=np.float32):
     """Default initial state (the spec's solver initialisation) for every (batch, head).
 
+    Args:
+        batch, num_heads, d_k, d_v: sizes B, H, K, V.  params: dict name -> [H] real floating values.
+        dtype: float32 or float64, the compute dtype of the layer calls that will use this state.
+
     Returns:
         State with fields {states}, numpy arrays of ``dtype``.
+
+    Raises:
+        ValueError: ``dtype`` is not float32 / float64, or a parameter is not real floating.
     """
-    fields = [np.empty((batch, num_heads) + _state_shape(n, d_k, d_v), dtype) for n in State._fields]
-    ps = [np.ascontiguousarray(params[n], dtype=dtype) for n in _PARAM_NAMES]
-    _build(d_k, d_v)[0](*ps, *fields)
+    dt = np.dtype(dtype)
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{{SPEC_NAME}}: init_state dtype {{dt}} is not supported; use float32 or float64")
+    fields = [np.empty((batch, num_heads) + _state_shape(n, d_k, d_v), dt) for n in State._fields]
+    ps = [_real(f"parameter {{n!r}}", params[n], dt) for n in _PARAM_NAMES]
+    _build(d_k, d_v, dt.name)[0](*ps, *fields)
     return State(*fields)
 
 
@@ -169,7 +201,7 @@ def _state_shape(name, d_k, d_v):
 def _initial(initial_state, B, H, K, V, params, dt):
     if initial_state is None:
         return init_state(B, H, K, V, params, dt)
-    st = State(*(np.ascontiguousarray(x, dtype=dt) for x in initial_state))
+    st = State(*(_real(f"initial_state.{{n}}", x, dt) for n, x in zip(State._fields, initial_state)))
     for n, x in zip(State._fields, st):
         if x.shape != (B, H) + _state_shape(n, K, V):
             raise ValueError(f"{{SPEC_NAME}}: state {{n!r}} must have shape {{(B, H) + _state_shape(n, K, V)}}")
@@ -180,7 +212,9 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     """Run the layer over a sequence (recurrent form).
 
     Args:
-        q, k: [B, T, H, K] queries and keys.  v: [B, T, H, V] values; float32 or float64 (q's dtype rules).
+        q, k: [B, T, H, K] queries and keys.  v: [B, T, H, V] values.  Dtypes: q's dtype is the compute dtype
+            and must be float32 or float64; k, v, params, inputs and initial_state must be real floating and
+            are cast to it.
         params: dict name -> [H] (constrained space).  initial_state: a State or None (solver default).
         output_final_state: also return the state after the last token.  form: must be "recurrent".
         **inputs: per-token inputs, each [B, T, H] (see INPUTS).
@@ -189,7 +223,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         (o [B, T, H, V], final State or None), numpy arrays of q's dtype.
 
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, q not float32 /
+            float64, or another array not real floating.
     """
     if form not in FORMS:
         raise ValueError(f"{{SPEC_NAME}}: unknown form {{form!r}}; this backend offers {{FORMS}}")
@@ -199,7 +234,7 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     st = _initial(initial_state, B, H, K, V, params, dt)
     o = np.full((B, T, H, V), np.nan, dt)
     final = State(*(np.array(x) for x in st))
-    _build(K, V)[2](q, k, v, *ps, *ins, *st, o, *final)
+    _build(K, V, dt.name)[2](q, k, v, *ps, *ins, *st, o, *final)
     return o, (final if output_final_state else None)
 
 
@@ -220,31 +255,32 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
 
     Returns:
         dict with dq, dk [B, T, H, K], dv [B, T, H, V], d<param> [H] (including the path through the default
-        initial state when ``initial_state`` is None), d<input> [B, T, H], dinitial_state (a State).
+        initial state when ``initial_state`` is None), d<input> [B, T, H], dinitial_state (a State); all of q's dtype.
 
     Raises:
-        ValueError: inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
+            another array (do and dfinal_state included) not real floating.
     """
     q, k, v, ps, ins, dt = _prepare(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
     st = _initial(initial_state, B, H, K, V, params, dt)
-    do = np.ascontiguousarray(do, dtype=dt)
+    do = _real("do", do, dt)
     if do.shape != v.shape:
         raise ValueError(f"{{SPEC_NAME}}: do must have shape {{v.shape}}, got {{do.shape}}")
     gT = (State(*(np.zeros_like(x) for x in st)) if dfinal_state is None
-          else State(*(np.ascontiguousarray(x, dtype=dt) for x in dfinal_state)))
+          else State(*(_real(f"dfinal_state.{{n}}", x, dt) for n, x in zip(State._fields, dfinal_state))))
     dq, dk, dv = (np.full(x.shape, np.nan, dt) for x in (q, k, v))
     dps = [np.zeros((B, H), dt) for _ in _PARAM_NAMES]
     dins = [np.full((B, T, H), np.nan, dt) for _ in _INPUT_NAMES]
     g0 = State(*(np.full(x.shape, np.nan, dt) for x in st))
-    init_all, init_adjoint_all, _, backward_all = _build(K, V)
+    init_all, init_adjoint_all, _, backward_all = _build(K, V, dt.name)
     L = max(1, math.isqrt(max(T - 1, 0)) + 1)  # segment length ⌈√T⌉
     backward_all(q, k, v, *ps, *ins, *st, do, *gT, dq, dk, dv, *dps, *dins, *g0, L)
     if initial_state is None and _PARAM_NAMES:
-        acc = np.zeros((B, H, len(_PARAM_NAMES)), np.float64)
+        acc = np.zeros((B, H, len(_PARAM_NAMES)), dt)
         init_adjoint_all(*g0, *ps, acc)
-        dps = [d + acc[:, :, n].astype(dt) for n, d in enumerate(dps)]
+        dps = [d + acc[:, :, n] for n, d in enumerate(dps)]
     out = {{"dq": dq, "dk": dk, "dv": dv, "dinitial_state": g0}}
     out.update({{"d" + n: d.sum(axis=0) for n, d in zip(_PARAM_NAMES, dps)}})
     out.update({{"d" + n: d for n, d in zip(_INPUT_NAMES, dins)}})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from mesagen.backends.common import header, indent
 from mesagen.backends.loops import grad_name
-from mesagen.backends.numba_common import Layout, constants, layout, plain_bodies
+from mesagen.backends.numba_common import Layout, causal_start, constants, layout, plain_bodies
 from mesagen.backends.numba_cpu import step_call
 from mesagen.ir.records import LayerIR
 
@@ -72,7 +72,8 @@ class NumbaCudaBackend:
         F = ["@lru_cache(maxsize=None)", "def _build(K, V, dtype_name):",
              '    """Compile-ready kernels for d_k = K, d_v = V and dtype "float32" | "float64" (sizes baked)."""',
              '    dt = float64 if dtype_name == "float64" else float32',
-             "    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, _jit)",
+             '    ftype = np.float64 if dtype_name == "float64" else np.float32',
+             "    _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, ftype, _jit)",
              ""]
         st0 = [s + "_0" for s in S]
         D = ["@cuda.jit", f"def init_kernel({', '.join(ps + st0)}):",
@@ -100,16 +101,17 @@ class NumbaCudaBackend:
               f"def backward_kernel({', '.join(args + ['do'] + [g(s) + '_T' for s in S] + outs + ['L'] + scratch)}):",
               '    """Checkpointed adjoint sweep for one (batch, head); scratch arrays are [B·H, ...] per block."""',
               "    T = q.shape[1]"] + indent(who)
-        D += ["    bh = cuda.blockIdx.x", "    nseg = (T + L - 1) // L"]
+        D += ["    bh = cuda.blockIdx.x"]
         D += indent([f"{n} = w_{n}[bh]" for n in S + N + gS + gN])
         D += indent(shared(T + ["o"] + gT))
+        D += indent(causal_start(lay, "r0", "rs"))
         D += indent(load)
-        D += ["    for t in range(T):  # forward sweep: keep the state entering every segment",
+        D += ["    for t in range(tl + 1):  # forward sweep: keep the state entering every segment",
               "        if t % L == 0:"] + indent([f"_copy2(ck_{s}[bh, t // L], {s}, r0, rs)" for s in S], 12)
         D += ["        " + step_call(lay, "_step_body", S, [], r="r0, rs")] + indent(advance, 8)
         D += indent([f"_copy2({g(s)}_new, {g(s)}_T[b, h], r0, rs)" for s in S] + ["_sync()"])
-        D += indent([f"acc_{p} = 0.0" for p in ps])
-        D += ["    for c in range(nseg - 1, -1, -1):", "        t0 = c * L", "        t1 = min(T, t0 + L)"]
+        D += indent([f"acc_{p} = ftype(0)" for p in ps])
+        D += ["    for c in range((tl + L) // L - 1, -1, -1):", "        t0 = c * L", "        t1 = min(tl + 1, t0 + L)"]
         D += indent([f"_copy2({s}, ck_{s}[bh, c], r0, rs)" for s in S] + ["_sync()"], 8)
         D += ["        for t in range(t0, t1):  # recompute the segment's states"]
         D += indent([f"_copy2(seg_{s}[bh, t - t0], {s}, r0, rs)" for s in S], 12)
@@ -154,12 +156,34 @@ def _is_device(x):
     return hasattr(x, "copy_to_host") or hasattr(x, "__cuda_array_interface__")
 
 
-def _dev(x, dt):
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _compute_dtype(q):
+    """The compute dtype: q's dtype, which must be float32 or float64 (the documented dtype policy)."""
+    dt = np.dtype(q.dtype) if hasattr(q, "dtype") else np.asarray(q).dtype
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{SPEC_NAME}: q has dtype {dt}, but this layer computes in q's dtype, which must be "
+                         f"float32 or float64; cast q first (e.g. q.astype(np.float32))")
+    return dt
+
+
+def _real_float(dt):
+    dt = np.dtype(dt)
+    return dt.kind == "f" or (dt.kind == "V" and dt.name.startswith(("bfloat", "float")))
+
+
+def _dev(what, x, dt):
+    """``x`` as a device array of the compute dtype ``dt`` (copied/cast as needed); it must be real floating."""
     if _is_device(x):
         x = x if hasattr(x, "copy_to_host") else cuda.as_cuda_array(x)
-        if x.dtype != dt:
-            raise ValueError(f"{SPEC_NAME}: device array of dtype {x.dtype}, expected {dt}")
-        return x
+        if np.dtype(x.dtype) == dt:
+            return x
+        x = x.copy_to_host()
+    x = np.asarray(x)
+    if not _real_float(x.dtype):
+        raise ValueError(f"{SPEC_NAME}: {what} has dtype {x.dtype}; it must be a real floating array (it is "
+                         f"cast to the compute dtype {dt}, q's dtype)")
     return cuda.to_device(np.ascontiguousarray(x, dtype=dt))
 
 
@@ -168,7 +192,7 @@ def _nan(shape, dt):
 
 
 def _prepare(q, k, v, params, inputs):
-    dt = np.dtype(q.dtype) if np.dtype(q.dtype) in (np.float32, np.float64) else np.dtype(np.float64)
+    dt = _compute_dtype(q)
     if len(q.shape) != 4 or tuple(k.shape) != tuple(q.shape) or tuple(v.shape[:3]) != tuple(q.shape[:3]):
         raise ValueError(f"{SPEC_NAME}: expected q, k [B, T, H, K] and v [B, T, H, V]; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -182,9 +206,9 @@ def _prepare(q, k, v, params, inputs):
         if tuple(inputs[n].shape) != tuple(q.shape[:3]):
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {tuple(q.shape[:3])}")
     host = not _is_device(q)
-    qd, kd, vd = (_dev(x, dt) for x in (q, k, v))
-    ps = [_dev(params[n], dt) for n in _PARAM_NAMES]
-    ins = [_dev(inputs[n], dt) for n in _INPUT_NAMES]
+    qd, kd, vd = (_dev(n, x, dt) for n, x in (("q", q), ("k", k), ("v", v)))
+    ps = [_dev(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]
+    ins = [_dev(f"input {n!r}", inputs[n], dt) for n in _INPUT_NAMES]
     return qd, kd, vd, ps, ins, dt, host
 
 
@@ -199,16 +223,22 @@ def _init_device(B, H, K, V, ps, dt):
 
 
 def init_state(batch, num_heads, d_k, d_v, params, dtype=np.float32):
-    """Default initial state for every (batch, head), computed by a kernel; returns numpy arrays of ``dtype``."""
+    """Default initial state for every (batch, head), computed by a kernel; returns numpy arrays of ``dtype``.
+
+    Raises:
+        ValueError: ``dtype`` is not float32 / float64, or a parameter is not real floating.
+    """
     dt = np.dtype(dtype)
-    ps = [_dev(params[n], dt) for n in _PARAM_NAMES]
+    if dt not in _COMPUTE_DTYPES:
+        raise ValueError(f"{SPEC_NAME}: init_state dtype {dt} is not supported; use float32 or float64")
+    ps = [_dev(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]
     return State(*(x.copy_to_host() for x in _init_device(batch, num_heads, d_k, d_v, ps, dt)))
 
 
 def _initial(initial_state, B, H, K, V, ps, dt):
     if initial_state is None:
         return _init_device(B, H, K, V, ps, dt)
-    st = State(*(_dev(x, dt) for x in initial_state))
+    st = State(*(_dev(f"initial_state.{n}", x, dt) for n, x in zip(State._fields, initial_state)))
     for n, x in zip(State._fields, st):
         if tuple(x.shape) != (B, H) + _state_shape(n, K, V):
             raise ValueError(f"{SPEC_NAME}: state {n!r} must have shape {(B, H) + _state_shape(n, K, V)}")
@@ -222,7 +252,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         (o [B, T, H, V], final State or None): numpy when q is numpy, else device arrays.
 
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, q not float32 /
+            float64 (q's dtype is the compute dtype), or another array not real floating.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
@@ -250,20 +281,22 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
     """Vector-Jacobian product of :func:`forward` (checkpointed adjoint recurrence); as in the CPU module.
 
     Returns:
-        dict with dq, dk, dv, d<param> [H], d<input> [B, T, H], dinitial_state (numpy or device arrays).
+        dict with dq, dk, dv, d<param> [H], d<input> [B, T, H], dinitial_state (numpy or device arrays), all
+        of q's dtype.
 
     Raises:
-        ValueError: inconsistent shapes, missing or unknown parameters or inputs.
+        ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
+            another array (do and dfinal_state included) not real floating.
     """
     qd, kd, vd, ps, ins, dt, host = _prepare(q, k, v, params, inputs)
     B, T, H, K = qd.shape
     V = vd.shape[3]
     st = _initial(initial_state, B, H, K, V, ps, dt)
-    dod = _dev(do, dt)
+    dod = _dev("do", do, dt)
     if tuple(dod.shape) != tuple(vd.shape):
         raise ValueError(f"{SPEC_NAME}: do must have shape {tuple(vd.shape)}, got {tuple(dod.shape)}")
-    gT = (State(*(_dev(np.zeros(x.shape, dt), dt) for x in st)) if dfinal_state is None
-          else State(*(_dev(x, dt) for x in dfinal_state)))
+    gT = (State(*(cuda.to_device(np.zeros(x.shape, dt)) for x in st)) if dfinal_state is None
+          else State(*(_dev(f"dfinal_state.{n}", x, dt) for n, x in zip(State._fields, dfinal_state))))
     dq, dk, dv = (_nan(tuple(x.shape), dt) for x in (qd, kd, vd))
     dps = [_nan((B, H), dt) for _ in _PARAM_NAMES]
     dins = [_nan((B, T, H), dt) for _ in _INPUT_NAMES]

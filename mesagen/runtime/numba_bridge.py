@@ -27,7 +27,8 @@ def numba_layer(module) -> Callable:
         argument through ``module.backward`` (the checkpointed adjoint recurrence).
 
     Raises:
-        ValueError: from the module, at trace time of the callback, on inconsistent shapes.
+        ValueError: q not float32 / float64 or another argument not real floating (at trace time, see
+            :func:`compute_dtype`); from the module, at trace time of the callback, on inconsistent shapes.
     """
     state_cls = module.State
 
@@ -71,14 +72,44 @@ def numba_layer(module) -> Callable:
 
     def apply(q, k, v, params, initial_state, inputs=None):
         """See :func:`numba_layer`."""
-        dt = jnp.asarray(q).dtype
-        st = tuple(jnp.asarray(x, dt) for x in initial_state)
-        params = {n: jnp.asarray(x, dt) for n, x in params.items()}
-        inputs = {n: jnp.asarray(x, dt) for n, x in (inputs or {}).items()}
+        dt = compute_dtype(module.SPEC_NAME, q)
+        k, v = (_real(module.SPEC_NAME, n, x, dt) for n, x in (("k", k), ("v", v)))
+        st = tuple(_real(module.SPEC_NAME, f"initial_state.{n}", x, dt)
+                   for n, x in zip(state_cls._fields, initial_state))
+        params = {n: _real(module.SPEC_NAME, f"parameter {n!r}", x, dt) for n, x in params.items()}
+        inputs = {n: _real(module.SPEC_NAME, f"input {n!r}", x, dt) for n, x in (inputs or {}).items()}
         o, fin = apply_(q, k, v, params, st, inputs)
         return o, state_cls(*fin)
 
     return apply
+
+
+def compute_dtype(layer: str, q) -> np.dtype:
+    """The compute dtype of a layer call: q's dtype, which must be float32 or float64 (the dtype policy).
+
+    Args:
+        layer: the layer's name, for the message.  q: the queries (any array-like).
+
+    Returns:
+        ``np.dtype(float32)`` or ``np.dtype(float64)``.
+
+    Raises:
+        ValueError: q has another dtype (float16, bfloat16, integer, bool, complex), naming layer, dtype and fix.
+    """
+    dt = np.dtype(jnp.asarray(q).dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"{layer}: q has dtype {dt}, but this layer computes in q's dtype, which must be float32 "
+                         f"or float64; cast q first (e.g. q.astype(jnp.float32))")
+    return dt
+
+
+def _real(layer: str, what: str, x, dt):
+    """``x`` cast to the compute dtype ``dt``; ValueError when it is not real floating (int, bool, complex)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{layer}: {what} has dtype {x.dtype}; it must be a real floating array (it is cast to the "
+                         f"compute dtype {dt}, q's dtype)")
+    return x.astype(dt)
 
 
 class NumbaCpuLayer:
@@ -122,10 +153,12 @@ class NumbaCpuLayer:
         """Same signature and result as the JAX module's ``forward`` (recurrent form only).
 
         Raises:
-            ValueError: a form other than ``"recurrent"``.
+            ValueError: a form other than ``"recurrent"``; q not float32 / float64; k, v, params, inputs or
+                the initial state not real floating (they are cast to q's dtype).
         """
         if form != "recurrent":
             raise ValueError(f"{self.SPEC_NAME}: the numba_cpu backend offers {self.FORMS}, not {form!r}")
+        compute_dtype(self.SPEC_NAME, q)
         B, _, H, K = q.shape
         state = initial_state if initial_state is not None else \
             self._jax.init_state(B, H, K, v.shape[-1], params, q.dtype)

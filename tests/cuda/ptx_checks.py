@@ -1,7 +1,8 @@
 """Compile every Numba-CUDA kernel to PTX for sm_80 and sm_90 without a GPU (own process, no simulator).
 
 Run by tests/test_numba_cuda.py. Uses ``cuda.compile_ptx`` from numba-cuda[cu12] (NVVM ships with the wheel).
-The benchmark shape K = V = 32 is compiled, and each kernel's static shared memory must fit in 48 KiB.
+The benchmark shape K = V = 32 is compiled, each kernel's static shared memory must fit in 48 KiB, and a
+float32 build must contain no float64 instruction (the dtype policy: float32 data is computed in float32).
 """
 
 from __future__ import annotations
@@ -40,3 +41,6 @@ def test_every_kernel_compiles(name, cc, dtype, monkeypatch):
         assert ".entry" in ptx, kname
         assert shared_bytes(ptx) <= 48 * 1024, (kname, shared_bytes(ptx))
         assert "shfl" not in ptx, f"{kname}: warp intrinsics"
+        if dtype == "float32":  # the dtype policy: float32 data is computed in float32, no double arithmetic
+            f64 = sorted(set(re.findall(r"\b[a-z.]*\.f64\b", ptx)))
+            assert not f64, f"{kname}: float64 instructions in the float32 build: {f64[:8]}"

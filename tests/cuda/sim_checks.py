@@ -1,8 +1,12 @@
 """Numba-CUDA layers under the CUDA simulator (run in its own process by tests/test_numba_cuda.py).
 
-Sets ``NUMBA_ENABLE_CUDASIM=1`` before numba is imported and shortens the interpreter's switch interval so
-``syncthreads`` barriers are cheap. Tiny prime shapes; float64 to 1e-10 against the references (forward)
-and against the CPU module's adjoint (backward), which tests/test_numba_cpu.py ties to JAX autodiff.
+Sets ``NUMBA_ENABLE_CUDASIM=1`` before numba is imported, switches threads as often as the interpreter allows
+(``sys.setswitchinterval(1e-6)``: many interleavings, cheap barriers) and installs the race detector of
+tests/cuda/racecheck.py, so any access of one element by two threads between the same pair of barriers
+(one writing), any cross-block conflict and any divergent barrier fails every run, not once in a while.
+Tiny prime shapes; float64 to 1e-10 against the references (forward) and against the CPU module's adjoint
+(backward), which tests/test_numba_cpu.py ties to JAX autodiff; random launch shapes (batch, heads, length,
+threads per block fewer or more than the rows) on top.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import os
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-sys.setswitchinterval(1e-5)
+sys.setswitchinterval(1e-6)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
+import racecheck  # noqa: E402  (patches the simulator before any kernel runs)
 from numba_cases import LAYERS, B, H, K, T, V, close, data, module, params_inputs, reference  # noqa: E402
 
 
@@ -72,3 +77,129 @@ def test_two_widths_in_one_process():
         params = {"lam": np.array([0.7, 1.9])}
         close(m.forward(q, k, v, params)[0], reference("ridge", q, k, v, params, {})[0])
     assert (B, T, H, K, V) == (2, 7, 2, 3, 5)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_random_launch_shapes_are_race_free(name, monkeypatch):
+    """Random grids, lengths and block sizes (1 … rows + 3 threads) under the race detector, against the CPU."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    m, c = module(name, "numba_cuda"), module(name, "numba_cpu")
+    for rep in range(6):
+        b, h, t = int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 10))
+        threads = int(rng.integers(1, max(K, V) + 4))
+        monkeypatch.setattr(m, "_threads", lambda K_, V_: threads)
+        q, k, v, do, beta = data(100 + rep, b=b, t=t, h=h)
+        params, inputs = params_inputs(name, beta, h=h)
+        before = racecheck.stats["accesses"]
+        o, st = m.forward(q, k, v, params, output_final_state=True, **inputs)
+        ro, rst = reference(name, q, k, v, params, inputs)
+        close(o, ro)
+        g = m.backward(q, k, v, params, do, dfinal_state=st, **inputs)
+        gc = c.backward(q, k, v, params, do, dfinal_state=st, **inputs)
+        for n in sorted(gc):
+            for a, r in (zip(g[n], gc[n]) if n == "dinitial_state" else [(g[n], gc[n])]):
+                close(a, r)
+        assert racecheck.stats["accesses"] > before  # the detector saw the kernels' accesses
+
+
+def _mutant(name, drop):
+    """The committed CUDA module of ``name`` with its ``drop``-th ``_sync()`` line removed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "generated" / name / "layer_numba_cuda.py"
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    syncs = [i for i, x in enumerate(lines) if x.strip() == "_sync()"]
+    del lines[syncs[drop]]
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"mesagen_mutant_{os.getpid()}_{name}_{drop}.py"
+    out.write_text("".join(lines), encoding="utf-8")
+    spec = importlib.util.spec_from_file_location(out.stem, out)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out.unlink()
+    return mod
+
+
+@pytest.mark.parametrize("name,drop", [("gd", 4), ("ridge", 2), ("ridge", 9)])
+def test_a_missing_barrier_fails_deterministically(name, drop):
+    """The detector catches a barrier removed from the generator's output on every run, not by luck."""
+    q, k, v, do, beta = data(6, t=3)
+    params, inputs = params_inputs(name, beta)
+    m = _mutant(name, drop)
+    with pytest.raises(racecheck.RaceError, match="race"):
+        m.backward(q, k, v, params, do, **inputs)
+
+
+def test_shared_array_is_one_per_call_site_even_when_allocation_is_slow(monkeypatch):
+    """The simulator's check-then-set allocation gave threads private 'shared' arrays (issue 7 item 2)."""
+    import time
+    import types as pytypes
+
+    slow = pytypes.SimpleNamespace(**{n: getattr(np, n) for n in dir(np) if not n.startswith("__")})
+    slow.empty = lambda *a, **kw: (time.sleep(0.002), np.empty(*a, **kw))[1]
+    monkeypatch.setattr(racecheck, "np", slow)
+
+    @cuda.jit
+    def kernel(out):
+        buf = cuda.shared.array(8, np.float64)
+        buf[cuda.threadIdx.x] = cuda.threadIdx.x + 1.0
+        cuda.syncthreads()
+        if cuda.threadIdx.x == 0:
+            s = 0.0
+            for i in range(8):
+                s += buf[i]
+            out[0] = s
+
+    out = np.zeros(1)
+    kernel[1, 8](out)
+    assert out[0] == 36.0
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_dtype_policy(name):
+    """q float32 / float64 is the compute dtype (others: ValueError); k, v, params, inputs are cast to it."""
+    q, k, v, do, beta = data(8, t=3)
+    params, inputs = params_inputs(name, beta)
+    m = module(name, "numba_cuda")
+    for bad in (np.float16, np.int32, np.bool_, np.complex64):
+        with pytest.raises(ValueError, match=rf"^{name}: q has dtype {np.dtype(bad).name}.*float32 or float64"):
+            m.forward(q.astype(bad), k, v, params, **inputs)
+    with pytest.raises(ValueError, match=rf"^{name}: v has dtype int64; it must be a real floating array"):
+        m.backward(q, k, v.astype(np.int64), params, do, **inputs)
+    ps = {n: x.astype(np.float16) for n, x in params.items()}
+    o, st = m.forward(q.astype(np.float32), k, v.astype(np.float16), ps, output_final_state=True, **inputs)
+    g = m.backward(q.astype(np.float32), k, v.astype(np.float16), ps, do, dfinal_state=st, **inputs)
+    arrays = [o, *st] + [x for n, d in g.items() for x in (d if n == "dinitial_state" else [d])]
+    assert {a.dtype for a in arrays} == {np.dtype(np.float32)}
+    c = module(name, "numba_cpu")
+    close(o, c.forward(q.astype(np.float32), k, v.astype(np.float16), ps, **inputs)[0], rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*invalid value encountered:RuntimeWarning")  # inf - inf in the simulator
+@pytest.mark.filterwarnings("ignore:.*overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("name", LAYERS)
+def test_non_finite_input_does_not_reach_earlier_positions(name):
+    """Issue 7 item 4 on the CUDA modules: NaN / inf at t = 3, loss on t < 3 (B = H = 1, T = 6, K = 3, V = 4)."""
+    rng = np.random.default_rng(11)
+    q, k, v, do = (rng.standard_normal((1, 6, 1, d)) for d in (3, 3, 4, 4))
+    params, inputs = params_inputs(name, rng.uniform(0.1, 0.9, (1, 6, 1)), h=1)
+    do[:, 3:] = 0.0
+    m = module(name, "numba_cuda")
+    clean = m.backward(q, k, v, params, do, **inputs)
+    clean_o = m.forward(q, k, v, params, **inputs)[0]
+    for target, bad in (("k", np.nan), ("v", np.inf), ("q", -np.inf)) + ((("beta", np.nan),) if inputs else ()):
+        arrays = {"q": q.copy(), "k": k.copy(), "v": v.copy(), **{n: x.copy() for n, x in inputs.items()}}
+        arrays[target][:, 3] = bad
+        ins = {n: arrays[n] for n in inputs}
+        o = m.forward(arrays["q"], arrays["k"], arrays["v"], params, **ins)[0]
+        np.testing.assert_array_equal(o[:, :3], clean_o[:, :3])
+        g = m.backward(arrays["q"], arrays["k"], arrays["v"], params, do, **ins)
+        for n, x in g.items():
+            if n == "dinitial_state":
+                for a, c in zip(x, clean[n]):
+                    np.testing.assert_array_equal(a, c)
+            elif x.ndim >= 3:
+                np.testing.assert_array_equal(x[:, :3], clean[n][:, :3], err_msg=f"{target}: {n}")
+                np.testing.assert_array_equal(x[:, 3:], 0.0, err_msg=f"{target}: {n}")
+            else:
+                np.testing.assert_array_equal(x, clean[n], err_msg=f"{target}: {n}")
