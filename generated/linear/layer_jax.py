@@ -17,6 +17,13 @@ Forms:
 
 Backward of the recurrent form: reverse-mode autodiff through lax.scan.
 
+Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or
+unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.
+Dtypes: q's dtype (float32 or float64) is the compute dtype; k, v, parameters, inputs and state may be
+any real floating dtype and are cast to it; outputs and state come back in it; anything else is a
+ValueError. Non-finite inputs: outputs and gradients at t depend only on positions <= t, also when a
+later position holds NaN or inf (see _causal_forward). Details: docs/layers.md in the mesagen repository.
+
 Derivation and its verification: DERIVATION.md beside this file.
 """
 

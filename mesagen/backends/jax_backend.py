@@ -134,8 +134,15 @@ class JaxBackend:
         if ir.kernel is not None:
             lines += ["    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T",
                       "                   (von Oswald et al. 2023, Sec. 3)."]
-        lines += [""] + textwrap.wrap(f"Backward of the recurrent form: {backward}.", 110) + ["",
-                  "Derivation and its verification: DERIVATION.md beside this file.", '"""']
+        lines += [""] + textwrap.wrap(f"Backward of the recurrent form: {backward}.", 110) + [""]
+        lines += ["Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or",
+                  "unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.",
+                  "Dtypes: q's dtype (float32 or float64) is the compute dtype; k, v, parameters, inputs and state may be",
+                  "any real floating dtype and are cast to it; outputs and state come back in it; anything else is a",
+                  "ValueError. Non-finite inputs: outputs and gradients at t depend only on positions <= t, also when a",
+                  "later position holds NaN or inf (see _causal_forward). Details: docs/layers.md in the mesagen repository.",
+                  ""]
+        lines += ["Derivation and its verification: DERIVATION.md beside this file.", '"""']
         return lines
 
     def _init_params(self, ir: LayerIR) -> list[str]:
