@@ -74,11 +74,11 @@ def axes(batched_params):
 
 @pytest.mark.parametrize("name,form", CASES)
 def test_jit_and_vmap_equal_the_loop(gen, name, form):
-    """jit of a per-example call, and vmap of per-example calls: parameters unbatched with N = T and N ≠ T,
-    batched with N = T (the grad test below: N ≠ T, parameters batched and unbatched)."""
+    """jit of a per-example call, and vmap of per-example calls with N = T, parameters unbatched and batched
+    (test_vjp_of_vmap checks the vmapped outputs with N ≠ T)."""
     m = gen[name]
     f = per_example(m, form)
-    for N, T, batched in ((3, 3, False), (2, 3, False), (3, 3, True)):
+    for N, T, batched in ((3, 3, False), (3, 3, True)):
         args = example_args(m, name, N, T, seed=N, batched_params=batched)
         want = loop(f, args, batched)
         assert rel(jax.vmap(f, in_axes=axes(batched))(*args), want) <= RTOL, (N, T, batched)
@@ -89,8 +89,9 @@ def test_jit_and_vmap_equal_the_loop(gen, name, form):
 @pytest.mark.parametrize("name,form", CASES)
 @pytest.mark.parametrize("batched_params,N,T", [(False, 2, 3), (True, 3, 2)],
                          ids=["params_unbatched-N!=T", "params_batched-N!=T"])
-def test_grad_and_vjp_of_vmap(gen, name, form, batched_params, N, T):
-    """grad of a loss of vmap and vjp of vmap, w.r.t. every argument, equal those of the per-example loop."""
+def test_vjp_of_vmap(gen, name, form, batched_params, N, T):
+    """vjp of vmap w.r.t. every argument equals the per-example loop's, for a random cotangent of the outputs and
+    the final state (grad is this vjp with the loss's cotangent: see the issue case and the checkpoint test)."""
     m = gen[name]
     args = example_args(m, name, N, T, seed=N * 10 + T, batched_params=batched_params)
     f = per_example(m, form)
@@ -103,18 +104,6 @@ def test_grad_and_vjp_of_vmap(gen, name, form, batched_params, N, T):
     names = ("q", "k", "v", "params", "inputs", "initial_state")
     for n, a, b in zip(names, pull(ct), pull_l(ct)):
         if jax.tree.leaves(b):  # delta has no parameters, the others no inputs
-            assert rel(a, b) <= RTOL, n
-
-    def loss(fn):
-        def L(*a):
-            o, final = fn(*a)
-            return jnp.sum(ct[0] * o) ** 2 + sum(jnp.sum(c * s) for c, s in zip(ct[1], final))
-        return L
-
-    g_vmap = jax.grad(loss(vf), argnums=tuple(range(6)))(*args)
-    g_loop = jax.grad(loss(lf), argnums=tuple(range(6)))(*args)
-    for n, a, b in zip(names, g_vmap, g_loop):
-        if jax.tree.leaves(b):
             assert rel(a, b) <= RTOL, n
 
 
@@ -138,7 +127,8 @@ def test_jvp_of_vmap_forward_mode(gen, name, form):
 
 
 @pytest.mark.parametrize("name,form", CASES)
-def test_checkpoint_around_forward(gen, name, form):
+def test_grad_of_vmap_and_of_checkpoint(gen, name, form):
+    """grad of a loss of vmap, and jit of grad of vmap of jax.checkpoint(forward), equal the loop's grad."""
     m = gen[name]
     args = example_args(m, name, 2, 3, seed=5)
     f = per_example(m, form)
@@ -149,7 +139,10 @@ def test_checkpoint_around_forward(gen, name, form):
 
     g = jax.grad(loss(f), argnums=tuple(range(6)))(*args)
     g_ck = jax.jit(jax.grad(loss(jax.checkpoint(f)), argnums=tuple(range(6))))(*args)
-    assert rel(g_ck, g) <= RTOL
+    g_loop = jax.grad(lambda *a: jnp.sum(w * loop(f, a, False)[0]), argnums=tuple(range(6)))(*args)
+    for a, b, c in zip(g, g_ck, g_loop):
+        if jax.tree.leaves(c):
+            assert rel(a, c) <= RTOL and rel(b, c) <= RTOL
 
 
 @pytest.mark.parametrize("name,form", CASES)
