@@ -150,8 +150,8 @@ def _causal_forward(impl, q, k, v, ps, state, inputs):
     Plain autodiff multiplies the zero cotangents of positions after the loss by the primal values there, so
     one NaN or inf at position s made every gradient NaN (0·NaN). Here the gradient path runs ``impl`` on the
     inputs with their non-finite entries replaced by finite stand-ins (0 for q, k, v; _INPUT_NEUTRAL for
-    per-token inputs), and the values come from ``impl`` on the inputs as given wherever those are non-finite.
-    Finite inputs take one ``impl`` call (the second one is skipped by lax.cond; under vmap both run).
+    per-token inputs), and wherever the recurrence on the inputs as given (``_values``) is non-finite, the
+    value is taken from it. Finite inputs skip ``_values`` (lax.cond; under vmap both branches run).
 
     Result: o[:, t] and every gradient through it depend only on positions ≤ t; gradients of a loss on finite
     outputs are exact; non-finite outputs carry no gradient. Plain JAX (no custom derivative rule), so jit,
@@ -163,12 +163,19 @@ def _causal_forward(impl, q, k, v, ps, state, inputs):
     o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]))
     all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
     given = lax.stop_gradient((q, k, v, tuple(ps), state, tuple(inputs)))
-    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: impl(*given))
+    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given))
     pick = lambda a, c: jnp.where(jnp.isfinite(a), c, a)  # noqa: E731
     return pick(o_a, o_c), jax.tree.map(pick, final_a, final_c)
 
 
 _causal_forward_jit = jax.jit(_causal_forward, static_argnums=0)
+
+
+def _values(q, k, v, ps, state, inputs):
+    """The plain token-by-token recurrence (values only): (o [B, T, H, V], final State)."""
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
+    final, o = _scan(tuple(ps), state, xs)
+    return jnp.swapaxes(o, 0, 1), final
 
 
 # ----------------------------------------------------------------------------------------------------
