@@ -178,7 +178,7 @@ def test_forms_agree_and_errors_are_clear(gen):
         m.forward(q, k, v, params, beta=np.ones(q.shape[:-1]))
     with pytest.raises(ValueError, match="inputs must be exactly"):
         gen["delta"].forward(q, k, v, {})
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(ValueError, match="must be float32 or float64"):
         m.forward(q.astype(np.int32), k, v, params)
     with pytest.raises(ValueError, match="params must be a dict"):
         m.forward(q, k, v, None)

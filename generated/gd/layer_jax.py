@@ -17,6 +17,13 @@ Forms:
 
 Backward of the recurrent form: reverse-mode autodiff through lax.scan.
 
+Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or
+unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.
+Dtypes: q's dtype (float32 or float64) is the compute dtype; k, v, parameters, inputs and state may be
+any real floating dtype and are cast to it; outputs and state come back in it; anything else is a
+ValueError. Non-finite inputs: outputs and gradients at t depend only on positions <= t, also when a
+later position holds NaN or inf (see _causal_forward). Details: docs/layers.md in the mesagen repository.
+
 Derivation and its verification: DERIVATION.md beside this file.
 """
 
@@ -39,6 +46,7 @@ INPUTS = {}
 FORMS = ('recurrent', 'closed_form')
 _PARAM_NAMES = ('eta',)
 _INPUT_NAMES = ()
+_INPUT_NEUTRAL = ()  # finite stand-ins, see _causal_forward
 _STATE_DIMS = (('K', 'V'), ('K', 'K'))  # per-head state shapes
 
 
@@ -200,18 +208,72 @@ def _forward_closed_form(q, k, v, ps, state, inputs):
     x = _precondition_all(q, Abar, *ps)                                # [B, T, H, K]
     scores = jnp.einsum("bthk,bshk->bhts", x, k)                       # [B, H, T, T]
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))
-    o = jnp.einsum("bhts,bshv->bthv", jnp.where(causal, scores, 0), v) + jnp.einsum("bhvk,bthk->bthv", C0, x)
+    # Multiply the masked scores only with finite values (0·NaN would reach every position); the non-finite
+    # entries of v reach positions t ≥ s through a cumulative sum, where the recurrence has them too.
+    finite_v = jnp.isfinite(v)
+    o = (jnp.einsum("bhts,bshv->bthv", jnp.where(causal, scores, 0), jnp.where(finite_v, v, 0))
+         + jnp.einsum("bhvk,bthk->bthv", C0, x) + jnp.cumsum(jnp.where(finite_v, 0, v), axis=1))
     Cbar = C0 + jnp.einsum("bthv,bthk->bhvk", v, k)
     Abar_T = (A0 + jnp.einsum("bthk,bthj->bhkj", k, k)) if _USES_GRAM else jnp.zeros((B, H, 0, 0), q.dtype)
     return o, State(*_final_all(Cbar, Abar_T, *ps))
 
 
+def _causal_forward(impl, q, k, v, ps, state, inputs):
+    """``impl(q, k, v, ps, state, inputs)`` whose outputs and gradients stay causal for non-finite inputs.
+
+    Plain autodiff multiplies the zero cotangents of positions after the loss by the primal values there, so
+    one NaN or inf at position s made every gradient NaN (0·NaN). Here the gradient path runs ``impl`` on the
+    inputs with their non-finite entries replaced by finite stand-ins (0 for q, k, v; _INPUT_NEUTRAL for
+    per-token inputs), and wherever the recurrence on the inputs as given (``_values``) is non-finite, the
+    value is taken from it. Finite inputs skip ``_values`` (lax.cond; under vmap both branches run).
+
+    Result: o[:, t] and every gradient through it depend only on positions ≤ t; gradients of a loss on finite
+    outputs are exact; non-finite outputs carry no gradient. Plain JAX (no custom derivative rule), so jit,
+    vmap, grad, vjp, jvp, checkpoint and scan compose.
+    """
+    xs = (q, k, v) + tuple(inputs)
+    stand_in = (0.0, 0.0, 0.0) + _INPUT_NEUTRAL
+    clean = [jnp.where(jnp.isfinite(x), x, jnp.asarray(c, x.dtype)) for x, c in zip(xs, stand_in)]
+    o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]))
+    all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+    given = lax.stop_gradient((q, k, v, tuple(ps), state, tuple(inputs)))
+    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given))
+    pick = lambda a, c: jnp.where(jnp.isfinite(a), c, a)  # noqa: E731
+    return pick(o_a, o_c), jax.tree.map(pick, final_a, final_c)
+
+
+_causal_forward_jit = jax.jit(_causal_forward, static_argnums=0)
+
+
+def _values(q, k, v, ps, state, inputs):
+    """The plain token-by-token recurrence (values only): (o [B, T, H, V], final State)."""
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
+    final, o = _scan(tuple(ps), state, xs)
+    return jnp.swapaxes(o, 0, 1), final
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public API (DESIGN §3).
 
+_COMPUTE_DTYPES = (jnp.float32, jnp.float64)
+
+
+def _real_floating(name, x):
+    """Refuse a non-real-floating array ``x`` (integer, bool, complex) named ``name``; any float width passes."""
+    dtype = jnp.asarray(x).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{SPEC_NAME}: {name} must be a real floating-point array (it is cast to q's dtype), "
+                         f"got {dtype}")
+
+
 def _check(q, k, v, params, inputs, lead):
-    if not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"{SPEC_NAME}: q must be a floating-point array (it sets the layer's dtype), got {q.dtype}")
+    """Validate dtypes (the dtype policy: q float32 or float64 sets the compute dtype; k, v, parameters, inputs
+    real floating of any width) and shapes of forward's / step's arguments; raise ValueError naming the argument."""
+    if not any(q.dtype == d for d in _COMPUTE_DTYPES):
+        raise ValueError(f"{SPEC_NAME}: q has dtype {q.dtype}, but q's dtype is the compute dtype and must be float32 "
+                         f"or float64; cast with q.astype(jnp.float32)")
+    _real_floating("k", k)
+    _real_floating("v", v)
     if not isinstance(params, dict):
         raise ValueError(f"{SPEC_NAME}: params must be a dict name -> [H] array, got {type(params).__name__}")
     if q.ndim != lead + 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or v.ndim != q.ndim:
@@ -223,6 +285,7 @@ def _check(q, k, v, params, inputs, lead):
             raise ValueError(f"{SPEC_NAME}: missing parameter {n!r} (expected {list(_PARAM_NAMES)})")
         if jnp.shape(params[n]) != (H,):
             raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape [H] = ({H},), got {jnp.shape(params[n])}")
+        _real_floating(f"parameter {n!r}", params[n])
     unknown = sorted(set(inputs) - set(_INPUT_NAMES))
     missing = sorted(set(_INPUT_NAMES) - set(inputs))
     if unknown or missing:
@@ -231,6 +294,7 @@ def _check(q, k, v, params, inputs, lead):
     for n in _INPUT_NAMES:
         if jnp.shape(inputs[n]) != q.shape[:-1]:
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {jnp.shape(inputs[n])}")
+        _real_floating(f"input {n!r}", inputs[n])
 
 
 def _state_in(state, B, H, K, V, dtype):
@@ -244,6 +308,7 @@ def _state_in(state, B, H, K, V, dtype):
         want = (B, H) + tuple(size[d] for d in dims)
         if x.shape != want:
             raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want}, got {x.shape}")
+        _real_floating(f"initial_state.{name}", x)
         out.append(x.astype(dtype))
     return State(*out)
 
@@ -252,22 +317,27 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     """Run the layer over a sequence.
 
     Args:
-        q, k: [B, T, H, K] queries and keys.  v: [B, T, H, V] values (float32 or float64).
-        params: dict name -> [H] array, constrained space (see PARAMS).
-        initial_state: a State ([B, H, ...] fields), or None for the solver's default initialisation.
+        q: [B, T, H, K] queries, float32 or float64: q's dtype is the compute dtype.
+        k: [B, T, H, K] keys.  v: [B, T, H, V] values.  Real floating, any width; cast to q's dtype.
+        params: dict name -> [H] real floating array, constrained space (see PARAMS); cast to q's dtype.
+        initial_state: a State ([B, H, ...] real floating fields, cast to q's dtype), or None for the solver's
+            default initialisation.
         output_final_state: also return the state after the last token.
         form: one of FORMS; every form computes the same function (to float64 round-off).
-        **inputs: per-token inputs, each [B, T, H] (see INPUTS).
+        **inputs: per-token inputs, each [B, T, H] real floating (see INPUTS); cast to q's dtype.
 
     Returns:
-        (o [B, T, H, V], final State or None).
+        (o [B, T, H, V], final State or None), both in q's dtype.
 
-    The dtype of q sets the computation's dtype (k, v, parameters, inputs and state are cast to it).
     Parameter values are not range-checked (they may be traced): keep them in their domain (PARAMS).
+    Causal for any input: o[:, t] and the gradients through it depend on positions ≤ t only, also when a
+    later position holds NaN or ±inf.
 
     Raises:
-        ValueError: unknown form, non-floating q, inconsistent shapes, missing or unknown parameters or
-            inputs, an initial state of the wrong fields or shapes.
+        ValueError: unknown form; q not float32/float64 (float16, bfloat16, integer, bool, complex: cast with
+            q.astype(jnp.float32)); k, v, a parameter, an input or a state field not real floating;
+            inconsistent shapes; missing or unknown parameters or inputs; an initial state of the wrong fields
+            or shapes.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this layer offers {FORMS}")
@@ -279,22 +349,27 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
     state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
-    if form == "recurrent":
-        o, final = _forward_recurrent(q, k.astype(dtype), v.astype(dtype), ps, state, ins)
-    else:
-        o, final = _forward_closed_form(q, k.astype(dtype), v.astype(dtype), ps, state, ins)
+    impl = _forward_recurrent if form == "recurrent" else _forward_closed_form
+    o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), ps, state, ins)
     return o, (final if output_final_state else None)
 
 
 def step(state, q_t, k_t, v_t, params, **inputs_t):
-    """Decode one token: q_t, k_t [B, H, K]; v_t [B, H, V]; inputs_t each [B, H].
+    """Decode one token.
+
+    Args:
+        state: State ([B, H, ...] real floating fields).
+        q_t: [B, H, K], float32 or float64 (the compute dtype).  k_t: [B, H, K].  v_t: [B, H, V].
+        params: dict name -> [H] array (see PARAMS).  **inputs_t: per-token inputs, each [B, H].
+        Everything but q_t: real floating of any width, cast to q_t's dtype.
 
     Returns:
-        (o_t [B, H, V], new State).
+        (o_t [B, H, V], new State), in q_t's dtype.
 
     Raises:
-        ValueError: non-floating q_t, inconsistent shapes, missing or unknown parameters or inputs, a state of
-            the wrong fields or shapes.
+        ValueError: q_t not float32/float64 (cast with q_t.astype(jnp.float32)); another argument not real
+            floating; inconsistent shapes; missing or unknown parameters or inputs; a state of the wrong
+            fields or shapes.
     """
     q_t, k_t, v_t = jnp.asarray(q_t), jnp.asarray(k_t), jnp.asarray(v_t)
     _check(q_t, k_t, v_t, params, inputs_t, 2)

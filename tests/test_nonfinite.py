@@ -1,0 +1,112 @@
+"""Causality for non-finite inputs (issue 7, item 4), every spec × form: a NaN, +inf or -inf in q, k, v or a
+per-token input at position s leaves the outputs at t < s equal to those of a clean run and makes exactly the
+outputs non-finite that the recurrence makes non-finite; with the loss on t < s only, every gradient is finite
+and equals the clean run's.
+
+Before the fix the closed forms of linear, gd and ridge made *every* position non-finite for a NaN in v at
+t = 4 (0·NaN in the einsum of masked scores with v), and dk, dv at t < 3 were NaN in every form for a NaN at
+t = 3 with the loss on t < 3 (0·NaN in the backward).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SHIPPED, load_generated, make_inputs
+
+pytestmark = pytest.mark.usefixtures("x64")
+
+CASES = [(n, f) for n in SHIPPED for f in load_generated(n).FORMS]
+B, T, H, K, V = 1, 6, 1, 3, 4  # the issue's shapes
+BAD = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf}
+FIELDS = ("q", "k", "v", "beta")  # beta: delta's per-token input
+
+
+def cases_with_fields():
+    return [(n, f, fld) for n, f in CASES for fld in FIELDS if fld != "beta" or n == "delta"]
+
+
+def poisoned(name, field, s, bad, seed=0):
+    """(clean args, args with ``bad`` at position s of ``field``, index of the poisoned entry)."""
+    q, k, v, params, inputs = make_inputs(seed, name, b=B, t=T, h=H, k=K, v=V)
+    clean = {"q": q, "k": k, "v": v, **inputs}
+    dirty = {n: np.array(x) for n, x in clean.items()}
+    idx = (0, s, 0, 1) if field in ("q", "k", "v") else (0, s, 0)
+    dirty[field][idx] = bad
+    return clean, dirty, params, idx
+
+
+def run(m, form, args, params):
+    ins = {n: x for n, x in args.items() if n not in ("q", "k", "v")}
+    return m.forward(args["q"], args["k"], args["v"], params, form=form, output_final_state=True, **ins)
+
+
+def expected_nonfinite(field, s):
+    """[T, V] mask of the outputs the recurrence makes non-finite: q at s → row s; k or β at s → rows ≥ s;
+    v[s, ·, 1] → column 1 of rows ≥ s (the other columns never meet it)."""
+    mask = np.zeros((T, V), bool)
+    if field == "q":
+        mask[s] = True
+    elif field == "v":
+        mask[s:, 1] = True
+    else:
+        mask[s:] = True
+    return mask
+
+
+@pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("name,form,field", cases_with_fields())
+def test_outputs_causal_for_nonfinite_input(gen, name, form, field, bad):
+    m = gen[name]
+    s = 4
+    clean, dirty, params, _ = poisoned(name, field, s, BAD[bad])
+    o_clean, _ = run(m, form, clean, params)
+    o, final = run(m, form, dirty, params)
+    o, o_clean = np.asarray(o), np.asarray(o_clean)
+    np.testing.assert_allclose(o[:, :s], o_clean[:, :s], rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(~np.isfinite(o[0, :, 0]), expected_nonfinite(field, s))
+    if field != "q":  # the final state has absorbed the non-finite pair
+        assert not all(bool(jnp.all(jnp.isfinite(x))) for x in final)
+
+
+@pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("name,form,field", cases_with_fields())
+def test_gradients_causal_for_nonfinite_input(gen, name, form, field, bad):
+    """Loss on t < 3, non-finite entry at t = 3: every gradient is finite and equals the clean run's (in
+    which the entry is an ordinary number)."""
+    m = gen[name]
+    s = 3
+    clean, dirty, params, _ = poisoned(name, field, s, BAD[bad], seed=1)
+    w = np.random.default_rng(2).standard_normal((B, T, H, V))
+    w[:, s:] = 0
+
+    def loss(args, params):
+        o, _ = run(m, form, args, params)
+        return jnp.sum(w[:, :s] * o[:, :s])
+
+    g_clean = jax.grad(loss, argnums=(0, 1))(clean, params)
+    g = jax.grad(loss, argnums=(0, 1))(dirty, params)
+    for path, x in jax.tree_util.tree_leaves_with_path(g):
+        assert bool(jnp.all(jnp.isfinite(x))), jax.tree_util.keystr(path)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_clean)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
+    # the positions after the loss get exactly zero gradient, as in the clean run
+    for n in dirty:
+        assert not np.any(np.asarray(g[0][n])[:, s + 1:])
+
+
+@pytest.mark.parametrize("name,form", CASES)
+def test_nonfinite_guard_keeps_finite_inputs_exact(gen, name, form):
+    """With finite inputs the guard changes nothing: the values are those of the unguarded form, bit for bit."""
+    m = gen[name]
+    q, k, v, params, inputs = make_inputs(3, name, b=2, t=T, h=2, k=K, v=V)
+    impl = m._forward_recurrent if form == "recurrent" else m._forward_closed_form
+    ps = [jnp.asarray(params[n]) for n in m._PARAM_NAMES]
+    state = m.init_state(2, 2, K, V, params, jnp.float64)
+    want = impl(q, k, v, ps, state, [jnp.asarray(inputs[n]) for n in m._INPUT_NAMES])
+    got = m.forward(q, k, v, params, form=form, output_final_state=True, **inputs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
