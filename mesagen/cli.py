@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MesagenError as exc:
-        print(f"mesagen: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # a spec with several problems: one line each
+            print(f"mesagen: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -56,6 +56,21 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
 }
 
 
+# Files with several mistakes: every problem is reported in the same run, one line each, sorted by position.
+MULTI: dict[str, list[tuple[int | None, int | None, str | None, str]]] = {
+    "several_mistakes.yaml": [
+        (10, 20, "solver.steps", "valid integer (got '3')"),
+        (13, 25, "parameters.eta.init", "valid number (got true)"),
+        (14, 1, "optimiser", "unknown key 'optimiser'"),
+    ],
+    "several_rule_violations.yaml": [
+        (4, 1, "description", "may not contain backslashes, double quotes or control characters"),
+        (13, 9, "parameters.lam.shape", "shape must be [heads], not ['heads', 'd_k']"),
+        (13, 42, "parameters.lam.domain", "must have domain 'positive'"),
+    ],
+}
+
+
 def _prefix(path: str, line: int | None, column: int | None, field: str | None) -> str:
     where = path + (f":{line}" if line is not None else "") + (f":{column}" if column is not None else "")
     return f"{where}: " + (f"{field}: " if field else "")
@@ -63,7 +78,7 @@ def _prefix(path: str, line: int | None, column: int | None, field: str | None) 
 
 def test_corpus_and_table_agree():
     on_disk = {p.name for p in BAD.glob("*.yaml")}
-    assert on_disk == set(EXPECTED), (on_disk ^ set(EXPECTED))
+    assert on_disk == set(EXPECTED) | set(MULTI), (on_disk ^ (set(EXPECTED) | set(MULTI)))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -93,6 +108,33 @@ def test_cli_refuses_bad_spec_in_process(name, tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("mesagen: error: " + _prefix(f"tests/bad_specs/{name}", line, column, field))
     assert phrase in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(MULTI))
+def test_every_mistake_is_reported_in_one_run(name, tmp_path, capsys, monkeypatch):
+    """A spec with several mistakes lists them all (it used to report the first one per run)."""
+    monkeypatch.chdir(ROOT)
+    rel = f"tests/bad_specs/{name}"
+    with pytest.raises(SpecError) as info:
+        load_spec(rel)
+    problems = info.value.problems
+    assert [(p.line, p.column, p.field or None) for p in problems] == [e[:3] for e in MULTI[name]]
+    assert all(phrase in p.reason for p, (*_, phrase) in zip(problems, MULTI[name]))
+    out = tmp_path / "out"
+    assert main(["build", rel, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == len(MULTI[name]), captured.err
+    for got, (line, column, field, phrase) in zip(lines, MULTI[name]):
+        assert got.startswith("mesagen: error: " + _prefix(rel, line, column, field)) and phrase in got, got
+    assert captured.out == "" and not out.exists()
+
+
+def test_misspelled_reference_is_one_mistake():
+    """An undeclared coefficient also leaves the declared parameter unused: only the reference is reported."""
+    with pytest.raises(SpecError) as info:
+        load_spec(BAD / "undeclared_coefficient.yaml")
+    assert [p.field for p in info.value.problems] == ["objective.regularizer.coefficient"]
 
 
 def test_shipped_specs_load():

@@ -47,40 +47,56 @@ def _pos(getter: Any, key: Any) -> tuple:
     return tuple(found[:2]) if found else ()
 
 
-class _Budget:
-    def __init__(self) -> None:
+#: Deepest nesting of maps and sequences a spec may have (a valid spec nests four levels).
+MAX_SPEC_DEPTH = 32
+
+
+class _Walk:
+    """State of one :func:`_plain` walk: the node budget left and the problems found so far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.left = MAX_SPEC_NODES
+        self.problems: list[SpecError] = []
 
 
-def _plain(node: Any, path: str, where: tuple, loc: tuple = (), budget: _Budget | None = None) -> Any:
-    """Convert ruamel containers to plain dict/list, refusing explicit non-core tags, merge keys and non-string keys.
+def _plain(node: Any, walk: _Walk, where: tuple, loc: tuple = ()) -> Any:
+    """Convert ruamel containers to plain dict/list, noting explicit non-core tags, merge keys and non-string keys.
 
-    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path.
+    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path. Every
+    problem is appended to ``walk.problems`` (the walk goes on, so that all of them are reported at once);
+    only the node budget and the depth limit stop it, by raising.
     """
-    budget = budget or _Budget()
-    budget.left -= 1
-    if budget.left < 0:
+    path = walk.path
+    walk.left -= 1
+    if walk.left < 0:
         raise SpecError(path, f"spec expands to more than {MAX_SPEC_NODES} YAML nodes (aliases of aliases?)")
+    if len(loc) > MAX_SPEC_DEPTH:
+        raise SpecError(path, f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels (a spec is a few levels of maps)",
+                        field=_dotted(loc[:MAX_SPEC_DEPTH]), **_loc_kwargs(where))
     tag = getattr(getattr(node, "tag", None), "value", None)
     if tag is not None and str(tag) not in _CORE_TAGS:
-        raise SpecError(path, f"explicit YAML tag {_short_tag(str(tag))!r} is not allowed in a spec",
-                        field=_dotted(loc), **_loc_kwargs(where))
+        walk.problems.append(SpecError(path, f"explicit YAML tag {_short_tag(str(tag))!r} is not allowed in a spec",
+                                       field=_dotted(loc), **_loc_kwargs(where)))
+        return None
     if isinstance(node, TaggedScalar):  # a core tag ruamel keeps as text: only ``!!str`` gets here
         return str(node.value)
     if isinstance(node, CommentedMap):
         if len(node.merge):
             here = (node.lc.line, node.lc.col) if node.lc.line is not None else where
-            raise SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write the keys out",
-                            field=_dotted(loc), **_loc_kwargs(here))
+            walk.problems.append(SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write the "
+                                           "keys out", field=_dotted(loc), **_loc_kwargs(here)))
+            return None
         out = {}
         for key, value in node.items():
             if not isinstance(key, str):
-                raise SpecError(path, f"keys must be strings, got {_render(key)}", field=_dotted(loc),
-                                **_loc_kwargs(_pos(node.lc.key, key)))
-            out[key] = _plain(value, path, _pos(node.lc.value, key) or where, loc + (key,), budget)
+                walk.problems.append(SpecError(path, f"keys must be strings, got {_render(key)}", field=_dotted(loc),
+                                               **_loc_kwargs(_pos(node.lc.key, key))))
+                continue
+            out[key] = _plain(value, walk, _pos(node.lc.value, key) or where, loc + (key,))
         return out
     if isinstance(node, CommentedSeq):
-        return [_plain(item, path, _pos(node.lc.item, i) or where, loc + (i,), budget) for i, item in enumerate(node)]
+        return [_plain(item, walk, _pos(node.lc.item, i) or where, loc + (i,)) for i, item in enumerate(node)]
     return node
 
 
@@ -135,27 +151,32 @@ _IDENTIFIER_RULE = ("is not a valid name: use letters, digits and '_', not start
                     "characters (no spaces, dots or slashes)")
 
 
-def _pydantic_error(path: str, root: Any, err: ValidationError) -> SpecError:
-    first = err.errors(include_url=False)[0]
-    loc = tuple(first["loc"])
-    if len(loc) >= 2 and loc[0] == "solver" and loc[1] in _SOLVER_TAGS:
-        loc = loc[:1] + loc[2:]
-    if loc and loc[-1] == "[key]":  # an invalid mapping key (a parameter or input name): cite the key itself
-        loc = loc[:-1]
-    line, col, _ = _locate(root, loc)
-    kind = first["type"]
-    value = first.get("input")
-    if kind == "extra_forbidden":
-        reason = f"unknown key {loc[-1]!r}"
-    elif kind == "missing":
-        reason = "required field is missing"
-    elif kind == "string_pattern_mismatch":
-        reason = f"{_render(value)} {_IDENTIFIER_RULE}"
-    else:
-        reason = first["msg"]
-        if "input" in first and not isinstance(value, (dict, list)):
-            reason += f" (got {_render(value)})"
-    return SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+def _pydantic_errors(path: str, root: Any, err: ValidationError) -> list[SpecError]:
+    """One located :class:`SpecError` per field pydantic rejected (the first error of each field)."""
+    out: dict[tuple, SpecError] = {}
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        if len(loc) >= 2 and loc[0] == "solver" and loc[1] in _SOLVER_TAGS:
+            loc = loc[:1] + loc[2:]
+        if loc and loc[-1] == "[key]":  # an invalid mapping key (a parameter or input name): cite the key itself
+            loc = loc[:-1]
+        if loc in out:
+            continue
+        line, col, _ = _locate(root, loc)
+        kind = e["type"]
+        value = e.get("input")
+        if kind == "extra_forbidden":
+            reason = f"unknown key {_render(loc[-1]) if loc else ''}"
+        elif kind == "missing":
+            reason = "required field is missing"
+        elif kind == "string_pattern_mismatch":
+            reason = f"{_render(value)} {_IDENTIFIER_RULE}"
+        else:
+            reason = e["msg"]
+            if "input" in e and not isinstance(value, (dict, list)):
+                reason += f" (got {_render(value)})"
+        out[loc] = SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+    return list(out.values())
 
 
 def _syntax_error(path: str, exc: MarkedYAMLError) -> SpecError:
@@ -188,7 +209,10 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
 
     Raises:
         SpecError: on YAML syntax errors, unknown keys, wrong types, inconsistent dimensions, unsupported
-            combinations or out-of-domain inits; the message names file, line, column and field path.
+            combinations or out-of-domain inits; the message names file, line, column and field path. All
+            problems of one stage are reported together (``err.problems``, one line each, sorted by
+            position): every disallowed tag, merge key and non-string key; else every field the schema
+            rejects; else every cross-field rule that fails. A YAML syntax error stops at the first.
     """
     path = str(path)
     if len(text.encode("utf-8")) > MAX_SPEC_BYTES:
@@ -209,16 +233,20 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
         kind = "a sequence" if isinstance(root, CommentedSeq) else f"the scalar {_render(root)}"
         where = (root.lc.line, root.lc.col) if isinstance(root, CommentedSeq) and root.lc.line is not None else ()
         raise SpecError(path, f"a spec must be a YAML mapping at the top level, not {kind}", **_loc_kwargs(where))
-    data = _plain(root, path, ())
+    walk = _Walk(path)
+    data = _plain(root, walk, ())
+    if walk.problems:
+        raise SpecError.collect(walk.problems)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_error(path, root, exc) from None
-    problems = semantic_errors(spec)
-    if problems:
-        loc, reason = problems[0]
+        raise SpecError.collect(_pydantic_errors(path, root, exc)) from None
+    problems = []
+    for loc, reason in semantic_errors(spec):
         line, col, _ = _locate(root, loc)
-        raise SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+        problems.append(SpecError(path, reason, line=line, column=col, field=_dotted(loc)))
+    if problems:
+        raise SpecError.collect(problems)
     return spec
 
 
