@@ -53,6 +53,10 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "top_level_list.yaml": (1, 1, None, "must be a YAML mapping at the top level, not a sequence"),
     "empty.yaml": (None, None, None, "the spec is empty"),
     "not_utf8.yaml": (2, 10, None, "not valid UTF-8 (byte 0xe9 at offset 25)"),
+    # found by tests/test_spec_fuzz.py: 5000 nested '[' took ruamel's scanner seconds (quadratic in depth)
+    "deep_nesting.yaml": (15, 39, None, "the YAML nests deeper than 32 levels"),
+    # found by tests/test_spec_fuzz.py: a key "\r" printed raw split the error line in two
+    "key_with_line_break.yaml": (15, 1, "'\\r'", "unknown key '\\r'"),
 }
 
 
@@ -317,3 +321,15 @@ def test_docs_quote_the_shipped_specs_verbatim():
     for name, (line, column, field, _) in EXPECTED.items():  # the messages quoted in §8 are the real ones
         if f"mesagen: error: tests/bad_specs/{name}:" in doc:
             assert "mesagen: error: " + _prefix(f"tests/bad_specs/{name}", line, column, field) in doc, name
+
+
+def test_deeply_nested_file_is_refused_quickly():
+    """A file of nothing but '[' up to the size limit is refused at the 33rd level, not after ruamel's scanner
+    has spent time quadratic in the depth on it (5000 levels took seconds, 120 000 would take hours)."""
+    import time
+
+    text = "x: " + "[" * (MAX_SPEC_BYTES // 2 - 10) + "]" * (MAX_SPEC_BYTES // 2 - 10)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match="nests deeper than 32 levels"):
+        parse_spec(text, "x.yaml")
+    assert time.perf_counter() - start < 5.0

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scanner import RoundTripScanner
 
 from mesagen.errors import SpecError
 from mesagen.spec.schema import Spec, semantic_errors
@@ -30,8 +31,42 @@ MAX_SPEC_BYTES = 256 * 1024
 #: local tags (``!foo``) are refused -- they would ask for objects a spec never needs.
 _CORE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq"))
 
+#: Deepest nesting of maps and sequences a spec may have (a valid spec nests four levels).
+MAX_SPEC_DEPTH = 32
+
 #: Most YAML nodes a spec may expand to (aliases share nodes, so a small file can expand exponentially).
 MAX_SPEC_NODES = 100_000
+
+
+class _TooDeep(Exception):
+    """Raised by :class:`_DepthLimitedScanner` where the text opens one collection too many."""
+
+    def __init__(self, mark: Any) -> None:
+        super().__init__("too deep")
+        self.mark = mark
+
+
+class _DepthLimitedScanner(RoundTripScanner):
+    """ruamel's round-trip scanner, stopping at the first collection nested deeper than :data:`MAX_SPEC_DEPTH`.
+
+    ruamel's scanner takes time quadratic in the nesting depth of flow collections (its stale-simple-key
+    check walks every open level at every token): a 256 KiB file of ``[`` costs hours before the composer
+    could fail. Counting the open block indents and flow brackets as they are scanned stops such a file
+    after a few dozen tokens.
+    """
+
+    def _check_depth(self) -> None:
+        if len(self.indents) + len(self.flow_context) >= MAX_SPEC_DEPTH:
+            raise _TooDeep(self.reader.get_mark())
+
+    def fetch_flow_collection_start(self, TokenClass: Any, to_push: Any) -> None:  # noqa: N803 (ruamel's name)
+        self._check_depth()
+        super().fetch_flow_collection_start(TokenClass, to_push)
+
+    def add_indent(self, column: int) -> bool:
+        if self.indent < column:
+            self._check_depth()
+        return super().add_indent(column)
 
 
 def _short_tag(tag: str) -> str:
@@ -45,10 +80,6 @@ def _pos(getter: Any, key: Any) -> tuple:
     except (KeyError, IndexError, TypeError):
         return ()
     return tuple(found[:2]) if found else ()
-
-
-#: Deepest nesting of maps and sequences a spec may have (a valid spec nests four levels).
-MAX_SPEC_DEPTH = 32
 
 
 class _Walk:
@@ -138,9 +169,21 @@ def _locate(root: Any, loc: tuple) -> tuple[int | None, int | None, tuple]:
 
 
 def _dotted(loc: tuple) -> str:
+    """``("parameters", "lam", "shape", 1)`` → ``parameters.lam.shape[1]``.
+
+    A key that is empty, has leading or trailing blanks, or holds a character that does not print (a line
+    break, a control or format character) is shown quoted and escaped (``objective.'\\r'``), so that every
+    error stays one readable line.
+    """
     parts = []
     for key in loc:
-        parts.append(f"[{key}]" if isinstance(key, int) else ("." if parts else "") + str(key))
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+            continue
+        text = str(key)
+        if not text or not text.isprintable() or text.strip() != text:
+            text = repr(text)
+        parts.append(("." if parts else "") + text)
     return "".join(parts)
 
 
@@ -218,10 +261,14 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
     if len(text.encode("utf-8")) > MAX_SPEC_BYTES:
         raise SpecError(path, f"spec is larger than {MAX_SPEC_BYTES} bytes")
     yaml = YAML(typ="rt", pure=True)
+    yaml.Scanner = _DepthLimitedScanner
+    too_deep = f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels (a spec is a few levels of maps)"
     try:
         root = yaml.load(io.StringIO(text))
-    except RecursionError:
-        raise SpecError(path, "the YAML nests too deeply (a spec is a few levels of maps)") from None
+    except _TooDeep as exc:
+        raise SpecError(path, too_deep, line=exc.mark.line + 1, column=exc.mark.column + 1) from None
+    except RecursionError:  # aliases can still nest deeper than the text; _plain stops those too
+        raise SpecError(path, too_deep) from None
     except MarkedYAMLError as exc:
         raise _syntax_error(path, exc) from None
     except YAMLError as exc:
