@@ -321,6 +321,13 @@ def test_docs_quote_the_shipped_specs_verbatim():
     for name, (line, column, field, _) in EXPECTED.items():  # the messages quoted in §8 are the real ones
         if f"mesagen: error: tests/bad_specs/{name}:" in doc:
             assert "mesagen: error: " + _prefix(f"tests/bad_specs/{name}", line, column, field) in doc, name
+    for name in MULTI:  # a spec with several mistakes is quoted with every line, in order, exactly as printed
+        if f"mesagen build tests/bad_specs/{name}\n" in doc:
+            quoted = doc.split(f"$ mesagen build tests/bad_specs/{name}\n", 1)[1].split("```", 1)[0]
+            with pytest.raises(SpecError) as info:
+                load_spec(BAD / name)
+            printed = [f"mesagen: error: {p.format()}".replace(str(BAD), "tests/bad_specs") for p in info.value.problems]
+            assert quoted.splitlines() == printed, name
 
 
 def test_deeply_nested_file_is_refused_quickly():
