@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mesagen", description="Compile in-context-objective specs into sequence layers.")
     ap.add_argument("--version", action="version", version=f"mesagen {__version__} (codegen format {CODEGEN_FORMAT})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    b = sub.add_parser("build", help="compile specs into generated/NAME/ (JAX, Numba, DERIVATION.md)")
+    b = sub.add_parser("build", help="compile specs into OUT/NAME/ (JAX, Numba, DERIVATION.md); OUT: --out, else ./generated")
     b.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (YAML)")
     b.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder (default: {DEFAULT_OUT} in the current folder)")

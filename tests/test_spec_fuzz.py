@@ -204,19 +204,22 @@ def _compile_once(spec, spec_path, backends=None, out_arg=""):
     return _COMPILED[key]
 
 
-_BASE = Path(tempfile.mkdtemp(prefix="mesagen_fuzz_"))  # reused by every example: the spec file is rewritten,
-SPEC = _BASE / "specs" / "fuzz.yaml"                      # the output folder restored after a successful build
-OUT = _BASE / "out"
+#: One folder reused by every example of the module: the spec file is rewritten, the output folder restored
+#: after a successful build (creating and removing a folder per example costs more than the examples).
+WHERE: dict[str, Path] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cleanup():
+def _fuzz_folder():
+    base = Path(tempfile.mkdtemp(prefix="mesagen_fuzz_"))
+    WHERE.update(spec=base / "specs" / "fuzz.yaml", out=base / "out")
     yield
-    shutil.rmtree(_BASE, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def _run_build(text: str | bytes) -> tuple[int, str, str, dict, dict]:
     """Write ``text`` to the spec file and build it into the output folder, which holds only a sentinel file."""
+    SPEC, OUT = WHERE["spec"], WHERE["out"]
     SPEC.parent.mkdir(parents=True, exist_ok=True)
     SPEC.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     OUT.mkdir(exist_ok=True)
@@ -234,6 +237,7 @@ def _run_build(text: str | bytes) -> tuple[int, str, str, dict, dict]:
 def _check(text: str | bytes) -> int:
     """Build ``text``; assert the outcome is a clean build or a clean refusal; return the exit status."""
     rc, stdout, stderr, before, after = _run_build(text)
+    SPEC, OUT = WHERE["spec"], WHERE["out"]
     if rc == 0:
         names = {rel.split("/")[0] for rel in after if "/" in rel}
         assert len(names) == 1 and len(after) == 1 + 4, after  # the sentinel and one layer's 4 files
