@@ -1,7 +1,8 @@
 """Spec fuzzing (issue 7, item 10): mutations of the shipped specs either build or are refused cleanly.
 
 Each example mutates one of ``specs/*.yaml`` -- keys deleted, duplicated, renamed or retyped, random scalars
-(unicode, empty strings, huge numbers, NaN/inf, null), deep nesting, lists for maps, text-level damage --
+(unicode, empty strings, huge numbers, NaN/inf, null), deep nesting, lists for maps, text-level damage
+(duplicated or dropped lines, tabs, truncation, CRLF, a BOM, invalid UTF-8 bytes) --
 writes it to a file and runs ``mesagen build FILE --out OUT`` in-process. Every outcome is one of:
 
 * exit 0: the layer's files were written (the derivation and its verification passed), or
@@ -72,6 +73,11 @@ _numbers = st.one_of(
     st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-320, 1e308, 0.5, 1.0]),
 )
 scalars = st.one_of(_text, _numbers, st.booleans(), st.none())
+#: YAML source snippets (not values): dates, typed-collection tags, anchors, aliases, local tags, merge keys.
+_raw_yaml = st.sampled_from(["2024-01-01", "2024-01-01 10:00:00", "!!binary aGk=", "!!timestamp 2024-01-01",
+                             "!!set {a, b}", "!!omap [a: 1]", "!!pairs [a: 1]", "&x 1", "*x", "!foo 1",
+                             "!!python/name:os.system", "{<<: {a: 1}}", "1" + "0" * 400, "0x1F", "0o17", ".nan",
+                             "-.inf", "~", "[", "}", "'", '"', "? a", "- a", "|", ">-", "@", "`", "%YAML 1.1"])
 
 
 def _nest(value, depth: int, as_map: bool):
@@ -157,10 +163,21 @@ def _dump(tree) -> str:
 
 # ---------------------------------------------------------------- text mutations
 
-def _text_mutation(data, text: str) -> str:
+def _text_mutation(data, text: str | bytes) -> str | bytes:
+    if isinstance(text, bytes):  # raw bytes were inserted already: damage them further
+        pos = data.draw(st.integers(0, len(text)))
+        return text[:pos] + data.draw(st.binary(max_size=8)) + text[pos:]
     lines = text.splitlines(keepends=True)
     op = data.draw(st.sampled_from(["dup_line", "drop_line", "insert", "delete_chars", "truncate", "indent",
-                                    "deep_flow", "replace_token"]))
+                                    "deep_flow", "replace_token", "crlf", "bom", "raw_bytes"]))
+    if op == "crlf":
+        return text.replace("\n", "\r\n")
+    if op == "bom":
+        return "\ufeff" + text
+    if op == "raw_bytes":  # invalid UTF-8, NUL bytes, stray continuation bytes
+        raw = text.encode("utf-8")
+        pos = data.draw(st.integers(0, len(raw)))
+        return raw[:pos] + data.draw(st.binary(min_size=1, max_size=8)) + raw[pos:]
     i = data.draw(st.integers(0, max(0, len(lines) - 1)))
     if op == "dup_line" and lines:  # duplicate keys, mostly
         lines.insert(i, lines[i])
@@ -176,13 +193,13 @@ def _text_mutation(data, text: str) -> str:
         s = "".join(lines)
         pos = data.draw(st.integers(0, len(s)))
         if op == "insert":
-            return s[:pos] + data.draw(_text) + s[pos:]
+            return s[:pos] + data.draw(st.one_of(_text, _raw_yaml)) + s[pos:]
         if op == "delete_chars":
             return s[:pos] + s[pos + data.draw(st.integers(1, 20)):]
         if op == "truncate":
             return s[:pos]
         token = data.draw(st.sampled_from(re.findall(r"[A-Za-z_0-9.]+", s) or ["x"]))
-        return s.replace(token, data.draw(_text), 1)
+        return s.replace(token, data.draw(st.one_of(_text, _raw_yaml)), 1)
     return "".join(lines)
 
 

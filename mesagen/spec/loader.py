@@ -8,6 +8,7 @@ sequences and scalars (never Python objects) and keeps each node's position; exp
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
+from ruamel.yaml.comments import CommentedMap, CommentedOrderedMap, CommentedSeq, CommentedSet, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scanner import RoundTripScanner
 
@@ -69,6 +70,20 @@ class _DepthLimitedScanner(RoundTripScanner):
         return super().add_indent(column)
 
 
+def _typed_collection_tag(node: Any) -> str:
+    """The tag of a value ruamel built for ``!!omap``, ``!!set``, ``!!binary`` or ``!!pairs`` (and then forgot
+    the tag of); ``""`` for anything else."""
+    if isinstance(node, CommentedOrderedMap):  # before CommentedMap, its base class
+        return "!!omap"
+    if isinstance(node, CommentedSet):
+        return "!!set"
+    if isinstance(node, bytes):
+        return "!!binary"
+    if type(node) is list:  # a plain list of pairs; every ordinary sequence is a CommentedSeq
+        return "!!pairs"
+    return ""
+
+
 def _short_tag(tag: str) -> str:
     return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
 
@@ -112,6 +127,15 @@ def _plain(node: Any, walk: _Walk, where: tuple, loc: tuple = ()) -> Any:
         return None
     if isinstance(node, TaggedScalar):  # a core tag ruamel keeps as text: only ``!!str`` gets here
         return str(node.value)
+    if isinstance(node, (datetime.date, datetime.datetime)):  # an unquoted 2024-01-01 (or !!timestamp)
+        walk.problems.append(SpecError(path, f"{node.isoformat()} reads as a date, which no spec key takes; "
+                                       "quote it if you meant text", field=_dotted(loc), **_loc_kwargs(where)))
+        return None
+    typed = _typed_collection_tag(node)
+    if typed:
+        walk.problems.append(SpecError(path, f"explicit YAML tag {typed!r} is not allowed in a spec",
+                                       field=_dotted(loc), **_loc_kwargs(where)))
+        return None
     if isinstance(node, CommentedMap):
         if len(node.merge):
             here = (node.lc.line, node.lc.col) if node.lc.line is not None else where
@@ -128,15 +152,24 @@ def _plain(node: Any, walk: _Walk, where: tuple, loc: tuple = ()) -> Any:
         return out
     if isinstance(node, CommentedSeq):
         return [_plain(item, walk, _pos(node.lc.item, i) or where, loc + (i,)) for i, item in enumerate(node)]
-    return node
+    if node is None or isinstance(node, (str, bool, int, float)):
+        return node
+    walk.problems.append(SpecError(path, f"a YAML value of type {type(node).__name__} is not allowed in a spec",
+                                   field=_dotted(loc), **_loc_kwargs(where)))
+    return None
 
 
 def _render(value: Any) -> str:
-    """A value as a spec author would write it: ``true``/``null`` rather than Python's ``True``/``None``."""
+    """A value as a spec author would write it: ``true``/``null`` rather than Python's ``True``/``None``;
+    a huge integer or a long string abridged (an error line quotes it, it need not repeat it)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
+    if isinstance(value, int) and len(digits := str(abs(int(value)))) > 24:
+        return f"a {len(digits)}-digit integer"
+    if isinstance(value, str) and len(value) > 60:
+        return f"{value[:40]!r}... ({len(value)} characters)"
     return repr(value)
 
 
@@ -214,6 +247,8 @@ def _pydantic_errors(path: str, root: Any, err: ValidationError) -> list[SpecErr
             reason = "required field is missing"
         elif kind == "string_pattern_mismatch":
             reason = f"{_render(value)} {_IDENTIFIER_RULE}"
+        elif kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+            reason = f"{_render(value)} is too large to be a number (the largest is about 1.8e308)"
         else:
             reason = e["msg"]
             if "input" in e and not isinstance(value, (dict, list)):
