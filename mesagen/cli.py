@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mesagen.errors import MesagenError
+from mesagen.errors import MesagenError, SpecError
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -23,12 +23,19 @@ def _build(args: argparse.Namespace) -> int:
     from mesagen.writer import drift, foreign, write_all
 
     files: dict[str, str] = {}
+    bad: list[SpecError] = []
     for spec in args.specs:  # compile everything first: a bad spec writes nothing at all
-        compiled = compile_file(spec, out=args.out)
+        try:
+            compiled = compile_file(spec, out=args.out)
+        except SpecError as exc:  # go on: the problems of every spec on the command line are reported at once
+            bad.append(exc)
+            continue
         clash = set(files) & set(compiled.files)
         if clash:
             raise MesagenError(f"{spec}: spec name {compiled.spec.name!r} is used by another spec on the command line")
         files.update(compiled.files)
+    if bad:
+        raise MesagenError("\n".join(str(exc) for exc in bad))
     out = Path(args.out)
     if args.check:
         bad = drift(files, out)

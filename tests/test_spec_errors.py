@@ -139,6 +139,17 @@ def test_every_mistake_is_reported_in_one_run(name, tmp_path, capsys, monkeypatc
     assert captured.out == "" and not out.exists()
 
 
+def test_every_bad_spec_on_the_command_line_is_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    argv = ["build", "tests/bad_specs/nan_init.yaml", "specs/linear.yaml", "tests/bad_specs/several_mistakes.yaml"]
+    assert main([*argv, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2].split(":")[0] for line in lines] == ["tests/bad_specs/nan_init.yaml"] + [
+        "tests/bad_specs/several_mistakes.yaml"] * 3
+    assert not out.exists()
+
+
 def test_misspelled_reference_is_one_mistake():
     """An undeclared coefficient also leaves the declared parameter unused: only the reference is reported."""
     with pytest.raises(SpecError) as info:
