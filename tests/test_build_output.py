@@ -189,3 +189,18 @@ def test_docs_quote_the_refusal_as_printed(tmp_path, capsys, monkeypatch):
     doc = (ROOT / "docs" / "specs.md").read_text()
     assert "$ cd proj && mesagen build ../mine/ridge.yaml" in doc
     assert "\n  " + line + "\n" in doc, line
+
+
+def test_files_with_the_previous_header_format_are_rebuilt(tmp_path, capsys):
+    """Files generated before the regenerate line named its folder ('# regenerate: mesagen build ...') belong
+    to the same spec: rebuilding them is not refused."""
+    proj = _project(tmp_path / "proj", "gd")
+    out = proj / "generated"
+    assert main(["build", str(proj / "specs" / "gd.yaml"), "--out", str(out)]) == 0
+    for p in (out / "gd").iterdir():
+        text = p.read_text()
+        assert "regenerate (in the folder that holds specs): " in text
+        p.write_text(text.replace("regenerate (in the folder that holds specs): ", "regenerate: "))
+    assert main(["build", str(proj / "specs" / "gd.yaml"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert "regenerate (in the folder that holds specs): " in (out / "gd" / "layer_jax.py").read_text()
