@@ -63,8 +63,13 @@ DEFAULT_OUT = "generated"
 def spec_root(path: str | Path) -> Path:
     """The folder a header's regenerate command runs in: the one that holds the spec's folder (absolute).
 
-    For ``/x/proj/specs/ridge.yaml`` it is ``/x/proj``, where ``mesagen build specs/ridge.yaml`` finds it
-    again (the header records the spec as :func:`spec_display_path`, ``specs/ridge.yaml``).
+    Args:
+        path: the spec file, as given on the command line.
+
+    Returns:
+        For ``/x/proj/specs/ridge.yaml``, ``/x/proj``: there ``mesagen build specs/ridge.yaml`` finds the
+        spec again (the header records it as :func:`spec_display_path`, ``specs/ridge.yaml``). For a spec
+        at the file-system root, the root.
     """
     parent = Path(path).resolve().parent
     return parent.parent if parent.name else parent

@@ -2,8 +2,11 @@
 
 Every error is a :class:`~mesagen.errors.SpecError` naming the file, the 1-based line and column and the
 dotted field path, e.g. ``specs/ridge.yaml:9:18: objective.regularizer.coefficient: 'lamda' is not a
-declared parameter``. YAML is read with ruamel's round-trip loader, which builds only plain maps,
-sequences and scalars (never Python objects) and keeps each node's position; explicit tags are refused.
+declared parameter``; a spec with several problems gets them all, one line each. YAML is read with ruamel's
+round-trip loader, which keeps each node's position and never builds arbitrary Python objects; anything
+but maps, sequences, strings, numbers, booleans and null (explicit non-core tags, ``!!binary``/``!!set``/
+``!!omap``/``!!pairs`` values, unquoted dates) is refused, and so is nesting deeper than
+:data:`MAX_SPEC_DEPTH`, while the text is still being scanned.
 """
 
 from __future__ import annotations
