@@ -11,7 +11,6 @@ but maps, sequences, strings, numbers, booleans and null (explicit non-core tags
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import json
@@ -20,8 +19,9 @@ from typing import Any
 
 from pydantic import ValidationError
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedOrderedMap, CommentedSeq, CommentedSet, TaggedScalar
+from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from ruamel.yaml.scanner import RoundTripScanner
 
 from mesagen.errors import SpecError
@@ -73,18 +73,61 @@ class _DepthLimitedScanner(RoundTripScanner):
         return super().add_indent(column)
 
 
-def _typed_collection_tag(node: Any) -> str:
-    """The tag of a value ruamel built for ``!!omap``, ``!!set``, ``!!binary`` or ``!!pairs`` (and then forgot
-    the tag of); ``""`` for anything else."""
-    if isinstance(node, CommentedOrderedMap):  # before CommentedMap, its base class
-        return "!!omap"
-    if isinstance(node, CommentedSet):
-        return "!!set"
-    if isinstance(node, bytes):
-        return "!!binary"
-    if type(node) is list:  # a plain list of pairs; every ordinary sequence is a CommentedSeq
-        return "!!pairs"
-    return ""
+_TAG = "tag:yaml.org,2002:"
+#: Tags YAML gives plain (untagged) scalars other than strings.
+_PLAIN_SCALAR_TAGS = frozenset(_TAG + t for t in ("int", "float", "bool", "null", "timestamp"))
+
+
+def _node_problems(root: Any, path: str) -> list[SpecError]:
+    """Check the composed YAML node graph before anything is constructed from it.
+
+    Refuses, at the node's position and with its field path: explicit tags outside the core schema
+    (``!!python/...``, ``!foo``, ``!!binary``, ``!!set``, ``!!omap``, ``!!pairs``), dates (``2024-01-01``, which
+    YAML resolves to ``!!timestamp``), merge keys (``<<``) and keys that are not strings (``1:``, ``[a]:``,
+    ``? {a: 1}``). Checking nodes rather than the constructed data matters: ruamel forgets the tag of some
+    values it builds, and crashes outright on some non-scalar keys. Aliases share nodes: each is checked once.
+    """
+    problems: list[SpecError] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, tuple]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        tag = str(getattr(node.tag, "value", node.tag))
+        mark = {"line": node.start_mark.line + 1, "column": node.start_mark.column + 1}
+        if tag == _TAG + "timestamp":
+            problems.append(SpecError(path, f"{node.value} reads as a date, which no spec key takes; quote it if "
+                                      "you meant text", field=_dotted(loc), **mark))
+            continue
+        if tag not in _CORE_TAGS:
+            problems.append(SpecError(path, f"explicit YAML tag {_short_tag(tag)!r} is not allowed in a spec",
+                                      field=_dotted(loc), **mark))
+            continue
+        if isinstance(node, MappingNode):
+            children = []
+            for key, value in node.value:
+                key_tag = str(getattr(key.tag, "value", key.tag))
+                key_mark = {"line": key.start_mark.line + 1, "column": key.start_mark.column + 1}
+                if key_tag == _TAG + "merge":
+                    problems.append(SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write "
+                                              "the keys out", field=_dotted(loc), **mark))
+                elif not isinstance(key, ScalarNode) or key_tag != _TAG + "str":
+                    if isinstance(key, (MappingNode, SequenceNode)):
+                        shown = "a mapping" if isinstance(key, MappingNode) else "a sequence"
+                    elif key_tag in _PLAIN_SCALAR_TAGS:  # 1, 1.5, true, null, 2024-01-01: as written
+                        shown = key.value or "null"
+                    else:
+                        shown = f"a value tagged {_short_tag(key_tag)!r}"
+                    problems.append(SpecError(path, f"keys must be strings, got {shown}", field=_dotted(loc),
+                                              **key_mark))
+                else:
+                    children.append((value, loc + (key.value,)))
+            stack.extend(reversed(children))
+        elif isinstance(node, SequenceNode):
+            stack.extend(reversed([(item, loc + (i,)) for i, item in enumerate(node.value)]))
+    return problems
 
 
 def _short_tag(tag: str) -> str:
@@ -110,11 +153,11 @@ class _Walk:
 
 
 def _plain(node: Any, walk: _Walk, where: tuple, loc: tuple = ()) -> Any:
-    """Convert ruamel containers to plain dict/list, noting explicit non-core tags, merge keys and non-string keys.
+    """Convert ruamel's constructed data (checked by :func:`_node_problems`) to plain dict/list/scalars.
 
-    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path. Every
-    problem is appended to ``walk.problems`` (the walk goes on, so that all of them are reported at once);
-    only the node budget and the depth limit stop it, by raising.
+    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path. Aliases
+    are expanded here, so the node budget and the depth limit stop it, by raising; any value of an
+    unexpected type is appended to ``walk.problems``.
     """
     path = walk.path
     walk.left -= 1
@@ -123,34 +166,11 @@ def _plain(node: Any, walk: _Walk, where: tuple, loc: tuple = ()) -> Any:
     if len(loc) > MAX_SPEC_DEPTH:
         raise SpecError(path, f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels (a spec is a few levels of maps)",
                         field=_dotted(loc[:MAX_SPEC_DEPTH]), **_loc_kwargs(where))
-    tag = getattr(getattr(node, "tag", None), "value", None)
-    if tag is not None and str(tag) not in _CORE_TAGS:
-        walk.problems.append(SpecError(path, f"explicit YAML tag {_short_tag(str(tag))!r} is not allowed in a spec",
-                                       field=_dotted(loc), **_loc_kwargs(where)))
-        return None
     if isinstance(node, TaggedScalar):  # a core tag ruamel keeps as text: only ``!!str`` gets here
         return str(node.value)
-    if isinstance(node, (datetime.date, datetime.datetime)):  # an unquoted 2024-01-01 (or !!timestamp)
-        walk.problems.append(SpecError(path, f"{node.isoformat()} reads as a date, which no spec key takes; "
-                                       "quote it if you meant text", field=_dotted(loc), **_loc_kwargs(where)))
-        return None
-    typed = _typed_collection_tag(node)
-    if typed:
-        walk.problems.append(SpecError(path, f"explicit YAML tag {typed!r} is not allowed in a spec",
-                                       field=_dotted(loc), **_loc_kwargs(where)))
-        return None
     if isinstance(node, CommentedMap):
-        if len(node.merge):
-            here = (node.lc.line, node.lc.col) if node.lc.line is not None else where
-            walk.problems.append(SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write the "
-                                           "keys out", field=_dotted(loc), **_loc_kwargs(here)))
-            return None
         out = {}
-        for key, value in node.items():
-            if not isinstance(key, str):
-                walk.problems.append(SpecError(path, f"keys must be strings, got {_render(key)}", field=_dotted(loc),
-                                               **_loc_kwargs(_pos(node.lc.key, key))))
-                continue
+        for key, value in node.items():  # keys are strings: _node_problems checked them
             out[key] = _plain(value, walk, _pos(node.lc.value, key) or where, loc + (key,))
         return out
     if isinstance(node, CommentedSeq):
@@ -302,6 +322,10 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
     yaml.Scanner = _DepthLimitedScanner
     too_deep = f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels (a spec is a few levels of maps)"
     try:
+        node = yaml.compose(io.StringIO(text))
+        problems = _node_problems(node, path) if node is not None else []
+        if problems:
+            raise SpecError.collect(problems)
         root = yaml.load(io.StringIO(text))
     except _TooDeep as exc:
         raise SpecError(path, too_deep, line=exc.mark.line + 1, column=exc.mark.column + 1) from None
