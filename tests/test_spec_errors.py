@@ -62,7 +62,7 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "date_value.yaml": (6, 14, "description", "2024-01-01 reads as a date, which no spec key takes; quote it"),
     "huge_integer.yaml": (16, 25, "parameters.eta.init", "a 401-digit integer is too large to be a number"),
     # found by tests/test_spec_fuzz.py: ruamel raised AttributeError (a traceback) constructing this key
-    "collection_key.yaml": (16, 1, None, "keys must be strings, got a sequence"),
+    "collection_key.yaml": (15, 1, None, "keys must be strings, got a sequence"),
     "key_with_line_break.yaml": (15, 1, "'\\r'", "unknown key '\\r'"),
 }
 
