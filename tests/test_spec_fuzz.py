@@ -25,6 +25,7 @@ import math
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -63,7 +64,8 @@ _text = st.one_of(
     _words,
     st.text(max_size=12),  # any unicode, empty strings included
     st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=40),
-    st.sampled_from(["", " ", "\t", "\n", "\x00", "\u200b", "é", "λ", "\U0001f600", "../x", "a/b", "a.b", "-1",
+    st.sampled_from(["", " ", "\t", "\n", "\r", "\x85", "\u2028", "a\nb",
+                     "\x00", "\u200b", "é", "λ", "\U0001f600", "../x", "a/b", "a.b", "-1",
                      "1e400", "nan", ".inf", "yes", "null", "~", "#", "&a", "*a", "!!int", "<<", "a" * 70]),
 )
 _numbers = st.one_of(
@@ -251,9 +253,15 @@ def _run_build(text: str | bytes) -> tuple[int, str, str, dict, dict]:
     return rc, stdout.getvalue(), stderr.getvalue(), before, after
 
 
+#: Seconds a refusal may take (they take ~30 ms; ruamel once spent seconds on a few thousand nested '[').
+REFUSAL_SECONDS = 3.0
+
+
 def _check(text: str | bytes) -> int:
     """Build ``text``; assert the outcome is a clean build or a clean refusal; return the exit status."""
+    start = time.perf_counter()
     rc, stdout, stderr, before, after = _run_build(text)
+    seconds = time.perf_counter() - start
     SPEC, OUT = WHERE["spec"], WHERE["out"]
     if rc == 0:
         names = {rel.split("/")[0] for rel in after if "/" in rel}
@@ -271,6 +279,7 @@ def _check(text: str | bytes) -> int:
         assert "Traceback" not in stderr
         assert stdout == ""
         assert after == before, "a refused spec changed the output folder"
+        assert seconds < REFUSAL_SECONDS, f"refusing took {seconds:.1f} s"
     return rc
 
 
