@@ -1,6 +1,6 @@
 """``mesagen`` command line: thin subcommands over :mod:`mesagen.pipeline` and the runtime.
 
-    mesagen build SPEC... [--out DIR] [--check]     compile specs into generated/NAME/
+    mesagen build SPEC... [--out DIR] [--check] [--force]   compile specs into DIR/NAME/ (default ./generated)
     mesagen list [SPEC_DIR]                          specs with their parameters, inputs and forms
     mesagen derive SPEC                              print the derivation (Markdown + LaTeX)
     mesagen train CONFIG ... / mesagen eval RUN_DIR  (the trainer; see README)
@@ -15,20 +15,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from mesagen.errors import MesagenError
+from mesagen.errors import MesagenError, SpecError
 
 
 def _build(args: argparse.Namespace) -> int:
     from mesagen.pipeline import compile_file
-    from mesagen.writer import drift, write_all
+    from mesagen.writer import drift, foreign, write_all
 
     files: dict[str, str] = {}
+    bad: list[SpecError] = []
     for spec in args.specs:  # compile everything first: a bad spec writes nothing at all
-        compiled = compile_file(spec)
+        try:
+            compiled = compile_file(spec, out=args.out)
+        except SpecError as exc:  # go on: the problems of every spec on the command line are reported at once
+            bad.append(exc)
+            continue
         clash = set(files) & set(compiled.files)
         if clash:
             raise MesagenError(f"{spec}: spec name {compiled.spec.name!r} is used by another spec on the command line")
         files.update(compiled.files)
+    if bad:
+        raise MesagenError("\n".join(str(exc) for exc in bad))
     out = Path(args.out)
     if args.check:
         bad = drift(files, out)
@@ -40,6 +47,10 @@ def _build(args: argparse.Namespace) -> int:
             return 1
         print(f"ok: {len(files)} generated file(s) are up to date")
         return 0
+    clashes = [] if args.force else foreign(files, out)
+    if clashes:  # a spec named like another spec's layer would silently replace it
+        raise MesagenError("\n".join(f"{c}; rename the spec's 'name', choose another --out, or pass --force to "
+                                     "overwrite" for c in clashes))
     for path in write_all(files, out):
         print(f"wrote {path}")
     return 0
@@ -75,14 +86,18 @@ def parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``mesagen`` command."""
     from mesagen import __version__
     from mesagen.backends import CODEGEN_FORMAT
+    from mesagen.pipeline import DEFAULT_OUT
 
     ap = argparse.ArgumentParser(prog="mesagen", description="Compile in-context-objective specs into sequence layers.")
     ap.add_argument("--version", action="version", version=f"mesagen {__version__} (codegen format {CODEGEN_FORMAT})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    b = sub.add_parser("build", help="compile specs into generated/NAME/ (JAX, Numba, DERIVATION.md)")
+    b = sub.add_parser("build", help="compile specs into OUT/NAME/ (JAX, Numba, DERIVATION.md); OUT: --out, else ./generated")
     b.add_argument("specs", nargs="+", metavar="SPEC", help="spec files (YAML)")
-    b.add_argument("--out", default="generated", help="output folder (default: generated)")
+    b.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output folder (default: {DEFAULT_OUT} in the current folder)")
     b.add_argument("--check", action="store_true", help="compare with the files on disk instead of writing; exit 1 on drift")
+    b.add_argument("--force", action="store_true",
+                   help="overwrite NAME/ folders that another spec file generated (refused otherwise)")
     b.set_defaults(func=_build)
     li = sub.add_parser("list", help="list specs with their parameters, inputs and forms")
     li.add_argument("spec_dir", nargs="?", default="specs", help="folder of specs (default: specs)")
@@ -104,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except MesagenError as exc:
-        print(f"mesagen: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # a spec with several problems: one line each
+            print(f"mesagen: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

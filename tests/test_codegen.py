@@ -55,9 +55,15 @@ def test_derive_prints_measured_values_on_stdout(capsys):
 
 
 def _build_hashes(tmp_path, seed: str) -> dict[str, bytes]:
-    out = tmp_path / f"out{seed}"
+    # a copy of the checkout's layout elsewhere (spec folder and output folder side by side, as in ROOT): the
+    # header records the output folder relative to the spec's project folder, never an absolute path
+    proj = tmp_path / f"proj{seed}"
+    (proj / "specs").mkdir(parents=True)
+    for n in SHIPPED:
+        (proj / "specs" / f"{n}.yaml").write_bytes((ROOT / "specs" / f"{n}.yaml").read_bytes())
+    out = proj / "generated"
     env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
-    specs = [str(ROOT / "specs" / f"{n}.yaml") for n in SHIPPED]
+    specs = [str(proj / "specs" / f"{n}.yaml") for n in SHIPPED]
     subprocess.run([sys.executable, "-m", "mesagen.cli", "build", *specs, "--out", str(out)], check=True,
                    env=env, capture_output=True, cwd=tmp_path)
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

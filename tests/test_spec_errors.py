@@ -53,6 +53,32 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "top_level_list.yaml": (1, 1, None, "must be a YAML mapping at the top level, not a sequence"),
     "empty.yaml": (None, None, None, "the spec is empty"),
     "not_utf8.yaml": (2, 10, None, "not valid UTF-8 (byte 0xe9 at offset 25)"),
+    # found by tests/test_spec_fuzz.py: 5000 nested '[' took ruamel's scanner seconds (quadratic in depth)
+    "deep_nesting.yaml": (15, 39, None, "the YAML nests deeper than 32 levels"),
+    # found by tests/test_spec_fuzz.py: a key "\r" printed raw split the error line in two
+    # found by tests/test_spec_fuzz.py: these were accepted by the loader as Python objects (bytes, date) and
+    # refused later with their Python repr (``got b'1.0'``, ``got datetime.date(2024, 1, 1)``, 400 digits)
+    "binary_tag.yaml": (16, 31, "parameters.eta.init", "explicit YAML tag '!!binary' is not allowed"),
+    "date_value.yaml": (6, 14, "description", "2024-01-01 reads as a date, which no spec key takes; quote it"),
+    "huge_integer.yaml": (16, 25, "parameters.eta.init", "a 401-digit integer is too large to be a number"),
+    # found by tests/test_spec_fuzz.py: ruamel raised AttributeError (a traceback) constructing this key
+    "collection_key.yaml": (15, 1, None, "keys must be strings, got a sequence"),
+    "key_with_line_break.yaml": (15, 1, "'\\r'", "unknown key '\\r'"),
+}
+
+
+# Files with several mistakes: every problem is reported in the same run, one line each, sorted by position.
+MULTI: dict[str, list[tuple[int | None, int | None, str | None, str]]] = {
+    "several_mistakes.yaml": [
+        (10, 20, "solver.steps", "valid integer (got '3')"),
+        (13, 25, "parameters.eta.init", "valid number (got true)"),
+        (14, 1, "optimiser", "unknown key 'optimiser'"),
+    ],
+    "several_rule_violations.yaml": [
+        (4, 1, "description", "may not contain backslashes, double quotes or control characters"),
+        (13, 9, "parameters.lam.shape", "shape must be [heads], not ['heads', 'd_k']"),
+        (13, 42, "parameters.lam.domain", "must have domain 'positive'"),
+    ],
 }
 
 
@@ -63,7 +89,7 @@ def _prefix(path: str, line: int | None, column: int | None, field: str | None) 
 
 def test_corpus_and_table_agree():
     on_disk = {p.name for p in BAD.glob("*.yaml")}
-    assert on_disk == set(EXPECTED), (on_disk ^ set(EXPECTED))
+    assert on_disk == set(EXPECTED) | set(MULTI), (on_disk ^ (set(EXPECTED) | set(MULTI)))
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -93,6 +119,44 @@ def test_cli_refuses_bad_spec_in_process(name, tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("mesagen: error: " + _prefix(f"tests/bad_specs/{name}", line, column, field))
     assert phrase in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name", sorted(MULTI))
+def test_every_mistake_is_reported_in_one_run(name, tmp_path, capsys, monkeypatch):
+    """A spec with several mistakes lists them all (it used to report the first one per run)."""
+    monkeypatch.chdir(ROOT)
+    rel = f"tests/bad_specs/{name}"
+    with pytest.raises(SpecError) as info:
+        load_spec(rel)
+    problems = info.value.problems
+    assert [(p.line, p.column, p.field or None) for p in problems] == [e[:3] for e in MULTI[name]]
+    assert all(phrase in p.reason for p, (*_, phrase) in zip(problems, MULTI[name]))
+    out = tmp_path / "out"
+    assert main(["build", rel, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == len(MULTI[name]), captured.err
+    for got, (line, column, field, phrase) in zip(lines, MULTI[name]):
+        assert got.startswith("mesagen: error: " + _prefix(rel, line, column, field)) and phrase in got, got
+    assert captured.out == "" and not out.exists()
+
+
+def test_every_bad_spec_on_the_command_line_is_reported(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "out"
+    argv = ["build", "tests/bad_specs/nan_init.yaml", "specs/linear.yaml", "tests/bad_specs/several_mistakes.yaml"]
+    assert main([*argv, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[2].split(":")[0] for line in lines] == ["tests/bad_specs/nan_init.yaml"] + [
+        "tests/bad_specs/several_mistakes.yaml"] * 3
+    assert not out.exists()
+
+
+def test_misspelled_reference_is_one_mistake():
+    """An undeclared coefficient also leaves the declared parameter unused: only the reference is reported."""
+    with pytest.raises(SpecError) as info:
+        load_spec(BAD / "undeclared_coefficient.yaml")
+    assert [p.field for p in info.value.problems] == ["objective.regularizer.coefficient"]
 
 
 def test_shipped_specs_load():
@@ -275,3 +339,22 @@ def test_docs_quote_the_shipped_specs_verbatim():
     for name, (line, column, field, _) in EXPECTED.items():  # the messages quoted in §8 are the real ones
         if f"mesagen: error: tests/bad_specs/{name}:" in doc:
             assert "mesagen: error: " + _prefix(f"tests/bad_specs/{name}", line, column, field) in doc, name
+    for name in MULTI:  # a spec with several mistakes is quoted with every line, in order, exactly as printed
+        if f"mesagen build tests/bad_specs/{name}\n" in doc:
+            quoted = doc.split(f"$ mesagen build tests/bad_specs/{name}\n", 1)[1].split("```", 1)[0]
+            with pytest.raises(SpecError) as info:
+                load_spec(BAD / name)
+            printed = [f"mesagen: error: {p.format()}".replace(str(BAD), "tests/bad_specs") for p in info.value.problems]
+            assert quoted.splitlines() == printed, name
+
+
+def test_deeply_nested_file_is_refused_quickly():
+    """A file of nothing but '[' up to the size limit is refused at the 33rd level, not after ruamel's scanner
+    has spent time quadratic in the depth on it (5000 levels took seconds, 120 000 would take hours)."""
+    import time
+
+    text = "x: " + "[" * (MAX_SPEC_BYTES // 2 - 10) + "]" * (MAX_SPEC_BYTES // 2 - 10)
+    start = time.perf_counter()
+    with pytest.raises(SpecError, match="nests deeper than 32 levels"):
+        parse_spec(text, "x.yaml")
+    assert time.perf_counter() - start < 5.0

@@ -192,6 +192,8 @@ class LayerIR:
         recurrence: the recurrent form (states in stored orientation, scheduled).
         kernel: the parallel form, or None when the solver has none.
         forms: the forms offered, "recurrent" first.
+        out_arg: the ``--out`` folder of the header's regenerate command, relative to the folder that holds
+            the spec's folder (POSIX); empty for the default ``generated``.
     """
 
     name: str
@@ -203,6 +205,7 @@ class LayerIR:
     recurrence: Recurrence
     kernel: KernelForm | None
     forms: tuple[str, ...] = field(default=("recurrent",))
+    out_arg: str = ""
 
     def __post_init__(self) -> None:
         if not self.forms or self.forms[0] != "recurrent":

@@ -2,8 +2,11 @@
 
 Every error is a :class:`~mesagen.errors.SpecError` naming the file, the 1-based line and column and the
 dotted field path, e.g. ``specs/ridge.yaml:9:18: objective.regularizer.coefficient: 'lamda' is not a
-declared parameter``. YAML is read with ruamel's round-trip loader, which builds only plain maps,
-sequences and scalars (never Python objects) and keeps each node's position; explicit tags are refused.
+declared parameter``; a spec with several problems gets them all, one line each. YAML is read with ruamel's
+round-trip loader, which keeps each node's position and never builds arbitrary Python objects; anything
+but maps, sequences, strings, numbers, booleans and null (explicit non-core tags, ``!!binary``/``!!set``/
+``!!omap``/``!!pairs`` values, unquoted dates) is refused, and so is nesting deeper than
+:data:`MAX_SPEC_DEPTH`, while the text is still being scanned.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq, TaggedScalar
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, ScalarNode, SequenceNode
+from ruamel.yaml.scanner import RoundTripScanner
 
 from mesagen.errors import SpecError
 from mesagen.spec.schema import Spec, semantic_errors
@@ -30,8 +35,99 @@ MAX_SPEC_BYTES = 256 * 1024
 #: local tags (``!foo``) are refused -- they would ask for objects a spec never needs.
 _CORE_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq"))
 
+#: Deepest nesting of maps and sequences a spec may have (a valid spec nests four levels).
+MAX_SPEC_DEPTH = 32
+
 #: Most YAML nodes a spec may expand to (aliases share nodes, so a small file can expand exponentially).
 MAX_SPEC_NODES = 100_000
+
+
+class _TooDeep(Exception):
+    """Raised by :class:`_DepthLimitedScanner` where the text opens one collection too many."""
+
+    def __init__(self, mark: Any) -> None:
+        super().__init__("too deep")
+        self.mark = mark
+
+
+class _DepthLimitedScanner(RoundTripScanner):
+    """ruamel's round-trip scanner, stopping at the first collection nested deeper than :data:`MAX_SPEC_DEPTH`.
+
+    ruamel's scanner takes time quadratic in the nesting depth of flow collections (its stale-simple-key
+    check walks every open level at every token): a 256 KiB file of ``[`` costs hours before the composer
+    could fail. Counting the open block indents and flow brackets as they are scanned stops such a file
+    after a few dozen tokens.
+    """
+
+    def _check_depth(self) -> None:
+        if len(self.indents) + len(self.flow_context) >= MAX_SPEC_DEPTH:
+            raise _TooDeep(self.reader.get_mark())
+
+    def fetch_flow_collection_start(self, TokenClass: Any, to_push: Any) -> None:  # noqa: N803 (ruamel's name)
+        self._check_depth()
+        super().fetch_flow_collection_start(TokenClass, to_push)
+
+    def add_indent(self, column: int) -> bool:
+        if self.indent < column:
+            self._check_depth()
+        return super().add_indent(column)
+
+
+_TAG = "tag:yaml.org,2002:"
+#: Tags YAML gives plain (untagged) scalars other than strings.
+_PLAIN_SCALAR_TAGS = frozenset(_TAG + t for t in ("int", "float", "bool", "null", "timestamp"))
+
+
+def _node_problems(root: Any, path: str) -> list[SpecError]:
+    """Check the composed YAML node graph before anything is constructed from it.
+
+    Refuses, at the node's position and with its field path: explicit tags outside the core schema
+    (``!!python/...``, ``!foo``, ``!!binary``, ``!!set``, ``!!omap``, ``!!pairs``), dates (``2024-01-01``, which
+    YAML resolves to ``!!timestamp``), merge keys (``<<``) and keys that are not strings (``1:``, ``[a]:``,
+    ``? {a: 1}``). Checking nodes rather than the constructed data matters: ruamel forgets the tag of some
+    values it builds, and crashes outright on some non-scalar keys. Aliases share nodes: each is checked once.
+    """
+    problems: list[SpecError] = []
+    seen: set[int] = set()
+    stack: list[tuple[Any, tuple]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        tag = str(getattr(node.tag, "value", node.tag))
+        mark = {"line": node.start_mark.line + 1, "column": node.start_mark.column + 1}
+        if tag == _TAG + "timestamp":
+            problems.append(SpecError(path, f"{node.value} reads as a date, which no spec key takes; quote it if "
+                                      "you meant text", field=_dotted(loc), **mark))
+            continue
+        if tag not in _CORE_TAGS:
+            problems.append(SpecError(path, f"explicit YAML tag {_short_tag(tag)!r} is not allowed in a spec",
+                                      field=_dotted(loc), **mark))
+            continue
+        if isinstance(node, MappingNode):
+            children = []
+            for key, value in node.value:
+                key_tag = str(getattr(key.tag, "value", key.tag))
+                key_mark = {"line": key.start_mark.line + 1, "column": key.start_mark.column + 1}
+                if key_tag == _TAG + "merge":
+                    problems.append(SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write "
+                                              "the keys out", field=_dotted(loc), **mark))
+                elif not isinstance(key, ScalarNode) or key_tag != _TAG + "str":
+                    if isinstance(key, (MappingNode, SequenceNode)):
+                        shown = "a mapping" if isinstance(key, MappingNode) else "a sequence"
+                    elif key_tag in _PLAIN_SCALAR_TAGS:  # 1, 1.5, true, null, 2024-01-01: as written
+                        shown = key.value or "null"
+                    else:
+                        shown = f"a value tagged {_short_tag(key_tag)!r}"
+                    problems.append(SpecError(path, f"keys must be strings, got {shown}", field=_dotted(loc),
+                                              **key_mark))
+                else:
+                    children.append((value, loc + (key.value,)))
+            stack.extend(reversed(children))
+        elif isinstance(node, SequenceNode):
+            stack.extend(reversed([(item, loc + (i,)) for i, item in enumerate(node.value)]))
+    return problems
 
 
 def _short_tag(tag: str) -> str:
@@ -47,49 +143,56 @@ def _pos(getter: Any, key: Any) -> tuple:
     return tuple(found[:2]) if found else ()
 
 
-class _Budget:
-    def __init__(self) -> None:
+class _Walk:
+    """State of one :func:`_plain` walk: the node budget left and the problems found so far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.left = MAX_SPEC_NODES
+        self.problems: list[SpecError] = []
 
 
-def _plain(node: Any, path: str, where: tuple, loc: tuple = (), budget: _Budget | None = None) -> Any:
-    """Convert ruamel containers to plain dict/list, refusing explicit non-core tags, merge keys and non-string keys.
+def _plain(node: Any, walk: _Walk, where: tuple, loc: tuple = ()) -> Any:
+    """Convert ruamel's constructed data (checked by :func:`_node_problems`) to plain dict/list/scalars.
 
-    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path.
+    ``where`` is the node's 0-based (line, column) (``()`` if unknown) and ``loc`` its field path. Aliases
+    are expanded here, so the node budget and the depth limit stop it, by raising; any value of an
+    unexpected type is appended to ``walk.problems``.
     """
-    budget = budget or _Budget()
-    budget.left -= 1
-    if budget.left < 0:
+    path = walk.path
+    walk.left -= 1
+    if walk.left < 0:
         raise SpecError(path, f"spec expands to more than {MAX_SPEC_NODES} YAML nodes (aliases of aliases?)")
-    tag = getattr(getattr(node, "tag", None), "value", None)
-    if tag is not None and str(tag) not in _CORE_TAGS:
-        raise SpecError(path, f"explicit YAML tag {_short_tag(str(tag))!r} is not allowed in a spec",
-                        field=_dotted(loc), **_loc_kwargs(where))
+    if len(loc) > MAX_SPEC_DEPTH:
+        raise SpecError(path, f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels (a spec is a few levels of maps)",
+                        field=_dotted(loc[:MAX_SPEC_DEPTH]), **_loc_kwargs(where))
     if isinstance(node, TaggedScalar):  # a core tag ruamel keeps as text: only ``!!str`` gets here
         return str(node.value)
     if isinstance(node, CommentedMap):
-        if len(node.merge):
-            here = (node.lc.line, node.lc.col) if node.lc.line is not None else where
-            raise SpecError(path, "YAML merge keys ('<<') are not supported in a spec; write the keys out",
-                            field=_dotted(loc), **_loc_kwargs(here))
         out = {}
-        for key, value in node.items():
-            if not isinstance(key, str):
-                raise SpecError(path, f"keys must be strings, got {_render(key)}", field=_dotted(loc),
-                                **_loc_kwargs(_pos(node.lc.key, key)))
-            out[key] = _plain(value, path, _pos(node.lc.value, key) or where, loc + (key,), budget)
+        for key, value in node.items():  # keys are strings: _node_problems checked them
+            out[key] = _plain(value, walk, _pos(node.lc.value, key) or where, loc + (key,))
         return out
     if isinstance(node, CommentedSeq):
-        return [_plain(item, path, _pos(node.lc.item, i) or where, loc + (i,), budget) for i, item in enumerate(node)]
-    return node
+        return [_plain(item, walk, _pos(node.lc.item, i) or where, loc + (i,)) for i, item in enumerate(node)]
+    if node is None or isinstance(node, (str, bool, int, float)):
+        return node
+    walk.problems.append(SpecError(path, f"a YAML value of type {type(node).__name__} is not allowed in a spec",
+                                   field=_dotted(loc), **_loc_kwargs(where)))
+    return None
 
 
 def _render(value: Any) -> str:
-    """A value as a spec author would write it: ``true``/``null`` rather than Python's ``True``/``None``."""
+    """A value as a spec author would write it: ``true``/``null`` rather than Python's ``True``/``None``;
+    a huge integer or a long string abridged (an error line quotes it, it need not repeat it)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "null"
+    if isinstance(value, int) and len(digits := str(abs(int(value)))) > 24:
+        return f"a {len(digits)}-digit integer"
+    if isinstance(value, str) and len(value) > 60:
+        return f"{value[:40]!r}... ({len(value)} characters)"
     return repr(value)
 
 
@@ -122,9 +225,21 @@ def _locate(root: Any, loc: tuple) -> tuple[int | None, int | None, tuple]:
 
 
 def _dotted(loc: tuple) -> str:
+    """``("parameters", "lam", "shape", 1)`` → ``parameters.lam.shape[1]``.
+
+    A key that is empty, has leading or trailing blanks, or holds a character that does not print (a line
+    break, a control or format character) is shown quoted and escaped (``objective.'\\r'``), so that every
+    error stays one readable line.
+    """
     parts = []
     for key in loc:
-        parts.append(f"[{key}]" if isinstance(key, int) else ("." if parts else "") + str(key))
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+            continue
+        text = str(key)
+        if not text or not text.isprintable() or text.strip() != text:
+            text = repr(text)
+        parts.append(("." if parts else "") + text)
     return "".join(parts)
 
 
@@ -135,27 +250,34 @@ _IDENTIFIER_RULE = ("is not a valid name: use letters, digits and '_', not start
                     "characters (no spaces, dots or slashes)")
 
 
-def _pydantic_error(path: str, root: Any, err: ValidationError) -> SpecError:
-    first = err.errors(include_url=False)[0]
-    loc = tuple(first["loc"])
-    if len(loc) >= 2 and loc[0] == "solver" and loc[1] in _SOLVER_TAGS:
-        loc = loc[:1] + loc[2:]
-    if loc and loc[-1] == "[key]":  # an invalid mapping key (a parameter or input name): cite the key itself
-        loc = loc[:-1]
-    line, col, _ = _locate(root, loc)
-    kind = first["type"]
-    value = first.get("input")
-    if kind == "extra_forbidden":
-        reason = f"unknown key {loc[-1]!r}"
-    elif kind == "missing":
-        reason = "required field is missing"
-    elif kind == "string_pattern_mismatch":
-        reason = f"{_render(value)} {_IDENTIFIER_RULE}"
-    else:
-        reason = first["msg"]
-        if "input" in first and not isinstance(value, (dict, list)):
-            reason += f" (got {_render(value)})"
-    return SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+def _pydantic_errors(path: str, root: Any, err: ValidationError) -> list[SpecError]:
+    """One located :class:`SpecError` per field pydantic rejected (the first error of each field)."""
+    out: dict[tuple, SpecError] = {}
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        if len(loc) >= 2 and loc[0] == "solver" and loc[1] in _SOLVER_TAGS:
+            loc = loc[:1] + loc[2:]
+        if loc and loc[-1] == "[key]":  # an invalid mapping key (a parameter or input name): cite the key itself
+            loc = loc[:-1]
+        if loc in out:
+            continue
+        line, col, _ = _locate(root, loc)
+        kind = e["type"]
+        value = e.get("input")
+        if kind == "extra_forbidden":
+            reason = f"unknown key {_render(loc[-1]) if loc else ''}"
+        elif kind == "missing":
+            reason = "required field is missing"
+        elif kind == "string_pattern_mismatch":
+            reason = f"{_render(value)} {_IDENTIFIER_RULE}"
+        elif kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+            reason = f"{_render(value)} is too large to be a number (the largest is about 1.8e308)"
+        else:
+            reason = e["msg"]
+            if "input" in e and not isinstance(value, (dict, list)):
+                reason += f" (got {_render(value)})"
+        out[loc] = SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+    return list(out.values())
 
 
 def _syntax_error(path: str, exc: MarkedYAMLError) -> SpecError:
@@ -188,16 +310,27 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
 
     Raises:
         SpecError: on YAML syntax errors, unknown keys, wrong types, inconsistent dimensions, unsupported
-            combinations or out-of-domain inits; the message names file, line, column and field path.
+            combinations or out-of-domain inits; the message names file, line, column and field path. All
+            problems of one stage are reported together (``err.problems``, one line each, sorted by
+            position): every disallowed tag, merge key and non-string key; else every field the schema
+            rejects; else every cross-field rule that fails. A YAML syntax error stops at the first.
     """
     path = str(path)
     if len(text.encode("utf-8")) > MAX_SPEC_BYTES:
         raise SpecError(path, f"spec is larger than {MAX_SPEC_BYTES} bytes")
     yaml = YAML(typ="rt", pure=True)
+    yaml.Scanner = _DepthLimitedScanner
+    too_deep = f"the YAML nests deeper than {MAX_SPEC_DEPTH} levels (a spec is a few levels of maps)"
     try:
+        node = yaml.compose(io.StringIO(text))
+        problems = _node_problems(node, path) if node is not None else []
+        if problems:
+            raise SpecError.collect(problems)
         root = yaml.load(io.StringIO(text))
-    except RecursionError:
-        raise SpecError(path, "the YAML nests too deeply (a spec is a few levels of maps)") from None
+    except _TooDeep as exc:
+        raise SpecError(path, too_deep, line=exc.mark.line + 1, column=exc.mark.column + 1) from None
+    except RecursionError:  # aliases can still nest deeper than the text; _plain stops those too
+        raise SpecError(path, too_deep) from None
     except MarkedYAMLError as exc:
         raise _syntax_error(path, exc) from None
     except YAMLError as exc:
@@ -209,16 +342,20 @@ def parse_spec(text: str, path: str | Path = "<string>") -> Spec:
         kind = "a sequence" if isinstance(root, CommentedSeq) else f"the scalar {_render(root)}"
         where = (root.lc.line, root.lc.col) if isinstance(root, CommentedSeq) and root.lc.line is not None else ()
         raise SpecError(path, f"a spec must be a YAML mapping at the top level, not {kind}", **_loc_kwargs(where))
-    data = _plain(root, path, ())
+    walk = _Walk(path)
+    data = _plain(root, walk, ())
+    if walk.problems:
+        raise SpecError.collect(walk.problems)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise _pydantic_error(path, root, exc) from None
-    problems = semantic_errors(spec)
-    if problems:
-        loc, reason = problems[0]
+        raise SpecError.collect(_pydantic_errors(path, root, exc)) from None
+    problems = []
+    for loc, reason in semantic_errors(spec):
         line, col, _ = _locate(root, loc)
-        raise SpecError(path, reason, line=line, column=col, field=_dotted(loc))
+        problems.append(SpecError(path, reason, line=line, column=col, field=_dotted(loc)))
+    if problems:
+        raise SpecError.collect(problems)
     return spec
 
 

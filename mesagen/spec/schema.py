@@ -153,8 +153,10 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         spec: a spec that passed pydantic validation.
 
     Returns:
-        A list of ``(field_path, reason)``; empty when the spec is consistent. The path is a tuple of keys
-        (e.g. ``("objective", "regularizer", "coefficient")``) that the loader maps to a line and column.
+        A list of ``(field_path, reason)``, one per failing rule (all of them, not only the first); empty when
+        the spec is consistent. The path is a tuple of keys (e.g. ``("objective", "regularizer",
+        "coefficient")``) that the loader maps to a line and column. A name declared but unused is not
+        reported when a reference failed to resolve (the misspelled reference is the one mistake).
     """
     errs: list[tuple[tuple[str | int, ...], str]] = []
     bad = sorted({c for c in spec.description if (not c.isprintable() and c not in "\n") or c in '\\"'})
@@ -174,12 +176,14 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         elif not _in_domain(p.init, p.domain):
             errs.append((("parameters", name, "init"), f"init {p.init!r} is outside the domain {p.domain!r}"))
     used: set[str] = set()
+    unresolved = False
 
     reg = spec.objective.regularizer
     if reg.kind == "ridge":
         if reg.coefficient is None:
             errs.append((("objective", "regularizer"), "a ridge regularizer needs a 'coefficient' (a parameter name)"))
         elif reg.coefficient not in spec.parameters:
+            unresolved = True
             errs.append((("objective", "regularizer", "coefficient"),
                          f"{reg.coefficient!r} is not a declared parameter (declared: {sorted(spec.parameters)})"))
         else:
@@ -216,8 +220,11 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 errs.append((("inputs", ss, "space"), "unsupported combination: a step size is used in linear "
                              "space; a log-space input is only meaningful as a forget gate"))
         else:
+            unresolved = True
             errs.append((("solver", "step_size"), f"{ss!r} is neither a declared parameter nor an input"))
 
+    if unresolved:  # a misspelled reference would also make its intended target look unused: report it once
+        return errs
     for group in ("parameters", "inputs"):
         for name in getattr(spec, group):
             if name not in used and name in names:
