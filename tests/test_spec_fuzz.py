@@ -323,7 +323,7 @@ def valid_specs(draw) -> dict:
     """A spec within the supported combinations (docs/specs.md §4), with random names, inits, descriptions."""
     param = draw(_identifiers)
     combo = draw(st.sampled_from(["ridge_closed", "none_gd", "none_online_input", "none_online_param",
-                                  "ridge_gd1", "ridge_online_input", "ridge_online_param"]))
+                                  "ridge_gd", "ridge_online_input", "ridge_online_param"]))
     ridge = combo.startswith("ridge")
     tree = copy.deepcopy(TREES["linear"])
     tree["name"] = draw(_identifiers)
@@ -337,9 +337,8 @@ def valid_specs(draw) -> dict:
     step = param if ridge else draw(_identifiers)
     if combo == "ridge_closed":
         tree["solver"] = {"kind": "closed_form", "recurrence": "sherman_morrison"}
-    elif combo in ("none_gd", "ridge_gd1"):
-        # ridge + gd with steps >= 2 is issue 7 item 5 (another change); steps up to 6 keep examples fast
-        steps = 1 if ridge else draw(st.integers(1, 6))
+    elif combo in ("none_gd", "ridge_gd"):
+        steps = draw(st.integers(1, 6))  # up to 6 keeps examples fast
         tree["solver"] = {"kind": "gd", "steps": steps, "step_size": step}
     else:
         tree["solver"] = {"kind": "online_gd", "step_size": step}
