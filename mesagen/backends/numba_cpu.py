@@ -349,7 +349,7 @@ def _spd_inv(A, out, Lw):
             for m in range(j):
                 acc -= Lw[i, m] * Lw[j, m]
             if i == j:
-                Lw[j, j] = ftype(math.sqrt(acc)) if acc > ftype(0) else ftype(math.nan)
+                Lw[j, j] = math.sqrt(acc) if acc > ftype(0) else math.sqrt(-abs(acc) - ftype(1))  # NaN
             else:
                 Lw[i, j] = acc / Lw[j, j]
     for c in range(n):
