@@ -574,7 +574,7 @@ def _build(K, V, dtype_name):
                 _copy2(A0, Ab, 0, 1)
                 dCt[:, :] = ftype(0)
                 dAb[:, :] = ftype(0)
-                for t in range(tl + 1):  # forward sweep, refactorised as in forward_all: keep each segment's entry state
+                for t in range(tl + 1):  # forward sweep refactorised as forward_all's; keep each segment's entry
                     if t % L == 0:
                         _copy2(ck_S[t // L], S, 0, 1)
                         _copy2(ck_P[t // L], P, 0, 1)
@@ -662,7 +662,8 @@ def _build(K, V, dtype_name):
                                 dk[b, t, h, i] = ftype(0)
                     _fold(Ch, dCh)  # two-level sums (within a segment, then across segments), as layer_jax.py
                     _fold(Ah, dAh)
-                # the initial state: Ct₀ = Ā₀ᵀ S₀ and Ā₀ = P₀⁻¹ give ḡS₀ = Ā₀ Ĉ₀ and ḡP₀ = −sym(Ā₀ᵀ (Â₀ + S₀ Ĉ₀ᵀ) Ā₀ᵀ)
+                # the initial state: Ct₀ = Ā₀ᵀ S₀ and Ā₀ = P₀⁻¹ give ḡS₀ = Ā₀ Ĉ₀ and
+                # ḡP₀ = −sym(Ā₀ᵀ (Â₀ + S₀ Ĉ₀ᵀ) Ā₀ᵀ)
                 for i in range(K):
                     for j in range(V):
                         acc = ftype(0)
@@ -801,7 +802,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
 
 
 def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **inputs):
-    """Vector-Jacobian product of :func:`forward` (the adjoint recurrence, checkpointed every ⌈√T⌉ steps).
+    """Vector-Jacobian product of :func:`forward` (implicit differentiation, ⌈√T⌉-step segments recomputed).
 
     Args:
         q, k, v, params, initial_state, **inputs: as for :func:`forward`.

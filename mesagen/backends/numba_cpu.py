@@ -78,7 +78,9 @@ class NumbaCpuBackend:
               "    return None", "", ""]
         L += plain_bodies(ir)
         L += self._build(lay, implicit)
-        L += _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states)).splitlines()
+        how = ("implicit differentiation, ⌈√T⌉-step segments recomputed" if implicit
+               else "the adjoint recurrence, checkpointed every ⌈√T⌉ steps")
+        L += _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states), how=how).splitlines()
         return "\n".join(L).rstrip("\n") + "\n"
 
     def _implicit(self, lay: Layout, alloc: list[str]) -> list[str]:
@@ -291,7 +293,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
 
 
 def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **inputs):
-    """Vector-Jacobian product of :func:`forward` (the adjoint recurrence, checkpointed every ⌈√T⌉ steps).
+    """Vector-Jacobian product of :func:`forward` ({how}).
 
     Args:
         q, k, v, params, initial_state, **inputs: as for :func:`forward`.
@@ -519,7 +521,7 @@ def backward_all(q, k, v, {params}{S}_0, {P}_0, do, g_{S}_T, g_{P}_T, dq, dk, dv
             _copy2(A0, Ab, 0, 1)
             dCt[:, :] = ftype(0)
             dAb[:, :] = ftype(0)
-            for t in range(tl + 1):  # forward sweep, refactorised as in forward_all: keep each segment's entry state
+            for t in range(tl + 1):  # forward sweep refactorised as forward_all's; keep each segment's entry
                 if t % L == 0:
                     _copy2(ck_{S}[t // L], {S}, 0, 1)
                     _copy2(ck_{P}[t // L], {P}, 0, 1)
@@ -607,7 +609,8 @@ def backward_all(q, k, v, {params}{S}_0, {P}_0, do, g_{S}_T, g_{P}_T, dq, dk, dv
                             dk[b, t, h, i] = ftype(0)
                 _fold(Ch, dCh)  # two-level sums (within a segment, then across segments), as layer_jax.py
                 _fold(Ah, dAh)
-            # the initial state: Ct₀ = Ā₀ᵀ {S}₀ and Ā₀ = {P}₀⁻¹ give ḡ{S}₀ = Ā₀ Ĉ₀ and ḡ{P}₀ = −sym(Ā₀ᵀ (Â₀ + {S}₀ Ĉ₀ᵀ) Ā₀ᵀ)
+            # the initial state: Ct₀ = Ā₀ᵀ {S}₀ and Ā₀ = {P}₀⁻¹ give ḡ{S}₀ = Ā₀ Ĉ₀ and
+            # ḡ{P}₀ = −sym(Ā₀ᵀ (Â₀ + {S}₀ Ĉ₀ᵀ) Ā₀ᵀ)
             for i in range(K):
                 for j in range(V):
                     acc = ftype(0)
