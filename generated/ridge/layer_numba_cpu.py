@@ -13,9 +13,14 @@ parameters [H] in their constrained space; float32 or float64 (the dtype of q).
 Forms: recurrent only -- an njit loop over (batch, head, time) of the per-head step printed from
 the IR as explicit element loops (the same plain body text as layer_numba_cuda.py).
 
-backward(): the adjoint recurrence, derived per assignment from the IR. States are checkpointed
-every ⌈√T⌉ steps; each segment is recomputed forwards, then the adjoint step runs backwards. No
-earlier state is reconstructed by reversing an update.
+forward(): Sherman–Morrison steps inside ⌈√T⌉-token segments; at every segment boundary, and for the
+final state, the state is rebuilt from the exact statistics (Σ v kᵀ, Σ k kᵀ + λI; Cholesky), at
+the same points as layer_jax.py, so rank-one rounding never accumulates over more than one segment.
+
+backward(): implicit differentiation of the exact solution o_t = C̄_t Ā_t⁻¹ q_t (as layer_jax.py:
+per token x_t = P_t q_t and y_t = W_tᵀ ḡ_t, reverse running sums of ḡ_t x_tᵀ and y_t x_tᵀ), never an
+adjoint through the rank-one steps, whose rounding it would amplify by up to 1/λ². States are
+recomputed one ⌈√T⌉-token segment at a time from checkpoints. Accuracy: docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -353,9 +358,111 @@ def _build(K, V, dtype_name):
                 out[b, h, 0] += r[0]
 
     @_jit
+    def _spd_inv(A, out, Lw):
+        """out = A⁻¹ for a symmetric positive-definite A [n, n] (its symmetric part, as jnp.linalg.cholesky reads
+        it): Cholesky A = Lw Lwᵀ, then forward and back substitution against the identity, one column at a time
+        (as _spd_inv of layer_jax.py; never a general inverse). A non-positive pivot (A not numerically SPD, or
+        non-finite) makes the result NaN, never an exception."""
+        n = A.shape[0]
+        for j in range(n):
+            for i in range(j, n):
+                acc = ftype(0.5) * (A[i, j] + A[j, i])
+                for m in range(j):
+                    acc -= Lw[i, m] * Lw[j, m]
+                if i == j:
+                    Lw[j, j] = math.sqrt(acc) if acc > ftype(0) else math.sqrt(-abs(acc) - ftype(1))  # NaN
+                else:
+                    Lw[i, j] = acc / Lw[j, j]
+        for c in range(n):
+            for i in range(n):
+                acc = ftype(1) if i == c else ftype(0)
+                for m in range(i):
+                    acc -= Lw[i, m] * out[m, c]
+                out[i, c] = acc / Lw[i, i]
+            for i in range(n - 1, -1, -1):
+                acc = out[i, c]
+                for m in range(i + 1, n):
+                    acc -= Lw[m, i] * out[m, c]
+                out[i, c] = acc / Lw[i, i]
+
+    @_jit
+    def _refactorise(Ct, Ab, S, P, Lw):
+        """The state from exact statistics: P = Ā⁻¹ (Cholesky) and S = Pᵀ C̄ᵀ [K, V], with Ct = C̄ᵀ [K, V]
+        and Ab = Ā [K, K] (layer_jax.py's _final_head)."""
+        _spd_inv(Ab, P, Lw)
+        for i in range(K):
+            for j in range(V):
+                acc = ftype(0)
+                for m in range(K):
+                    acc += P[m, i] * Ct[m, j]
+                S[i, j] = acc
+
+    @_jit
+    def _stats(S0, P0, Ct, Ab, Lw):
+        """The statistics a state stands for: Ab = Ā₀ = P₀⁻¹ (Cholesky) and Ct = C̄₀ᵀ = Ā₀ᵀ S₀ [K, V]
+        (layer_jax.py's _stats_head)."""
+        _spd_inv(P0, Ab, Lw)
+        for i in range(K):
+            for j in range(V):
+                acc = ftype(0)
+                for m in range(K):
+                    acc += Ab[m, i] * S0[m, j]
+                Ct[i, j] = acc
+
+    @_jit
+    def _gram_add(dCt, dAb, k_t, v_t):
+        """Segment sums: dCt += k vᵀ [K, V], dAb += k kᵀ [K, K]."""
+        for i in range(K):
+            for j in range(V):
+                dCt[i, j] += k_t[i] * v_t[j]
+            for j in range(K):
+                dAb[i, j] += k_t[i] * k_t[j]
+
+    @_jit
+    def _fold(dst, src):
+        """dst += src; src = 0 (a segment's sums into the running statistics)."""
+        for i in range(dst.shape[0]):
+            for j in range(dst.shape[1]):
+                dst[i, j] += src[i, j]
+                src[i, j] = ftype(0)
+
+    @_jit
+    def _sandwich(Ml, G, Mr, tmp, out, scale):
+        """out = scale · sym(Mlᵀ G Mrᵀ) for [K, K] matrices (tmp a [K, K] workspace), sym(X) = (X + Xᵀ)/2."""
+        for i in range(K):
+            for j in range(K):
+                acc = ftype(0)
+                for m in range(K):
+                    acc += Ml[m, i] * G[m, j]
+                tmp[i, j] = acc
+        for i in range(K):
+            for j in range(K):
+                acc = ftype(0)
+                for m in range(K):
+                    acc += tmp[i, m] * Mr[j, m]
+                out[i, j] = acc
+        for i in range(K):
+            for j in range(i + 1):
+                s = scale * ftype(0.5) * (out[i, j] + out[j, i])
+                out[i, j] = s
+                out[j, i] = s
+
+    @_jit
+    def _segment_length(T):
+        """⌈√T⌉ (at least 1): the refactorisation and checkpoint interval, as in layer_jax.py."""
+        L = 1
+        while L * L < T:
+            L += 1
+        return L
+
+    @_jit
     def forward_all(q, k, v, u_lam, S_0, P_0, o, S_T, P_T):
+        """Rank-one steps inside ⌈√T⌉-token segments; at every segment boundary, and for the final state, the
+        state is rebuilt from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ (Cholesky), so rank-one
+        rounding never accumulates over more than one segment (the same refactorisation points as layer_jax.py)."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
+        L = _segment_length(T)
         S = np.empty((K, V), dt)
         P = np.empty((K, K), dt)
         S_new = np.empty((K, V), dt)
@@ -363,21 +470,43 @@ def _build(K, V, dtype_name):
         Pk = np.empty((K,), dt)
         e = np.empty((V,), dt)
         o_t = np.empty((V,), dt)
+        Ct = np.empty((K, V), dt)
+        Ab = np.empty((K, K), dt)
+        dCt = np.empty((K, V), dt)
+        dAb = np.empty((K, K), dt)
+        Lw = np.zeros((K, K), dt)
         for b in range(B):
             for h in range(H):
                 _copy2(S, S_0[b, h], 0, 1)
                 _copy2(P, P_0[b, h], 0, 1)
+                _stats(S, P, Ct, Ab, Lw)
+                dCt[:, :] = ftype(0)
+                dAb[:, :] = ftype(0)
                 for t in range(T):
                     _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
                     _copy1(o[b, t, h], o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                     _copy2(P, P_new, 0, 1)
+                    _gram_add(dCt, dAb, k[b, t, h], v[b, t, h])
+                    if (t + 1) % L == 0 or t == T - 1:
+                        _fold(Ct, dCt)
+                        _fold(Ab, dAb)
+                        _refactorise(Ct, Ab, S, P, Lw)
+                if T == 0:
+                    _refactorise(Ct, Ab, S, P, Lw)
                 _copy2(S_T[b, h], S, 0, 1)
                 _copy2(P_T[b, h], P, 0, 1)
 
     @_jit
     def backward_all(q, k, v, u_lam, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, du_lam, g_S_0, g_P_0, L):
-        """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
+        """Implicit differentiation of o_t = C̄_t Ā_t⁻¹ q_t (layer_jax.py's _scan_recurrent_bwd). Per token,
+        x_t = P_t q_t and y_t = S_t ḡ_t (ḡ_t = do[b, t, h]): ∂q_t = y_t; with the reverse sums
+        Ĉ_i = Σ_{t≥i} x_t ḡ_tᵀ [K, V] (stored C̄ᵀ layout) and Â_i = −Σ_{t≥i} y_t x_tᵀ [K, K]:
+        ∂v_i = Ĉ_iᵀ k_i and ∂k_i = Ĉ_i v_i + (Â_i + Â_iᵀ) k_i. The final state's cotangent enters the sums
+        through (S, P) = (P C̄ᵀ, Ā⁻¹), and (Ĉ₀, Â₀) leave through (C̄₀ᵀ, Ā₀) = (Ā₀ S₀, P₀⁻¹) as the initial
+        state's cotangent. Nothing runs backwards through the rank-one steps. States are recomputed one segment
+        of L = ⌈√T⌉ tokens at a time from checkpoints; d<param> is [B, H] (zero: parameters enter only through
+        the initial state, whose pullback the caller adds)."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         nseg = (T + L - 1) // L
@@ -388,16 +517,23 @@ def _build(K, V, dtype_name):
         Pk = np.empty((K,), dt)
         e = np.empty((V,), dt)
         o_t = np.empty((V,), dt)
-        g_S_new = np.empty((K, V), dt)
-        g_P_new = np.empty((K, K), dt)
-        g_S = np.empty((K, V), dt)
-        g_P = np.empty((K, K), dt)
-        g_Pk = np.empty((K,), dt)
-        g_e = np.empty((V,), dt)
-        ck_S = np.empty((nseg,) + (K, V), dt)
-        ck_P = np.empty((nseg,) + (K, K), dt)
-        seg_S = np.empty((L,) + (K, V), dt)
-        seg_P = np.empty((L,) + (K, K), dt)
+        Ct = np.empty((K, V), dt)
+        Ab = np.empty((K, K), dt)
+        A0 = np.empty((K, K), dt)
+        dCt = np.empty((K, V), dt)
+        dAb = np.empty((K, K), dt)
+        Lw = np.zeros((K, K), dt)
+        Ch = np.empty((K, V), dt)
+        Ah = np.empty((K, K), dt)
+        dCh = np.zeros((K, V), dt)
+        dAh = np.zeros((K, K), dt)
+        G = np.empty((K, K), dt)
+        W2 = np.empty((K, K), dt)
+        x = np.empty((K,), dt)
+        ck_S = np.empty((nseg, K, V), dt)
+        ck_P = np.empty((nseg, K, K), dt)
+        seg_S = np.empty((L, K, V), dt)
+        seg_P = np.empty((L, K, K), dt)
         for b in range(B):
             for h in range(H):
                 # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
@@ -423,37 +559,123 @@ def _build(K, V, dtype_name):
                         dk[b, t, h, i] = ftype(0)
                     for i in range(0, dv.shape[3], 1):
                         dv[b, t, h, i] = ftype(0)
+                du_lam[b, h] = ftype(0)
+                live_final = False
+                for i in range(K):
+                    for j in range(V):
+                        if g_S_T[b, h, i, j] != 0:
+                            live_final = True
+                    for j in range(K):
+                        if g_P_T[b, h, i, j] != 0:
+                            live_final = True
                 _copy2(S, S_0[b, h], 0, 1)
                 _copy2(P, P_0[b, h], 0, 1)
-                for t in range(tl + 1):  # forward sweep: keep the state entering every segment
+                _stats(S, P, Ct, Ab, Lw)
+                _copy2(A0, Ab, 0, 1)
+                dCt[:, :] = ftype(0)
+                dAb[:, :] = ftype(0)
+                for t in range(tl + 1):  # forward sweep refactorised as forward_all's; keep each segment's entry
                     if t % L == 0:
                         _copy2(ck_S[t // L], S, 0, 1)
                         _copy2(ck_P[t // L], P, 0, 1)
                     _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                     _copy2(P, P_new, 0, 1)
-                _copy2(g_S_new, g_S_T[b, h], 0, 1)
-                _copy2(g_P_new, g_P_T[b, h], 0, 1)
-                acc_u_lam = ftype(0)
+                    _gram_add(dCt, dAb, k[b, t, h], v[b, t, h])
+                    if (t + 1) % L == 0 or t == T - 1:
+                        _fold(Ct, dCt)
+                        _fold(Ab, dAb)
+                        _refactorise(Ct, Ab, S, P, Lw)
+                Ch[:, :] = ftype(0)
+                Ah[:, :] = ftype(0)
+                if live_final:  # tl == T − 1: S, P, Ct, Ab are the final state and statistics
+                    if T == 0:
+                        _refactorise(Ct, Ab, S, P, Lw)
+                    for i in range(K):  # Ĉ = P ḡS; G = ḡP + Ct ḡSᵀ; Â = −sym(Pᵀ G Pᵀ)
+                        for j in range(V):
+                            acc = ftype(0)
+                            for m in range(K):
+                                acc += P[i, m] * g_S_T[b, h, m, j]
+                            Ch[i, j] = acc
+                        for j in range(K):
+                            acc = g_P_T[b, h, i, j]
+                            for m in range(V):
+                                acc += Ct[i, m] * g_S_T[b, h, j, m]
+                            G[i, j] = acc
+                    _sandwich(P, G, P, W2, Ah, ftype(-1))
+                seen = live_final
                 for c in range((tl + L) // L - 1, -1, -1):
                     t0 = c * L
                     t1 = min(tl + 1, t0 + L)
                     _copy2(S, ck_S[c], 0, 1)
                     _copy2(P, ck_P[c], 0, 1)
-                    for t in range(t0, t1):  # recompute the segment's states
-                        _copy2(seg_S[t - t0], S, 0, 1)
-                        _copy2(seg_P[t - t0], P, 0, 1)
+                    for t in range(t0, t1):  # recompute the segment's states (after each token, rank-one)
                         _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
                         _copy2(S, S_new, 0, 1)
                         _copy2(P, P_new, 0, 1)
-                    for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_S[t - t0], seg_P[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
-                        acc_u_lam += r[0]
-                        _copy2(g_S_new, g_S, 0, 1)
-                        _copy2(g_P_new, g_P, 0, 1)
-                _copy2(g_S_0[b, h], g_S_new, 0, 1)
-                _copy2(g_P_0[b, h], g_P_new, 0, 1)
-                du_lam[b, h] = acc_u_lam
+                        _copy2(seg_S[t - t0], S, 0, 1)
+                        _copy2(seg_P[t - t0], P, 0, 1)
+                    for t in range(t1 - 1, t0 - 1, -1):  # reverse sweep, last to first; this segment's sums in dCh, dAh
+                        St, Pt = seg_S[t - t0], seg_P[t - t0]
+                        qt, kt, vt, gt = q[b, t, h], k[b, t, h], v[b, t, h], do[b, t, h]
+                        live = False
+                        for j in range(V):
+                            if gt[j] != 0:
+                                live = True
+                        if live:
+                            seen = True
+                            for i in range(K):
+                                acc = ftype(0)
+                                for m in range(K):
+                                    acc += Pt[i, m] * qt[m]
+                                x[i] = acc
+                            for i in range(K):
+                                acc = ftype(0)
+                                for m in range(V):
+                                    acc += St[i, m] * gt[m]
+                                dq[b, t, h, i] = acc
+                            for i in range(K):
+                                for j in range(V):
+                                    dCh[i, j] += x[i] * gt[j]
+                                for j in range(K):
+                                    dAh[i, j] -= dq[b, t, h, i] * x[j]
+                        else:
+                            for i in range(K):
+                                dq[b, t, h, i] = ftype(0)
+                        if seen:
+                            for j in range(V):
+                                acc = ftype(0)
+                                for m in range(K):
+                                    acc += (Ch[m, j] + dCh[m, j]) * kt[m]
+                                dv[b, t, h, j] = acc
+                            for i in range(K):
+                                acc = ftype(0)
+                                for m in range(V):
+                                    acc += (Ch[i, m] + dCh[i, m]) * vt[m]
+                                for m in range(K):
+                                    acc += (Ah[i, m] + dAh[i, m] + Ah[m, i] + dAh[m, i]) * kt[m]
+                                dk[b, t, h, i] = acc
+                        else:
+                            for j in range(V):
+                                dv[b, t, h, j] = ftype(0)
+                            for i in range(K):
+                                dk[b, t, h, i] = ftype(0)
+                    _fold(Ch, dCh)  # two-level sums (within a segment, then across segments), as layer_jax.py
+                    _fold(Ah, dAh)
+                # the initial state: Ct₀ = Ā₀ᵀ S₀ and Ā₀ = P₀⁻¹ give ḡS₀ = Ā₀ Ĉ₀ and
+                # ḡP₀ = −sym(Ā₀ᵀ (Â₀ + S₀ Ĉ₀ᵀ) Ā₀ᵀ)
+                for i in range(K):
+                    for j in range(V):
+                        acc = ftype(0)
+                        for m in range(K):
+                            acc += A0[i, m] * Ch[m, j]
+                        g_S_0[b, h, i, j] = acc
+                    for j in range(K):
+                        acc = Ah[i, j]
+                        for m in range(V):
+                            acc += S_0[b, h, i, m] * Ch[j, m]
+                        G[i, j] = acc
+                _sandwich(A0, G, A0, W2, g_P_0[b, h], ftype(-1))
 
     return init_all, init_adjoint_all, forward_all, backward_all
 
@@ -580,7 +802,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
 
 
 def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **inputs):
-    """Vector-Jacobian product of :func:`forward` (the adjoint recurrence, checkpointed every ⌈√T⌉ steps).
+    """Vector-Jacobian product of :func:`forward` (implicit differentiation, ⌈√T⌉-step segments recomputed).
 
     Args:
         q, k, v, params, initial_state, **inputs: as for :func:`forward`.

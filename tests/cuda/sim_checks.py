@@ -30,6 +30,23 @@ def test_simulator_is_active():
     assert "simulator" in type(cuda.to_device(np.zeros(1))).__module__
 
 
+def close_grads(name, g, gc):
+    """The CUDA backward's gradients ``g`` equal the CPU backward's ``gc`` (dicts of backward()).
+
+    The CPU ridge backward is implicit (docs/numerics.md): like JAX's, its cotangent of the initial P₀ is
+    symmetric; the CUDA adjoint recurrence's is not. P₀ is symmetric by construction (A₀⁻¹), so only the
+    symmetric part of that cotangent is a derivative, and it is what is compared there.
+    """
+    for n in sorted(gc):
+        if n != "dinitial_state":
+            close(g[n], gc[n])
+            continue
+        for field, a, b in zip(gc[n]._fields, g[n], gc[n]):
+            if name == "ridge" and field == "P":
+                a, b = ((x + np.swapaxes(x, -1, -2)) / 2 for x in (a, b))
+            close(a, b)
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_forward_and_backward(name):
     q, k, v, do, beta = data(6)
@@ -42,10 +59,7 @@ def test_forward_and_backward(name):
         close(getattr(st, n), rst[n])
     g = m.backward(q, k, v, params, do, dfinal_state=st, **inputs)
     gc = c.backward(q, k, v, params, do, dfinal_state=st, **inputs)
-    for n in sorted(gc):
-        pairs = zip(g[n], gc[n]) if n == "dinitial_state" else [(g[n], gc[n])]
-        for a, b in pairs:
-            close(a, b)
+    close_grads(name, g, gc)
 
 
 @pytest.mark.parametrize("name", LAYERS)
@@ -96,9 +110,7 @@ def test_random_launch_shapes_are_race_free(name, monkeypatch):
         close(o, ro)
         g = m.backward(q, k, v, params, do, dfinal_state=st, **inputs)
         gc = c.backward(q, k, v, params, do, dfinal_state=st, **inputs)
-        for n in sorted(gc):
-            for a, r in (zip(g[n], gc[n]) if n == "dinitial_state" else [(g[n], gc[n])]):
-                close(a, r)
+        close_grads(name, g, gc)
         assert racecheck.stats["accesses"] > before  # the detector saw the kernels' accesses
 
 
