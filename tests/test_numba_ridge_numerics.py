@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import load_generated
-from test_ridge_numerics import BOUND, KAPPA_MAX, _direct
+from test_ridge_numerics import BOUND, KAPPA_MAX, _direct, _dlam_scale
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -59,18 +59,6 @@ def _numba_case(m, lam, T, spread, dtype=np.float32):
     errs = [_rel(o, want_o)] + [_rel(a, b) for a, b in zip(got[:3], want[:3])]
     errs.append(float(np.max(np.abs(got[3] - np.asarray(want[3]))) / _dlam_scale(q, k, lam, np.asarray(want[0]))))
     return kappa, errs, (o,) + got
-
-
-def _dlam_scale(q, k, lam, dq):
-    """Σ_{b,t} |y_tᵀ x_t|: the magnitude of the terms whose sum is dλ = −Σ_{b,t} y_tᵀ x_t (x_t = A_t⁻¹ q_t,
-    y_t = W_tᵀ ḡ_t = ∂q_t), float64. dλ is a sum over every position and batch element, and its terms cancel
-    (e.g. |dλ| = 2.2e-4 from terms of total size 4e-2 at λ = 1e2, T = 256): rounding each term to float32
-    alone makes an error of order ε · Σ|terms|, however the sum is taken, so the bound is stated relative to
-    this scale (the standard error bound of a sum), not to |dλ|."""
-    K = q.shape[-1]
-    A = np.cumsum(np.einsum("bthk,bthj->bthkj", k, k), axis=1) + lam * np.eye(K)
-    x = np.linalg.solve(A, q[..., None])[..., 0]
-    return float(np.sum(np.abs(np.einsum("bthk,bthk->bth", dq, x))))
 
 
 @pytest.mark.parametrize("T", [1, 256, 4096])
