@@ -331,6 +331,17 @@ def _real(what, x, dt):
     return np.ascontiguousarray(x, dtype=dt)
 
 
+def _check_domain(what, x, domain):
+    """Refuse finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1])."""
+    if domain == "real":
+        return
+    x = np.asarray(x, np.float64)
+    inside = (x > 0) if domain == "positive" else ((x >= 0) & (x <= 1))
+    bad = ~(inside | ~np.isfinite(x))
+    if np.any(bad):
+        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} (e.g. {float(x[bad].ravel()[0])!r})")
+
+
 def _prepare(q, k, v, params, inputs, lead):
     dt = _compute_dtype(q)
     q, k, v = (_real(n, x, dt) for n, x in (("q", q), ("k", k), ("v", v)))
@@ -343,6 +354,7 @@ def _prepare(q, k, v, params, inputs, lead):
         if n not in params or np.shape(params[n]) != (H,):
             raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [H] = ({H},)")
         ps.append(_real(f"parameter {n!r}", params[n], dt))
+        _check_domain(f"parameter {n!r}", ps[-1], PARAMS[n]["domain"])
     if sorted(inputs) != sorted(_INPUT_NAMES):
         raise ValueError(f"{SPEC_NAME}: per-token inputs must be exactly {list(_INPUT_NAMES)}, got {sorted(inputs)}")
     ins = []
@@ -350,6 +362,7 @@ def _prepare(q, k, v, params, inputs, lead):
         if np.shape(inputs[n]) != q.shape[:-1]:
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {np.shape(inputs[n])}")
         ins.append(_real(f"input {n!r}", inputs[n], dt))
+        _check_domain(f"input {n!r}", ins[-1], INPUTS[n]["domain"])
     return q, k, v, ps, ins, dt
 
 

@@ -382,6 +382,17 @@ def _nan(shape, dt):
     return cuda.to_device(np.full(shape, np.nan, dt))
 
 
+def _check_domain(what, x, domain):
+    """Refuse finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1])."""
+    if domain == "real":
+        return
+    x = np.asarray(x.copy_to_host() if _is_device(x) else x, np.float64)
+    inside = (x > 0) if domain == "positive" else ((x >= 0) & (x <= 1))
+    bad = ~(inside | ~np.isfinite(x))
+    if np.any(bad):
+        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} (e.g. {float(x[bad].ravel()[0])!r})")
+
+
 def _prepare(q, k, v, params, inputs):
     dt = _compute_dtype(q)
     if len(q.shape) != 4 or tuple(k.shape) != tuple(q.shape) or tuple(v.shape[:3]) != tuple(q.shape[:3]):
@@ -396,6 +407,10 @@ def _prepare(q, k, v, params, inputs):
     for n in _INPUT_NAMES:
         if tuple(inputs[n].shape) != tuple(q.shape[:3]):
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {tuple(q.shape[:3])}")
+    for n in _PARAM_NAMES:
+        _check_domain(f"parameter {n!r}", params[n], PARAMS[n]["domain"])
+    for n in _INPUT_NAMES:
+        _check_domain(f"input {n!r}", inputs[n], INPUTS[n]["domain"])
     host = not _is_device(q)
     qd, kd, vd = (_dev(n, x, dt) for n, x in (("q", q), ("k", k), ("v", v)))
     ps = [_dev(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]

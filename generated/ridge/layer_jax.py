@@ -431,6 +431,23 @@ def _real_floating(name, x):
                          f"got {dtype}")
 
 
+def _check_domain(what, x, domain):
+    """Refuse concrete finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1]).
+    Traced values (under jit, grad, vmap) cannot be inspected and pass; non-finite values are left to the
+    causality rule (see _causal_forward)."""
+    if domain == "real":
+        return
+    x = jnp.asarray(x)
+    inside = (x > 0) if domain == "positive" else ((x >= 0) & (x <= 1))
+    try:
+        ok = bool(jnp.all(inside | ~jnp.isfinite(x)))
+    except jax.errors.ConcretizationTypeError:
+        return
+    if not ok:
+        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} "
+                         f"(e.g. {float(x[~(inside | ~jnp.isfinite(x))].ravel()[0])!r})")
+
+
 def _check(q, k, v, params, inputs, lead):
     """Validate dtypes (the dtype policy: q float32 or float64 sets the compute dtype; k, v, parameters, inputs
     real floating of any width) and shapes of forward's / step's arguments; raise ValueError naming the argument."""
@@ -439,6 +456,9 @@ def _check(q, k, v, params, inputs, lead):
                          f"or float64; cast with q.astype(jnp.float32)")
     _real_floating("k", k)
     _real_floating("v", v)
+    if q.ndim != lead + 1:
+        want = "forward expects q, k [B, T, H, K]" if lead == 3 else "step expects q_t, k_t [B, H, K]"
+        raise ValueError(f"{SPEC_NAME}: {want} ({lead + 1} axes); got q with {q.ndim} axes, shape {q.shape}")
     if not isinstance(params, dict):
         raise ValueError(f"{SPEC_NAME}: params must be a dict name -> [H] array, got {type(params).__name__}")
     if q.ndim != lead + 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or v.ndim != q.ndim:
@@ -451,6 +471,7 @@ def _check(q, k, v, params, inputs, lead):
         if jnp.shape(params[n]) != (H,):
             raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape [H] = ({H},), got {jnp.shape(params[n])}")
         _real_floating(f"parameter {n!r}", params[n])
+        _check_domain(f"parameter {n!r}", params[n], PARAMS[n]["domain"])
     unknown = sorted(set(inputs) - set(_INPUT_NAMES))
     missing = sorted(set(_INPUT_NAMES) - set(inputs))
     if unknown or missing:
@@ -460,10 +481,14 @@ def _check(q, k, v, params, inputs, lead):
         if jnp.shape(inputs[n]) != q.shape[:-1]:
             raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {jnp.shape(inputs[n])}")
         _real_floating(f"input {n!r}", inputs[n])
+        _check_domain(f"input {n!r}", inputs[n], INPUTS[n]["domain"])
 
 
 def _state_in(state, B, H, K, V, dtype):
     """The caller's initial state as a State of ``dtype`` arrays, after checking its fields and shapes."""
+    if not isinstance(state, (tuple, list)):
+        raise ValueError(f"{SPEC_NAME}: initial_state must be a State{State._fields} (a NamedTuple of arrays, e.g. "
+                         f"the final state of forward or step), got {type(state).__name__}")
     if len(state) != len(State._fields):
         raise ValueError(f"{SPEC_NAME}: initial_state must have fields {State._fields}, got {len(state)} arrays")
     size = {"K": K, "V": V}
