@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SHIPPED, H, K, V, B, load_generated, make_inputs, reference
+from test_ridge_numerics import _direct as _ridge_direct  # the independent float64 explicit-solve ridge
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -119,15 +120,6 @@ def test_gradients_match_central_differences(gen, name, form):
 
                 fd = (with_leaf(xp) - with_leaf(xm)) / (2 * eps)
                 assert abs(float(gx[idx]) - fd) <= 1e-6 * max(1.0, abs(fd)), (i, li, idx)
-
-
-def _ridge_direct(q, k, v, lam):
-    """Independent float64 ridge in JAX: an explicit solve per t (differentiated by plain autodiff)."""
-    Kd = q.shape[-1]
-    A = jnp.cumsum(jnp.einsum("bthk,bthj->bthkj", k, k), axis=1) + lam[None, None, :, None, None] * jnp.eye(Kd)
-    C = jnp.cumsum(jnp.einsum("bthv,bthk->bthvk", v, k), axis=1)
-    x = jnp.linalg.solve(A, q[..., None])[..., 0]
-    return jnp.einsum("bthvk,bthk->bthv", C, x)
 
 
 @pytest.mark.parametrize("form", ["recurrent", "closed_form"])

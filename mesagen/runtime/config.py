@@ -200,7 +200,8 @@ class RunConfig(_Frozen):
             train = TrainConfig.model_validate({**self.train.model_dump(), **update})
             return RunConfig.model_validate({**self.model_dump(), "train": train.model_dump()})
         except ValidationError as exc:
-            raise ConfigError([f"--steps {steps} / --seed {seed}: {line}" for line in _format(exc)]) from None
+            given = " / ".join(f"--{n} {v}" for n, v in (("steps", steps), ("seed", seed)) if v is not None)
+            raise ConfigError([f"{given}: {line}" for line in _format(exc)]) from None
 
     def schedule_change(self, other: "RunConfig") -> str | None:
         """One line describing how ``other``'s learning-rate schedule differs from this one's, or None."""
