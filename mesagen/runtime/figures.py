@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -62,16 +63,18 @@ def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
             ax2.plot(*zip(*pts), ":", color=f"C{(i + 2) % 10}", lw=1.2, label=label)
         ax2.set_ylabel("learned layer parameter", fontsize=8)
         ax2.legend(fontsize=6, loc="upper right")
-    _finish(fig, ax, path, title, "step", "loss", legend_size=8)
+    # loss falls from the upper left: its legend goes lower left, the parameters' upper right
+    _finish(fig, ax, path, title, "step", "loss", legend_size=8, legend_loc="lower left" if series else "best")
 
 
-def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend_size: int,
+            legend_loc: str = "best") -> None:
     """Shared styling of both figures (log y, labels, legend, grid), then save and close."""
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=legend_size)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)  # long model names wrap, never cut off
+    ax.legend(fontsize=legend_size, loc=legend_loc)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
