@@ -18,10 +18,10 @@ Forms:
 Backward of the recurrent form: implicit differentiation of the exact solution o_t = C̄_t Ā_t⁻¹ q_t (a custom
 VJP: per token x_t = P_t q_t and y_t = W_tᵀ ḡ_t, and reverse running sums of ḡ_t x_tᵀ and y_t x_tᵀ; no adjoint
 through the Sherman–Morrison steps, whose rounding the reverse sweep would amplify by up to 1/λ²). States are
-recomputed one ⌈√T⌉-token segment at a time from stored checkpoints: activation memory O(√T · B·H·(K² + K·V)).
-The forward refactorises the state from its exact statistics (Σ v kᵀ, Σ k kᵀ + λI; Cholesky) at every segment
-boundary, so rank-one rounding never accumulates over more than one segment. Transformations: jit, vmap, grad,
-vjp, checkpoint and scan compose; forward mode (jvp) is not available through the custom VJP.
+recomputed one max(⌈√T⌉, 64)-token segment at a time from stored checkpoints: activation memory O(√T · B·H·(K²
++ K·V)). The forward refactorises the state from its exact statistics (Σ v kᵀ, Σ k kᵀ + λI; Cholesky) at every
+segment boundary, so rank-one rounding never accumulates over more than one segment. Transformations: jit,
+vmap, grad, vjp, checkpoint and scan compose; forward mode (jvp) is not available through the custom VJP.
 
 Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan
 compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward
@@ -213,8 +213,10 @@ _USES_GRAM = True
 
 
 def _segment_length(T):
-    """Segment length ⌈√T⌉ of the checkpointed backward (at least 1)."""
-    return max(1, math.isqrt(max(T - 1, 0)) + 1)
+    """Segment length max(⌈√T⌉, 64): the checkpoint interval of the backward (O(√T) stored states for long T)
+    and, for the ridge family, the refactorisation interval. Below 64 tokens per segment, the fixed cost of each
+    boundary outweighs what it saves (and 64 rank-one steps lose little accuracy, docs/numerics.md)."""
+    return max(64, math.isqrt(max(T - 1, 0)) + 1)
 
 
 def _split_segments(xs, T):
@@ -233,7 +235,7 @@ def _gram_sums(seg):
 
 
 def _scan_refactorised(ps, state, xs):
-    """Forward of the recurrent form: the rank-one (Sherman–Morrison) step inside each ⌈√T⌉-token segment, and
+    """Forward of the recurrent form: the rank-one (Sherman–Morrison) step inside each max(⌈√T⌉, 64)-token segment, and
     at every segment boundary a fresh state from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ
     (a Cholesky-based inverse), so rank-one rounding errors never accumulate over more than one segment.
 

@@ -13,14 +13,14 @@ parameters [H] in their constrained space; float32 or float64 (the dtype of q).
 Forms: recurrent only -- an njit loop over (batch, head, time) of the per-head step printed from
 the IR as explicit element loops (the same plain body text as layer_numba_cuda.py).
 
-forward(): Sherman–Morrison steps inside ⌈√T⌉-token segments; at every segment boundary, and for the
+forward(): Sherman–Morrison steps inside max(⌈√T⌉, 64)-token segments; at every segment boundary, and for the
 final state, the state is rebuilt from the exact statistics (Σ v kᵀ, Σ k kᵀ + λI; Cholesky), at
 the same points as layer_jax.py, so rank-one rounding never accumulates over more than one segment.
 
 backward(): implicit differentiation of the exact solution o_t = C̄_t Ā_t⁻¹ q_t (as layer_jax.py:
 per token x_t = P_t q_t and y_t = W_tᵀ ḡ_t, reverse running sums of ḡ_t x_tᵀ and y_t x_tᵀ), never an
 adjoint through the rank-one steps, whose rounding it would amplify by up to 1/λ². States are
-recomputed one ⌈√T⌉-token segment at a time from checkpoints. Accuracy: docs/numerics.md.
+recomputed one max(⌈√T⌉, 64)-token segment at a time from checkpoints. Accuracy: docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -449,15 +449,15 @@ def _build(K, V, dtype_name):
 
     @_jit
     def _segment_length(T):
-        """⌈√T⌉ (at least 1): the refactorisation and checkpoint interval, as in layer_jax.py."""
+        """max(⌈√T⌉, 64): the refactorisation and checkpoint interval, as in layer_jax.py."""
         L = 1
         while L * L < T:
             L += 1
-        return L
+        return max(L, 64)
 
     @_jit
     def forward_all(q, k, v, u_lam, S_0, P_0, o, S_T, P_T):
-        """Rank-one steps inside ⌈√T⌉-token segments; at every segment boundary, and for the final state, the
+        """Rank-one steps inside max(⌈√T⌉, 64)-token segments; at every segment boundary, and for the final state, the
         state is rebuilt from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ (Cholesky), so rank-one
         rounding never accumulates over more than one segment (the same refactorisation points as layer_jax.py)."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
@@ -505,7 +505,7 @@ def _build(K, V, dtype_name):
         ∂v_i = Ĉ_iᵀ k_i and ∂k_i = Ĉ_i v_i + (Â_i + Â_iᵀ) k_i. The final state's cotangent enters the sums
         through (S, P) = (P C̄ᵀ, Ā⁻¹), and (Ĉ₀, Â₀) leave through (C̄₀ᵀ, Ā₀) = (Ā₀ S₀, P₀⁻¹) as the initial
         state's cotangent. Nothing runs backwards through the rank-one steps. States are recomputed one segment
-        of L = ⌈√T⌉ tokens at a time from checkpoints; d<param> is [B, H] (zero: parameters enter only through
+        of L = max(⌈√T⌉, 64) tokens at a time from checkpoints; d<param> is [B, H] (zero: parameters enter only through
         the initial state, whose pullback the caller adds)."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
@@ -815,7 +815,7 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
 
 
 def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **inputs):
-    """Vector-Jacobian product of :func:`forward` (implicit differentiation, ⌈√T⌉-step segments recomputed).
+    """Vector-Jacobian product of :func:`forward` (implicit differentiation, max(⌈√T⌉, 64)-step segments recomputed).
 
     Args:
         q, k, v, params, initial_state, **inputs: as for :func:`forward`.

@@ -24,14 +24,14 @@ def step_call(lay: Layout, body: str, states: list[str], extra: list[str], t: st
 _ADJOINT_DOC = ["backward(): the adjoint recurrence, derived per assignment from the IR. States are checkpointed",
                 "every ⌈√T⌉ steps; each segment is recomputed forwards, then the adjoint step runs backwards. No",
                 "earlier state is reconstructed by reversing an update."]
-_IMPLICIT_DOC = ["forward(): Sherman–Morrison steps inside ⌈√T⌉-token segments; at every segment boundary, and for the",
+_IMPLICIT_DOC = ["forward(): Sherman–Morrison steps inside max(⌈√T⌉, 64)-token segments; at every segment boundary, and for the",
                  "final state, the state is rebuilt from the exact statistics (Σ v kᵀ, Σ k kᵀ + λI; Cholesky), at",
                  "the same points as layer_jax.py, so rank-one rounding never accumulates over more than one segment.",
                  "",
                  "backward(): implicit differentiation of the exact solution o_t = C̄_t Ā_t⁻¹ q_t (as layer_jax.py:",
                  "per token x_t = P_t q_t and y_t = W_tᵀ ḡ_t, reverse running sums of ḡ_t x_tᵀ and y_t x_tᵀ), never an",
                  "adjoint through the rank-one steps, whose rounding it would amplify by up to 1/λ². States are",
-                 "recomputed one ⌈√T⌉-token segment at a time from checkpoints. Accuracy: docs/numerics.md."]
+                 "recomputed one max(⌈√T⌉, 64)-token segment at a time from checkpoints. Accuracy: docs/numerics.md."]
 
 
 def _check_implicit(ir: LayerIR, lay: Layout) -> None:
@@ -78,7 +78,7 @@ class NumbaCpuBackend:
               "    return None", "", ""]
         L += plain_bodies(ir)
         L += self._build(lay, implicit)
-        how = ("implicit differentiation, ⌈√T⌉-step segments recomputed" if implicit
+        how = ("implicit differentiation, max(⌈√T⌉, 64)-step segments recomputed" if implicit
                else "the adjoint recurrence, checkpointed every ⌈√T⌉ steps")
         L += _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states), how=how).splitlines()
         return "\n".join(L).rstrip("\n") + "\n"
@@ -443,15 +443,15 @@ def _sandwich(Ml, G, Mr, tmp, out, scale):
 
 @_jit
 def _segment_length(T):
-    """⌈√T⌉ (at least 1): the refactorisation and checkpoint interval, as in layer_jax.py."""
+    """max(⌈√T⌉, 64): the refactorisation and checkpoint interval, as in layer_jax.py."""
     L = 1
     while L * L < T:
         L += 1
-    return L
+    return max(L, 64)
 
 @_jit
 def forward_all(q, k, v, {params}{S}_0, {P}_0, o, {S}_T, {P}_T):
-    """Rank-one steps inside ⌈√T⌉-token segments; at every segment boundary, and for the final state, the
+    """Rank-one steps inside max(⌈√T⌉, 64)-token segments; at every segment boundary, and for the final state, the
     state is rebuilt from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ (Cholesky), so rank-one
     rounding never accumulates over more than one segment (the same refactorisation points as layer_jax.py)."""
     B, T, H = q.shape[0], q.shape[1], q.shape[2]
@@ -493,7 +493,7 @@ def backward_all(q, k, v, {params}{S}_0, {P}_0, do, g_{S}_T, g_{P}_T, dq, dk, dv
     ∂v_i = Ĉ_iᵀ k_i and ∂k_i = Ĉ_i v_i + (Â_i + Â_iᵀ) k_i. The final state's cotangent enters the sums
     through ({S}, {P}) = ({P} C̄ᵀ, Ā⁻¹), and (Ĉ₀, Â₀) leave through (C̄₀ᵀ, Ā₀) = (Ā₀ {S}₀, {P}₀⁻¹) as the initial
     state's cotangent. Nothing runs backwards through the rank-one steps. States are recomputed one segment
-    of L = ⌈√T⌉ tokens at a time from checkpoints; d<param> is [B, H] (zero: parameters enter only through
+    of L = max(⌈√T⌉, 64) tokens at a time from checkpoints; d<param> is [B, H] (zero: parameters enter only through
     the initial state, whose pullback the caller adds)."""
     B, T, H = q.shape[0], q.shape[1], q.shape[2]
     dt = q.dtype
