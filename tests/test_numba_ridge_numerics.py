@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import load_generated
-from test_ridge_numerics import BOUND, KAPPA_MAX, _direct, _dlam_scale
+from test_ridge_numerics import BOUND, KAPPA_MAX, _direct, _dlam_scale, _stress_data
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -25,18 +25,6 @@ EPS32 = float(np.finfo(np.float32).eps)
 def nb():
     """The committed generated Numba CPU ridge module."""
     return load_generated("ridge", "numba_cpu")
-
-
-def _stress_data(lam, T, spread, seed=0):
-    """B=2, H=1, K=V=8; randn keys whose columns are scaled geometrically over 1..spread (as the JAX grid)."""
-    rng = np.random.default_rng(seed)
-    B, H, K, V = 2, 1, 8, 8
-    q = rng.standard_normal((B, T, H, K))
-    k = rng.standard_normal((B, T, H, K)) * np.logspace(0, np.log10(spread), K)
-    v = rng.standard_normal((B, T, H, V))
-    w = rng.standard_normal((B, T, H, V)) / np.sqrt(T)
-    A = np.cumsum(np.einsum("btk,btj->btkj", k[:, :, 0], k[:, :, 0]), axis=1) + lam * np.eye(K)
-    return q, k, v, w, np.full((H,), lam), float(np.max(np.linalg.cond(A)))
 
 
 def _rel(a, b):

@@ -44,18 +44,22 @@ def _rel(a, b):
     return float(jnp.max(jnp.abs(jnp.asarray(a, jnp.float64) - b)) / jnp.max(jnp.abs(b)))
 
 
-def _case(m, lam, T, spread, dtype, form="recurrent", seed=0):
-    """(κ, errors of o, dq, dk, dv, dλ) for one stress point; B=2, H=1, K=V=8, randn keys. Errors are relative to
-    the largest magnitude of each array, and for dλ to the size of the terms it sums (_dlam_scale)."""
+def _stress_data(lam, T, spread, seed=0):
+    """B=2, H=1, K=V=8; randn keys whose columns are scaled geometrically over 1..spread (as the JAX grid)."""
     rng = np.random.default_rng(seed)
     B, H, K, V = 2, 1, 8, 8
     q = rng.standard_normal((B, T, H, K))
     k = rng.standard_normal((B, T, H, K)) * np.logspace(0, np.log10(spread), K)
     v = rng.standard_normal((B, T, H, V))
     w = rng.standard_normal((B, T, H, V)) / np.sqrt(T)
-    lamv = np.full((H,), lam)
     A = np.cumsum(np.einsum("btk,btj->btkj", k[:, :, 0], k[:, :, 0]), axis=1) + lam * np.eye(K)
-    kappa = float(np.max(np.linalg.cond(A)))
+    return q, k, v, w, np.full((H,), lam), float(np.max(np.linalg.cond(A)))
+
+
+def _case(m, lam, T, spread, dtype, form="recurrent", seed=0):
+    """(κ, errors of o, dq, dk, dv, dλ) for one stress point; B=2, H=1, K=V=8, randn keys. Errors are relative to
+    the largest magnitude of each array, and for dλ to the size of the terms it sums (_dlam_scale)."""
+    q, k, v, w, lamv, kappa = _stress_data(lam, T, spread, seed)
     want_o = _direct(q, k, v, jnp.asarray(lamv))
     want = jax.grad(lambda *a: jnp.sum(w * _direct(*a)), argnums=(0, 1, 2, 3))(q, k, v, jnp.asarray(lamv))
     c = lambda x: jnp.asarray(x, dtype)  # noqa: E731
