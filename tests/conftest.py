@@ -1,4 +1,4 @@
-"""Shared test fixtures: float64 JAX, generated-module loading, small prime sizes (DESIGN §5)."""
+"""Shared test fixtures: float64 JAX, generated-module loading, small prime sizes (docs/contract.md §16)."""
 
 from __future__ import annotations
 

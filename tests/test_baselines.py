@@ -1,4 +1,4 @@
-"""Baselines land on PAPER.md's reference values on freshly sampled data, and agree with direct solves."""
+"""Baselines land on the paper's reference values (docs/paper.md §4) on freshly sampled data, and agree with direct solves."""
 
 import jax
 import numpy as np

@@ -16,7 +16,7 @@ from mesagen.spec.loader import load_spec, spec_sha256
 
 from conftest import ROOT, SHIPPED
 
-ALLOWED_IMPORTS = {"__future__", "math", "typing", "functools", "jax", "numpy", "numba"}  # stdlib + DESIGN §3
+ALLOWED_IMPORTS = {"__future__", "math", "typing", "functools", "jax", "numpy", "numba"}  # stdlib + docs/contract.md §4
 
 
 @pytest.mark.parametrize("name", SHIPPED)

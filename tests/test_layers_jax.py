@@ -1,4 +1,4 @@
-"""Generated JAX layers against the independent float64 references (DESIGN §5): every spec × form on
+"""Generated JAX layers against the independent float64 references (docs/contract.md §16): every spec × form on
 outputs, final state and gradients; step == forward; continuation; jit / vmap / grad."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The generated Numba CPU layers against the float64 references, JAX autodiff and finite differences.
 
-Forward outputs and final states must match the references (DESIGN §4) to 1e-10 relative in float64; the
+Forward outputs and final states must match the references (docs/family.md §4) to 1e-10 relative in float64; the
 adjoint recurrence (``backward``) must match reverse-mode autodiff of the generated JAX layer to 1e-10 and
 central finite differences of the reference to the finite-difference error (≈ eps² + ulp/eps ≈ 1e-8).
 """

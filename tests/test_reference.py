@@ -1,4 +1,4 @@
-"""Tests of mesagen.reference against each other and against math identities (DESIGN §5).
+"""Tests of mesagen.reference against each other and against math identities (docs/contract.md §16).
 
 Sizes are small distinct primes so a transposed axis cannot go unnoticed: B=2, T=7, H=2, K=3, V=5.
 """

@@ -37,7 +37,7 @@ class DynamicsConfig(BaseModel):
         clip: states are clipped to ``[-clip, clip]`` after every transition (10; 2 for ``contracting``).
         hidden_dim: hidden dimension of the partially observed task (15).
         obs_dim: observed dimension of the partially observed task (5).
-        obs_std: std of the per-sequence observation matrix entries C*_ij (sqrt(0.5): PAPER.md's N(0, 0.5)
+        obs_std: std of the per-sequence observation matrix entries C*_ij (sqrt(0.5): docs/paper.md §1's N(0, 0.5)
             read as variance 0.5).
         eig_low: lower end of the uniform eigenvalue range of the contracting task (0.3).
         eig_high: upper end, and the extra eigenvalue, of the contracting task (0.9).

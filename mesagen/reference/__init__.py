@@ -1,4 +1,4 @@
-"""mesagen.reference: hand-written numpy float64 ground truth for the shipped layers (DESIGN §4, §5).
+"""mesagen.reference: hand-written numpy float64 ground truth for the shipped layers (docs/family.md §4; docs/contract.md §16).
 
 Imports nothing from the compiler side; generated layers are tested against these.
 """

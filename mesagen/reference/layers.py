@@ -1,4 +1,4 @@
-"""Hand-written numpy float64 ground truth for the shipped layers (DESIGN §4).
+"""Hand-written numpy float64 ground truth for the shipped layers (docs/family.md §4).
 
 Written from the math, not from any derivation in mesagen: explicit loops over batch, head and time, explicit
 sums and explicit solves. Layouts are fla-compatible: ``q, k: [B, T, H, K]``, ``v, o: [B, T, H, V]``,
@@ -20,7 +20,7 @@ State = Mapping[str, Any]
 
 
 def linear(q, k, v, eta, initial_state: State | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Linear self-attention = one GD step from ``W = 0`` (DESIGN §4 ``linear``; paper eq. for LSA).
+    """Linear self-attention = one GD step from ``W = 0`` (docs/family.md §5.1 ``linear``; paper eq. for LSA).
 
     ``o_t = eta * sum_{i<=t} v_i (k_i^T q_t)``, computed as causally masked attention
     ``eta * tril(Q K^T) V`` (plus ``eta * q_t^T kv0`` for a given initial state).
@@ -58,7 +58,7 @@ def linear(q, k, v, eta, initial_state: State | None = None) -> tuple[np.ndarray
 
 def gd(q, k, v, eta, *, steps: int, initial_state: State | None = None
        ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """``steps`` steps of full-batch gradient descent from ``W = 0`` (DESIGN §4 ``gd``).
+    """``steps`` steps of full-batch gradient descent from ``W = 0`` (docs/family.md §6.1 ``gd``).
 
     Loss ``L_t(W) = 1/2 sum_{i<=t} ||v_i - W k_i||^2``; with ``C_t = sum v_i k_i^T`` (V x K) and
     ``A_t = sum k_i k_i^T`` (K x K) each step is ``W <- W + eta (C_t - W A_t)``; ``o_t = W_t^(steps) q_t``.
@@ -104,7 +104,7 @@ def gd(q, k, v, eta, *, steps: int, initial_state: State | None = None
 
 
 def delta(q, k, v, beta, initial_state: State | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Online GD / DeltaNet / LMS (DESIGN §4 ``delta``).
+    """Online GD / DeltaNet / LMS (docs/family.md §7.1 ``delta``).
 
     ``W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T``, ``o_t = W_t q_t``, ``W_{-1} = S0^T`` (default 0).
 
@@ -140,7 +140,7 @@ def delta(q, k, v, beta, initial_state: State | None = None) -> tuple[np.ndarray
 
 
 def ridge(q, k, v, lam, initial_state: State | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The mesa layer: ridge regression solved exactly at every step (DESIGN §4 ``ridge``; paper eq. 4-5).
+    """The mesa layer: ridge regression solved exactly at every step (docs/family.md §8.1 ``ridge``; paper eq. 4-5).
 
     ``W_t = argmin_W 1/2 sum_{i<=t} ||v_i - W k_i||^2 + 1/2 lam ||W||_F^2 = C_t A_t^{-1}`` with
     ``C_t = C_0 + sum v_i k_i^T`` and ``A_t = A_0 + sum k_i k_i^T``; ``o_t = W_t q_t``. Each ``W_t`` comes from
@@ -199,7 +199,7 @@ def ridge_lstsq(q, k, v, lam) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The mesa layer again, as an augmented least-squares problem per step (cross-check of :func:`ridge`).
 
     For each ``t``, ``W_t^T = argmin_S || [K_{0..t}; sqrt(lam) I] S - [V_{0..t}; 0] ||_F^2`` by
-    ``np.linalg.lstsq``, which is the same objective as :func:`ridge` (DESIGN §4) without forming ``A_t``.
+    ``np.linalg.lstsq``, which is the same objective as :func:`ridge` (docs/family.md §8.1) without forming ``A_t``.
     Always starts from the empty context (no initial state).
 
     Args:

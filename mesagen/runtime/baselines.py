@@ -1,4 +1,4 @@
-"""In-context baselines of the paper, evaluated per position t (paper Sec. 3-4, PAPER.md "Baselines").
+"""In-context baselines of the paper, evaluated per position t (paper Sec. 3-4; docs/paper.md §4).
 
 Position t (0-based) has the t context pairs ``(x_i, y_i) = (s_i, s_{i+1})``, ``i < t``, and the query
 ``x_t = s_t``; every predictor outputs an estimate of ``y_t = s_{t+1}``. All run in numpy float64 (the ridge
@@ -81,7 +81,7 @@ def fit_gd1_eta(states: np.ndarray) -> float:
 
 
 def ridge(states: np.ndarray, lam: float) -> np.ndarray:
-    """In-context ridge regression including the newest pair (PAPER.md "Ridge"; the mesa layer's target).
+    """In-context ridge regression including the newest pair (docs/paper.md §4; the mesa layer's target).
 
     ``Phi_t = (sum_{i<t} y_i x_i^T)(sum_{i<t} x_i x_i^T + lam I)^{-1}``, prediction ``Phi_t x_t``; at t = 0
     there are no pairs and the prediction is 0.

@@ -1,4 +1,4 @@
-"""Load generated layer modules by path and check their provenance (DESIGN.md Sec. 3).
+"""Load generated layer modules by path and check their provenance (docs/contract.md §3, §6).
 
 A block's layer is named in a run config as ``softmax``, ``generated:NAME`` or a path to a module file
 (absolute, or relative to the repository root).

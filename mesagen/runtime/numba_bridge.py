@@ -1,6 +1,6 @@
 """Run a generated ``layer_numba_cpu`` module inside JAX: forward and backward through host callbacks.
 
-:func:`numba_layer` wraps a module's ``forward`` / ``backward`` (DESIGN §3) in a ``jax.custom_vjp`` whose
+:func:`numba_layer` wraps a module's ``forward`` / ``backward`` (docs/contract.md §11) in a ``jax.custom_vjp`` whose
 primal and cotangent rules call the Numba code with ``jax.pure_callback``, so a JAX model (and its
 ``jax.grad``) can use the Numba CPU backend. Imports nothing from the compiler side.
 """
@@ -113,7 +113,7 @@ def _real(layer: str, what: str, x, dt):
 
 
 class NumbaCpuLayer:
-    """The generated-layer contract (DESIGN §3) of a spec, with ``forward`` run by its ``layer_numba_cpu`` module.
+    """The generated-layer contract (docs/contract.md §10) of a spec, with ``forward`` run by its ``layer_numba_cpu`` module.
 
     The trainer treats it exactly like a ``layer_jax`` module: ``PARAMS``, ``INPUTS``, ``FORMS``,
     ``init_params``, ``init_state``, ``forward``. The default initial state is built by the JAX module's
