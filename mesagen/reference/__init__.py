@@ -3,6 +3,10 @@
 Imports nothing from the compiler side; generated layers are tested against these.
 """
 
+from mesagen.reference.gated import (gated_delta, gated_delta_vjp, gla, gla_vjp, kda, kda_vjp, retention,
+                                     retention_vjp, simple_gla, simple_gla_vjp)
 from mesagen.reference.layers import delta, finite_difference_grad, gd, linear, ridge, ridge_lstsq
 
-__all__ = ["delta", "finite_difference_grad", "gd", "linear", "ridge", "ridge_lstsq"]
+__all__ = ["delta", "finite_difference_grad", "gated_delta", "gated_delta_vjp", "gd", "gla", "gla_vjp", "kda",
+           "kda_vjp", "linear", "retention", "retention_vjp", "ridge", "ridge_lstsq", "simple_gla",
+           "simple_gla_vjp"]

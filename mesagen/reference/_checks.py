@@ -83,3 +83,53 @@ def steps_count(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
         raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
     return int(steps)
+
+
+def per_token_channels(name: str, x: Any, bthd: tuple[int, int, int, int], channel: str) -> np.ndarray:
+    """Check a per-token, per-channel input of shape ``[B, T, H, D]`` (``channel`` names the last axis)."""
+    arr = as_float64(name, x)
+    if arr.shape != tuple(bthd):
+        raise ValueError(f"{name}: expected shape (batch, time, heads, {channel}) = {tuple(bthd)}, got {arr.shape}")
+    return arr
+
+
+def per_token_scalar_or_channels(name: str, x: Any, bth: tuple[int, int, int], d: int,
+                                 channel: str) -> np.ndarray:
+    """Check a per-token input of shape ``[B, T, H]`` or ``[B, T, H, D]``; return it as ``[B, T, H, D]``."""
+    arr = as_float64(name, x)
+    if arr.shape == tuple(bth):
+        return np.repeat(arr[..., None], d, axis=3)
+    if arr.shape == (*bth, d):
+        return arr
+    raise ValueError(f"{name}: expected shape (batch, time, heads) = {tuple(bth)} or "
+                     f"(batch, time, heads, {channel}) = {(*bth, d)}, got {arr.shape}")
+
+
+GATE_SPACES = ("log", "linear")
+
+
+def gate_to_log(name: str, arr: np.ndarray, gate_space: str) -> np.ndarray:
+    """Check a decay gate's domain and return it in log space (float64, same shape).
+
+    ``gate_space="log"``: ``arr`` is ``g = log(alpha)``, must be finite and ``<= 0``.
+    ``gate_space="linear"``: ``arr`` is ``alpha``, must be finite and in ``(0, 1]``; returns ``log(alpha)``.
+    """
+    if gate_space not in GATE_SPACES:
+        raise ValueError(f"gate_space: expected one of {GATE_SPACES}, got {gate_space!r}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: must be finite (gate_space={gate_space!r})")
+    if gate_space == "log":
+        if np.any(arr > 0):
+            raise ValueError(f"{name}: a log-space gate must be <= 0 (got max {np.max(arr)!r})")
+        return arr
+    if np.any(arr <= 0) or np.any(arr > 1):
+        raise ValueError(f"{name}: a linear-space gate must lie in (0, 1] "
+                         f"(got min {np.min(arr)!r}, max {np.max(arr)!r})")
+    return np.log(arr)
+
+
+def unit_interval(name: str, arr: np.ndarray) -> np.ndarray:
+    """Check that every entry of ``arr`` is finite and in ``[0, 1]``; return ``arr``."""
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise ValueError(f"{name}: every entry must be finite and in [0, 1]")
+    return arr
