@@ -1,4 +1,4 @@
-"""JAX backend: prints ``generated/NAME/layer_jax.py`` (DESIGN §3 contract) from a :class:`LayerIR`.
+"""JAX backend: prints ``generated/NAME/layer_jax.py`` (the contract of docs/contract.md §10) from a :class:`LayerIR`.
 
 The per-head programs (initial state, token step, closed-form pieces) are printed from the IR's sympy
 expressions by :class:`~mesagen.backends.printing.ArrayPrinter`; the surrounding module (vmaps over batch
@@ -48,12 +48,22 @@ def _neutral(x) -> float:
     """The finite stand-in for a non-finite per-token input ``x`` (an :class:`InputDecl`) in the gradient path.
 
     Any finite value keeps the backward finite; a neutral one also keeps the stand-in computation well scaled:
-    0 in log space (a gate of 1), 1 for a positive linear-space value, otherwise 0 (a step size of 0: no
-    update). v1 per-token inputs are step sizes in linear space (docs/specs.md §3).
+    a forget gate of 1 (0 in log space, 1 in linear space), 1 for another positive value, otherwise 0 (a step
+    size or importance weight of 0: no update).
     """
-    if x.space == "log":
-        return 0.0
+    if x.role == "gate":
+        return 0.0 if x.space == "log" else 1.0
     return 1.0 if x.domain == "positive" else 0.0
+
+
+_FEATURE_MAPS = {
+    "identity": ["def _features(x):", '    """φ(x) = x (feature map of the spec)."""', "    return x"],
+    "l2_normalize": ["def _features(x):",
+                     '    """φ(x) = x / √(Σ x² + 1e-6) over the last axis (fla\'s l2norm, eps 1e-6)."""',
+                     "    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)"],
+    "elu_plus_one": ["def _features(x):", '    """φ(x) = elu(x) + 1 (Katharopoulos et al. 2020), elementwise."""',
+                     "    return jax.nn.elu(x) + 1"],
+}
 
 
 class JaxBackend:
@@ -78,13 +88,18 @@ class JaxBackend:
         L += [f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}"]
         L += _dict_literal("PARAMS", [f'"{x.name}": {{"shape": ("H",), "init": {x.init!r}, "domain": "{x.domain}"}}'
                                       for x in ir.params])
-        L += _dict_literal("INPUTS", [f'"{x.name}": {{"shape": ("B", "T", "H"), "space": "{x.space}", '
-                                      f'"domain": "{x.domain}"}}' for x in ir.inputs])
-        L += [f"FORMS = {tuple(ir.forms)!r}", f"_PARAM_NAMES = {tuple(x.name for x in ir.params)!r}",
+        L += _dict_literal("INPUTS", [f'"{x.name}": {{"shape": {x.shape!r}, "space": "{x.space}", '
+                                      f'"domain": "{x.domain}", "role": "{x.role}"}}' for x in ir.inputs])
+        L += [f"FORMS = {tuple(ir.forms)!r}", f"FEATURE_MAP = {ir.feature_map!r}",
+              f"DEFAULT_SCALE = {ir.default_scale!r}  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5",
+              f"_PARAM_NAMES = {tuple(x.name for x in ir.params)!r}",
               f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}",
               f"_INPUT_NEUTRAL = {tuple(_neutral(x) for x in ir.inputs)!r}  # finite stand-ins, see _causal_forward",
               f"_STATE_DIMS = {tuple(tuple(str(d) for d in st.shape) for st in rec.states)!r}  # per-head state shapes",
-              "", ""]
+              ]
+        gi = next((i for i, x in enumerate(ir.inputs) if x.role == "gate"), None)
+        L += [f"_LOG_GATE = {gi if gi is not None and ir.inputs[gi].space == 'log' else None!r}"
+              "  # index of a log-space gate input (the per-head programs receive α = exp(g))", "", ""]
         # ---- State
         L += ["class State(NamedTuple):", '    """Recurrent state of every (batch, head); fla layout, d_k leading.', ""]
         L += [f"    {st.name}: [B, H, {', '.join(str(d) for d in st.shape)}] -- {st.doc}." for st in rec.states]
@@ -94,6 +109,7 @@ class JaxBackend:
         L += self._init_params(ir)
         if spd:
             L += _SPD_HELPERS.splitlines()
+        L += _FEATURE_MAPS[ir.feature_map] + ["", ""]
         # ---- per-head programs
         L += ["# " + "-" * 100, "# Per-head programs, printed from the verified IR (see DERIVATION.md).", ""]
         sig_p = ", ".join(pnames)
@@ -113,6 +129,7 @@ class JaxBackend:
         body = _program(p, rec.update + rec.readout)
         L += indent(_prelude(body, {"dtype": "dtype = q.dtype", "K,V": "K, V = k.shape[0], v.shape[0]"}))
         L += ["    q, k, v = q[:, None], k[:, None], v[:, None]  # columns"]
+        L += [f"    {x.symbol} = {x.symbol}[:, None]  # a per-channel input, as a column" for x in ir.inputs if x.channel]
         L += indent(body)
         L += [f"    return o[:, 0], {_tuple([s + '_new' for s in states])}", "", ""]
         if ir.kernel is not None:
@@ -527,7 +544,7 @@ def _values(q, k, v, ps, state, inputs):
 _API = '''
 
 # ----------------------------------------------------------------------------------------------------
-# Public API (DESIGN §3).
+# Public API (docs/contract.md §10).
 
 _COMPUTE_DTYPES = (jnp.float32, jnp.float64)
 

@@ -14,7 +14,7 @@ The adjoint of ``t = c · F₁ ⋯ Fₙ`` with cotangent ``G`` (the same shape a
 * for ``F_p = X⁻¹`` (1 × 1):       ``Ḡ_X += −c · (…)ᵀ G (…)ᵀ · X⁻¹ · X⁻¹``;
 * for each symbol ``σ`` in ``c``:  ``ḡ_σ += (∂c/∂σ) · ⟨G, F₁⋯Fₙ⟩`` (a full contraction).
 
-Terms are handled one at a time, so the sympy ``diff``-of-a-sum pitfall (DESIGN §2) cannot arise; the
+Terms are handled one at a time, so the sympy ``diff``-of-a-sum pitfall (docs/family.md §10) cannot arise; the
 product rule for repeated factors (``P k kᵀ P``) comes from visiting every position.
 """
 
@@ -26,7 +26,7 @@ import sympy as sp
 from sympy.matrices.expressions.matexpr import MatrixExpr
 from sympy.printing.pycode import PythonCodePrinter
 
-from mesagen.symbolic.algebra import K, V
+from mesagen.ir.dims import K, V
 
 _DIM_NAMES = {K: "K", V: "V"}
 

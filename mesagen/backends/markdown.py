@@ -34,7 +34,7 @@ class MarkdownBackend:
         s = d.spec
         L = [header(ir, "md", "<!--"), f"# Derivation of `{ir.name}`", "", ir.description, ""]
         L += ["Source: von Oswald et al., *Uncovering mesa-optimization algorithms in Transformers* "
-              "(arXiv 2309.05858); conventions of mesagen DESIGN §1 and §4. Per head, "
+              "(arXiv 2309.05858); conventions of mesagen docs/family.md §1. Per head, "
               "$W \\in \\mathbb{R}^{V \\times K}$, $k, q \\in \\mathbb{R}^{K}$, $v \\in \\mathbb{R}^{V}$.", ""]
         L += ["## 1. Objective", "",
               f"Loss `{s.objective.loss}`, weights `{s.objective.weights.kind}`, regulariser "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from mesagen.backends.common import CODEGEN_FORMAT, indent
 from mesagen.backends.loops import ScalarPrinter, Stmt, adjoint, forward_stmts, grad_name, print_stmt, terms_of
 from mesagen.ir.records import Assign, LayerIR
-from mesagen.symbolic.algebra import DIMS
+from mesagen.ir.dims import DIMS
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Numba CPU backend: prints ``generated/NAME/layer_numba_cpu.py`` (DESIGN §3 contract over numpy arrays).
+"""Numba CPU backend: prints ``generated/NAME/layer_numba_cpu.py`` (the contract of docs/contract.md §11, over numpy arrays).
 
 The per-head plain bodies come from :func:`~mesagen.backends.numba_common.plain_bodies` (shared with the CUDA
 backend); this module adds the ``njit`` drivers that loop over (batch, head, time), the checkpointed backward
@@ -173,7 +173,7 @@ class NumbaCpuBackend:
 
 _API = '''
 # ----------------------------------------------------------------------------------------------------
-# Public API (DESIGN §3), over numpy arrays.
+# Public API (docs/contract.md §11), over numpy arrays.
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 

@@ -1,4 +1,4 @@
-"""Numba CUDA backend: prints ``generated/NAME/layer_numba_cuda.py`` (DESIGN §3 contract; numpy or device arrays).
+"""Numba CUDA backend: prints ``generated/NAME/layer_numba_cuda.py`` (the contract of docs/contract.md §11; numpy or device arrays).
 
 One block per (batch, head); the block's threads split the rows of every array statement of the shared plain
 bodies (:func:`~mesagen.backends.numba_common.plain_bodies`) and meet at ``cuda.syncthreads()`` between
@@ -133,7 +133,7 @@ class NumbaCudaBackend:
 
 
 _API = '''# ----------------------------------------------------------------------------------------------------
-# Host launchers (DESIGN §3): numpy arrays in -> numpy out; device arrays in -> device arrays out.
+# Host launchers (docs/contract.md §11): numpy arrays in -> numpy out; device arrays in -> device arrays out.
 
 def ptx_targets(d_k, d_v, dtype_name="float32"):
     """Every kernel as (name, python function, argument types) for ``cuda.compile_ptx`` (no GPU needed)."""

@@ -17,7 +17,7 @@ import sympy as sp
 from sympy.matrices.expressions.matexpr import MatrixExpr
 from sympy.printing.numpy import JaxPrinter
 
-from mesagen.symbolic.algebra import K, V
+from mesagen.ir.dims import K, V
 
 _LARGE = {K: 64, V: 64}
 
@@ -145,7 +145,18 @@ class ArrayPrinter(JaxPrinter):
             text = f"{text} / {d}"
         return prefix + text
 
+    def _print_DiagMatrix(self, e):
+        return f"{self._alias}.diag({self._print(e.args[0])}[:, 0])"
+
     def _print_chain(self, mats: list) -> str:
+        diag = next((i for i, m in enumerate(mats) if isinstance(m, sp.DiagMatrix)), None)
+        if diag is not None and len(mats) > 1:  # Diag(a) X = a ⊙ X (a column broadcasts); X Diag(a) = X ⊙ aᵀ
+            a = self._print(mats[diag].args[0])
+            left, right = mats[:diag], mats[diag + 1:]
+            if not left:
+                return f"{a} * ({self._print_chain(right)})"
+            text = f"({self._print_chain(left)}) * {a}.T"
+            return f"({text}) @ ({self._print_chain(right)})" if right else text
         if isinstance(mats[0], sp.Inverse) and not is_scalar_matrix(mats[0]) and len(mats) > 1:
             rest = self._print_chain(mats[1:])
             return f"{self._solve}({self._print(mats[0].arg)}, {rest})"

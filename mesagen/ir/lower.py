@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from mesagen.ir.passes import PASSES, namespace_user_symbols, to_stored_layout
-from mesagen.ir.records import USER_PREFIX, InputDecl, LayerIR, ParamDecl
-from mesagen.symbolic.derive import Derivation
+from typing import TYPE_CHECKING
+
+from mesagen.ir.passes import MANDATORY, PASSES, namespace_user_symbols, to_stored_layout
+import sympy as sp
+
+from mesagen.ir.records import USER_PREFIX, Decay, InputDecl, LayerIR, ParamDecl
+
+if TYPE_CHECKING:  # the IR never imports the symbolic stage at run time (no import cycle)
+    from mesagen.symbolic.derive import Derivation
 
 
-def lower(d: Derivation, spec_path: str, spec_sha256: str, skip: frozenset[str] = frozenset()) -> LayerIR:
+def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str] = frozenset()) -> LayerIR:
     """Build the backend-facing IR: stored layout, then every pass of :data:`~mesagen.ir.passes.PASSES`.
 
     Args:
@@ -23,16 +29,28 @@ def lower(d: Derivation, spec_path: str, spec_sha256: str, skip: frozenset[str] 
         ValueError: a pass found the program ill-formed (double assignment, cycle, undefined read).
     """
     spec = d.spec
+    w = spec.objective.weights
+    gate = w.gate if w.kind == "decayed" else None
+    axis = {"batch": "B", "time": "T", "heads": "H", "d_k": "K", "d_v": "V"}
     params = tuple(ParamDecl(n, p.init, p.domain) for n, p in spec.parameters.items())
-    inputs = tuple(InputDecl(n, i.space, i.domain) for n, i in spec.inputs.items())
+    inputs = tuple(InputDecl(n, i.space, i.domain, tuple(axis[a] for a in i.shape),
+                             "gate" if n == gate else "importance" if n == w.importance else "step_size")
+                   for n, i in spec.inputs.items())
+    decay = None
+    if gate is not None:
+        src = spec.inputs.get(gate)
+        decay = Decay(gate, "input" if src else "parameter", bool(src and len(src.shape) == 4),
+                      src.space if src else "linear")
     names = {p.symbol for p in params} | {i.symbol for i in inputs}
     rec, kernel = to_stored_layout(d.recurrence, d.kernel, d.stored_names)
-    mapping = {sym: type(sym)(USER_PREFIX + name, **sym.assumptions0) for name, sym in d.params.items()}
+    mapping = {sym: sp.MatrixSymbol(USER_PREFIX + name, *sym.shape) if isinstance(sym, sp.MatrixSymbol) else
+               type(sym)(USER_PREFIX + name, **sym.assumptions0) for name, sym in d.params.items()}
     rec, kernel = namespace_user_symbols(rec, kernel, mapping)
     for name, fn in PASSES:
-        if name not in skip or name == "schedule":
+        if name not in skip or name in MANDATORY:
             rec, kernel = fn(rec, kernel, names)
     forms = ("recurrent", "closed_form") if kernel is not None else ("recurrent",)
     return LayerIR(name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
                    description=" ".join(spec.description.split()), params=params, inputs=inputs,
-                   recurrence=rec, kernel=kernel, forms=forms)
+                   recurrence=rec, kernel=kernel, forms=forms, decay=decay, importance=w.importance,
+                   feature_map=spec.objective.model.feature_map, default_scale=spec.readout.scale)

@@ -10,8 +10,8 @@ from dataclasses import replace
 import sympy as sp
 
 from mesagen.ir import graph
-from mesagen.ir.records import Assign, KernelForm, Recurrence, StateDecl
-from mesagen.symbolic.algebra import mat
+from mesagen.ir.records import Accumulator, Assign, KernelForm, Recurrence, StateDecl
+from mesagen.ir.dims import mat
 
 TOKEN_NAMES = {"q", "k", "v"}
 
@@ -25,11 +25,20 @@ def to_stored_layout(rec: Recurrence, kernel: KernelForm | None, stored: dict[st
     """Rename states to their stored names and store V×K states transposed (fla layout, d_k leading).
 
     ``W`` (V×K) becomes ``S`` with S = Wᵀ (K×V): every read of W becomes Sᵀ and the update of S is the
-    transpose of the update of W, pushed inward by ``Transpose(...).doit()``.
+    transpose of the update of W, pushed inward by ``Transpose(...).doit()``. A name of ``stored`` that is not a
+    state is a temporary of the update (``Wd``, the decayed iterate): renamed and transposed the same way.
     """
     sub: dict[sp.Basic, sp.Basic] = {}
     new_targets: dict[str, tuple[str, bool]] = {}
     states = []
+    state_names = {st.name for st in rec.states}
+    for a in rec.update:
+        if a.target in stored and a.target not in state_names:
+            name, transposed = stored[a.target]
+            shape = (a.shape[1], a.shape[0]) if transposed else a.shape
+            new = mat(name, *shape)
+            sub[mat(a.target, *a.shape)] = new.T if transposed else new
+            new_targets[a.target] = (name, transposed)
     for st in rec.states:
         name, transposed = stored[st.name]
         shape = (st.shape[1], st.shape[0]) if transposed else st.shape
@@ -37,7 +46,7 @@ def to_stored_layout(rec: Recurrence, kernel: KernelForm | None, stored: dict[st
             old = mat(st.name + suffix, *st.shape)
             new = mat(name + suffix, *shape)
             sub[old] = new.T if transposed else new
-        new_targets[f"{st.name}_new"] = (f"{name}_new", transposed)
+        new_targets[rec.new(st.name)] = (f"{name}_new", transposed)
         init = sp.Transpose(st.init).doit() if transposed else st.init
         states.append(StateDecl(name, shape, init, st.doc + (" (stored transposed)" if transposed else "")))
 
@@ -51,10 +60,12 @@ def to_stored_layout(rec: Recurrence, kernel: KernelForm | None, stored: dict[st
         return Assign(a.target, expr, a.shape, a.doc)
 
     rec2 = Recurrence(tuple(states), tuple(fix(a, True) for a in rec.update),
-                      tuple(fix(a, True) for a in rec.readout), rec.backward)
+                      tuple(fix(a, True) for a in rec.readout), rec.backward,
+                      tuple((s.name, new_targets[rec.new(old.name)][0]) for s, old in zip(states, rec.states)),
+                      rec.output)
     if kernel is None:
         return rec2, None
-    k2 = KernelForm(kernel.uses_gram, tuple(fix(a, False) for a in kernel.stats_from_state),
+    k2 = KernelForm(kernel.accumulators, tuple(fix(a, False) for a in kernel.stats_from_state),
                     tuple(fix(a, False) for a in kernel.precondition),
                     tuple(fix(a, True) for a in kernel.state_from_stats))
     return rec2, k2
@@ -68,10 +79,11 @@ def namespace_user_symbols(rec: Recurrence, kernel: KernelForm | None, mapping: 
         return Assign(a.target, a.expr.xreplace(mapping), a.shape, a.doc)
 
     states = tuple(StateDecl(s.name, s.shape, s.init.xreplace(mapping), s.doc) for s in rec.states)
-    rec2 = Recurrence(states, tuple(map(fix, rec.update)), tuple(map(fix, rec.readout)), rec.backward)
+    rec2 = replace(rec, states=states, update=tuple(map(fix, rec.update)), readout=tuple(map(fix, rec.readout)))
     if kernel is None:
         return rec2, None
-    return rec2, KernelForm(kernel.uses_gram, tuple(map(fix, kernel.stats_from_state)),
+    accs = tuple(replace(a, summand=a.summand.xreplace(mapping)) for a in kernel.accumulators)
+    return rec2, KernelForm(accs, tuple(map(fix, kernel.stats_from_state)),
                             tuple(map(fix, kernel.precondition)), tuple(map(fix, kernel.state_from_stats)))
 
 
@@ -85,21 +97,23 @@ def prune_dead_states(rec: Recurrence, kernel: KernelForm | None, params: set[st
     available = TOKEN_NAMES | params | {st.name for st in rec.states}
     live_states: set[str] = set()
     while True:
-        outputs = {"o"} | {f"{s}_new" for s in live_states}
+        outputs = {rec.output} | {rec.new(s) for s in live_states}
         reach = graph.live(body, available, outputs)
         now = {st.name for st in rec.states if st.name in reach}
         if now == live_states:
             break
         live_states = now
-    keep = graph.live(body, available, {"o"} | {f"{s}_new" for s in live_states})
+    keep = graph.live(body, available, {rec.output} | {rec.new(s) for s in live_states})
     states = tuple(st for st in rec.states if st.name in live_states)
     rec2 = Recurrence(states, tuple(a for a in rec.update if a.target in keep),
-                      tuple(a for a in rec.readout if a.target in keep), rec.backward)
+                      tuple(a for a in rec.readout if a.target in keep), rec.backward,
+                      tuple((s, t) for s, t in rec.next_state if s in live_states), rec.output)
     if kernel is None:
         return rec2, None
-    dead_new = {f"{st.name}_new" for st in rec.states if st.name not in live_states}
+    dead_new = {rec.new(st.name) for st in rec.states if st.name not in live_states}
     stats = tuple(a for a in kernel.stats_from_state if a.target != "A0" or kernel.uses_gram)
-    k2 = KernelForm(kernel.uses_gram, stats, kernel.precondition,
+    accs = tuple(a for a in kernel.accumulators if a.name != "Abar" or kernel.uses_gram)
+    k2 = KernelForm(accs, stats, kernel.precondition,
                     tuple(a for a in kernel.state_from_stats if a.target not in dead_new))
     return rec2, k2
 
@@ -113,12 +127,29 @@ def schedule_programs(rec: Recurrence, kernel: KernelForm | None, params: set[st
     rec2 = replace(rec, update=update, readout=readout)
     if kernel is None:
         return rec2, None
-    k2 = KernelForm(kernel.uses_gram,
+    k2 = KernelForm(kernel.accumulators,
                     graph.schedule(kernel.stats_from_state, params | states),
                     graph.schedule(kernel.precondition, params | {"q", "Abar"}),
                     graph.schedule(kernel.state_from_stats, params | {"Cbar", "Abar"}))
     return rec2, k2
 
 
-#: The passes run by :func:`mesagen.ir.lower.lower`, in order (name, function). Layout is mandatory.
-PASSES = (("prune_dead_states", prune_dead_states), ("schedule", schedule_programs))
+def choose_backward(rec: Recurrence, kernel: KernelForm | None, params: set[str]
+                    ) -> tuple[Recurrence, KernelForm | None]:
+    """Choose how reverse mode of the recurrent form is generated (:data:`~mesagen.ir.records.BACKWARDS`).
+
+    ``implicit`` when the recurrence keeps the exact ridge solution -- states (S, P) = ((C Ā⁻¹)ᵀ, Ā⁻¹) with a
+    uniform-weight parallel form over the Gram sums -- because differentiating through Sherman–Morrison steps
+    amplifies their rounding (docs/numerics.md); ``autodiff`` through the scan otherwise.
+    """
+    ridge = [(s.name, s.shape) for s in rec.states] == [("S", ("K", "V")), ("P", ("K", "K"))]
+    if ridge and kernel is not None and kernel.uses_gram and not kernel.decayed:
+        return replace(rec, backward="implicit"), kernel
+    return replace(rec, backward="autodiff"), kernel
+
+
+#: The passes run by :func:`mesagen.ir.lower.lower`, in order (name, function). Layout is mandatory, and so
+#: are ``schedule`` and ``choose_backward``.
+PASSES = (("prune_dead_states", prune_dead_states), ("schedule", schedule_programs),
+          ("choose_backward", choose_backward))
+MANDATORY = frozenset({"schedule", "choose_backward"})

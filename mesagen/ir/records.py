@@ -4,7 +4,9 @@ The IR describes one head of a layer in matrix form. Vectors are columns (``k`` 
 1 × 1 matrices, and every right-hand side is a sympy matrix expression over named symbols. Backends print
 these expressions; they never re-derive anything.
 
-Shapes are written with the symbolic dims ``K`` (d_k) and ``V`` (d_v) or the integer 1.
+Shapes are written with the symbolic dims ``K`` (d_k) and ``V`` (d_v) or the integer 1 (:data:`~mesagen.ir.dims.Dim`).
+The records name their parts explicitly -- which assignment holds each state's next value, which the output,
+which per-token input is the forget gate -- so no stage re-derives meaning from variable names.
 """
 
 from __future__ import annotations
@@ -13,12 +15,8 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-Dim = str | int  # "K", "V" or 1
-
-
-def _check_dim(d: Dim, where: str) -> None:
-    if d not in ("K", "V", 1):
-        raise ValueError(f"{where}: dimension must be 'K', 'V' or 1, got {d!r}")
+from mesagen.ir.dims import Dim
+from mesagen.ir.dims import check_dim as _check_dim
 
 
 @dataclass(frozen=True)
@@ -75,17 +73,30 @@ class StateDecl:
             _check_dim(d, f"state {self.name}")
 
 
+BACKWARDS = ("autodiff", "checkpointed", "implicit")
+
+
 @dataclass(frozen=True)
 class Recurrence:
-    """The recurrent form: per token, ``update`` writes every ``<state>_new``; ``readout`` writes ``o``.
+    """The recurrent form: per token, ``update`` computes every state's next value; ``readout`` the output.
 
     The readout reads the *new* states (o_t is answered after token t is absorbed).
+
+    Attributes:
+        states: the state declarations.
+        update / readout: single-assignment programs.
+        next_state: the explicit next-state map, state name → the assignment target holding its next value
+            (default ``<state>_new``).
+        output: the readout target holding o_t (default ``o``).
+        backward: how reverse mode is generated (chosen by the pass ``choose_backward``; see below).
     """
 
     states: tuple[StateDecl, ...]
     update: tuple[Assign, ...]
     readout: tuple[Assign, ...]
     backward: str = "autodiff"
+    next_state: tuple[tuple[str, str], ...] = ()
+    output: str = "o"
     """How reverse mode is generated:
 
     - ``autodiff``: plain autodiff through the scan.
@@ -97,20 +108,84 @@ class Recurrence:
     """
 
     def __post_init__(self) -> None:
+        if not self.next_state:
+            object.__setattr__(self, "next_state", tuple((st.name, f"{st.name}_new") for st in self.states))
         written = [a.target for a in self.update + self.readout]
         if len(written) != len(set(written)):
             dup = sorted({n for n in written if written.count(n) > 1})
             raise ValueError(f"single assignment violated for {dup}")
-        for st in self.states:
-            if f"{st.name}_new" not in written:
-                raise ValueError(f"state {st.name!r} has no update {st.name}_new")
-        if "o" not in [a.target for a in self.readout]:
-            raise ValueError("readout must assign 'o'")
-        if self.backward not in ("autodiff", "checkpointed", "implicit"):
+        if [n for n, _ in self.next_state] != [st.name for st in self.states]:
+            raise ValueError("next_state must map every state, in declaration order")
+        for st, (_, target) in zip(self.states, self.next_state):
+            if target not in written:
+                raise ValueError(f"state {st.name!r} has no update {target}")
+        if self.output not in [a.target for a in self.readout]:
+            raise ValueError(f"readout must assign the output {self.output!r}")
+        if self.backward not in BACKWARDS:
             raise ValueError(f"unknown backward {self.backward!r}")
         if self.backward == "implicit" and [(s.name, s.shape) for s in self.states] not in (
                 [("W", ("V", "K")), ("P", ("K", "K"))], [("S", ("K", "V")), ("P", ("K", "K"))]):
             raise ValueError("backward 'implicit' needs the states (W [V, K], P [K, K]) = (C A⁻¹, A⁻¹)")
+
+    def new(self, state: str) -> str:
+        """The target that holds the next value of ``state``.
+
+        Raises:
+            KeyError: ``state`` is not a state of this recurrence.
+        """
+        return dict(self.next_state)[state]
+
+    @property
+    def new_names(self) -> tuple[str, ...]:
+        """The next-state targets, in state order."""
+        return tuple(t for _, t in self.next_state)
+
+
+@dataclass(frozen=True)
+class Decay:
+    """The forget gate of decayed regression weights ω_{t,i} = ∏_{j=i+1}^{t} α_j.
+
+    Attributes:
+        gate: the spec's name of the input or parameter (its code symbol is ``USER_PREFIX + gate``).
+        source: ``input`` (per token) or ``parameter`` (per head, constant in time).
+        per_channel: one gate per key channel (``[B, T, H, K]``, GLA / KDA) instead of one per head.
+        space: ``log`` (the input holds g = log α ≤ 0) or ``linear`` (it holds α ∈ (0, 1]).
+
+    Per-head programs always receive α (linear space): the frame converts a log-space gate with exp before the
+    recurrence, and the parallel form works with cumulative sums of log α (never long products of α).
+    """
+
+    gate: str
+    source: str
+    per_channel: bool
+    space: str
+
+    def __post_init__(self) -> None:
+        if self.source not in ("input", "parameter") or self.space not in ("log", "linear"):
+            raise ValueError(f"bad decay {self}")
+        if self.source == "parameter" and (self.per_channel or self.space != "linear"):
+            raise ValueError("a parameter gate is one linear-space decay per head")
+
+
+@dataclass(frozen=True)
+class Accumulator:
+    """One running sum of the parallel form: ``name`` = decay-weighted Σ_{i≤t} ``summand``_i.
+
+    Attributes:
+        name: ``Cbar`` (the cross sums Σ v kᵀ, V × K) or ``Abar`` (the Gram sums Σ k kᵀ, K × K).
+        summand: the per-token term (a matrix expression in k, v and the importance weight).
+        shape: its (rows, cols).
+        decayed: whether the layer's :class:`Decay` weights it (ω_{t,i}).
+    """
+
+    name: str
+    summand: sp.Basic
+    shape: tuple[Dim, Dim]
+    decayed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in ("Cbar", "Abar"):
+            raise ValueError(f"unknown accumulator {self.name!r} (Cbar, Abar)")
 
 
 @dataclass(frozen=True)
@@ -123,14 +198,17 @@ class KernelForm:
     Linear attention (M = ηI), k-step GD (M a polynomial) and the mesa layer (M = Ā⁻¹) are all of this
     form (von Oswald et al. 2023, Sec. 3: the mesa layer is attention with preconditioned queries).
 
+    With decayed weights the sums are weighted: C̄_t = ω_{t,0} C̄₀ + Σ_{i≤t} ω_{t,i} v_i k_iᵀ (per key channel,
+    ω scales the columns), and likewise Ā_t.
+
     Attributes:
-        uses_gram: whether x depends on Ā (else the Gram sums are skipped).
+        accumulators: the running sums (``Cbar``; ``Abar`` unless pruned because nothing reads it).
         stats_from_state: assigns ``C0`` (V×K) and, if uses_gram, ``A0`` (K×K) from the old states.
         precondition: assigns ``x`` (K×1) from ``q``, ``Abar`` (= Ā_t) and parameters.
-        state_from_stats: assigns every ``<state>_new`` from ``Cbar`` (= C̄_T) and ``Abar`` (= Ā_T).
+        state_from_stats: assigns every next state from ``Cbar`` (= C̄_T) and ``Abar`` (= Ā_T).
     """
 
-    uses_gram: bool
+    accumulators: tuple[Accumulator, ...]
     stats_from_state: tuple[Assign, ...]
     precondition: tuple[Assign, ...]
     state_from_stats: tuple[Assign, ...]
@@ -138,6 +216,18 @@ class KernelForm:
     def __post_init__(self) -> None:
         if "x" not in [a.target for a in self.precondition]:
             raise ValueError("precondition must assign 'x'")
+        if [a.name for a in self.accumulators] not in (["Cbar"], ["Cbar", "Abar"]):
+            raise ValueError("accumulators must be (Cbar,) or (Cbar, Abar)")
+
+    @property
+    def uses_gram(self) -> bool:
+        """Whether x depends on Ā (else the Gram sums are skipped once the pass ``prune_dead_states`` ran)."""
+        return any("Abar" in a.reads for a in self.precondition)
+
+    @property
+    def decayed(self) -> bool:
+        """Whether the sums are decay-weighted."""
+        return any(a.decayed for a in self.accumulators)
 
 
 #: Prefix of every user-declared name in generated code. No identifier the backends write starts with it, so a
@@ -165,13 +255,37 @@ class ParamDecl:
         return USER_PREFIX + self.name
 
 
+INPUT_ROLES = ("gate", "step_size", "importance")
+
+
 @dataclass(frozen=True)
 class InputDecl:
-    """A per-token input ``[B, T, H]``; ``name`` is the keyword of ``forward``, ``symbol`` the code identifier."""
+    """A per-token input; ``name`` is the keyword of ``forward``, ``symbol`` the code identifier.
+
+    Attributes:
+        name, space, domain: from the spec.
+        shape: axis letters, ``("B", "T", "H")`` or with a trailing ``"K"`` (per key channel) / ``"V"``
+            (per value channel).
+        role: what the solver does with it: ``gate`` (a forget gate), ``step_size`` (online GD's β),
+            ``importance`` (a loss weight β_i).
+    """
 
     name: str
     space: str
     domain: str
+    shape: tuple[str, ...] = ("B", "T", "H")
+    role: str = "step_size"
+
+    def __post_init__(self) -> None:
+        if self.shape not in (("B", "T", "H"), ("B", "T", "H", "K"), ("B", "T", "H", "V")):
+            raise ValueError(f"input {self.name}: bad shape {self.shape}")
+        if self.role not in INPUT_ROLES:
+            raise ValueError(f"input {self.name}: unknown role {self.role!r}")
+
+    @property
+    def channel(self) -> str | None:
+        """``"K"`` or ``"V"`` for a per-channel input, else None."""
+        return self.shape[3] if len(self.shape) == 4 else None
 
     @property
     def symbol(self) -> str:
@@ -194,6 +308,10 @@ class LayerIR:
         forms: the forms offered, "recurrent" first.
         out_arg: the ``--out`` folder of the header's regenerate command, relative to the folder that holds
             the spec's folder (POSIX); empty for the default ``generated``.
+        decay: the forget gate of decayed weights, or None (uniform weights).
+        importance: the name of the importance-weight input, or None.
+        feature_map: φ applied to q and k by the frame (``identity``, ``l2_normalize``, ``elu_plus_one``).
+        default_scale: the query scale when the caller passes none: a float, or ``"inverse_sqrt_dk"``.
     """
 
     name: str
@@ -206,6 +324,10 @@ class LayerIR:
     kernel: KernelForm | None
     forms: tuple[str, ...] = field(default=("recurrent",))
     out_arg: str = ""
+    decay: Decay | None = None
+    importance: str | None = None
+    feature_map: str = "identity"
+    default_scale: float | str = 1.0
 
     def __post_init__(self) -> None:
         if not self.forms or self.forms[0] != "recurrent":
@@ -214,3 +336,15 @@ class LayerIR:
             raise ValueError("backward 'implicit' needs a kernel form over the Gram sums")
         if ("closed_form" in self.forms) != (self.kernel is not None):
             raise ValueError("'closed_form' is offered exactly when a kernel form exists")
+        if self.feature_map not in ("identity", "l2_normalize", "elu_plus_one"):
+            raise ValueError(f"unknown feature map {self.feature_map!r}")
+        if self.decay is not None and self.decay.source == "input" and self.decay.gate not in {
+                i.name for i in self.inputs if i.role == "gate"}:
+            raise ValueError(f"the gate {self.decay.gate!r} is not an input with role 'gate'")
+        if self.recurrence.backward == "implicit" and self.decay is not None:
+            raise ValueError("backward 'implicit' is derived for uniform weights only")
+
+    @property
+    def gate_input(self) -> InputDecl | None:
+        """The per-token forget-gate input, or None."""
+        return next((i for i in self.inputs if i.role == "gate"), None)

@@ -1,14 +1,20 @@
-"""The spec language, v1: typed, frozen records validated with pydantic.
+"""The spec language (v1 and v2): typed, frozen records validated with pydantic.
 
 A spec states an in-context objective along five axes -- loss, regression weights, regulariser, model,
 solver -- plus the readout, the layer's parameters and its per-token inputs:
 
     W_t = argmin_W  ½ Σ_{i≤t} ω_{t,i} ‖v_i − W φ(k_i)‖²  +  R(W),        o_t = W_t φ(q_t)
 
-(von Oswald et al., arXiv 2309.05858, Eq. 10 for the ridge case; DESIGN.md §1). Every vocabulary is closed
+(von Oswald et al., arXiv 2309.05858, Eq. 10 for the ridge case; docs/specs.md). Every vocabulary is closed
 (``Literal``); unknown keys are errors (``extra="forbid"``); nothing in a spec is ever evaluated.
 Cross-field rules that pydantic cannot express locally live in :func:`semantic_errors`, which returns
 ``(field_path, reason)`` pairs so that the loader can point at the exact line of the offending field.
+
+Version 2 adds decayed regression weights ω_{t,i} = ∏_{j=i+1}^{t} α_j with a forget gate per token and head,
+per key channel or per head (Yang et al. 2024, GLA; Sun et al. 2023, RetNet; Yang et al. 2025, Gated DeltaNet),
+importance weights β_i on each pair's loss, the feature maps ``l2_normalize`` and ``elu_plus_one``, the
+readout ``scale`` (fla's meaning) and a step size of 1 by default. A v2 key in a ``spec_version: 1`` file is an
+error; every v1 spec loads and compiles to the same layer under v2.
 """
 
 from __future__ import annotations
@@ -32,7 +38,12 @@ RESERVED_NAMES = frozenset({
     "jax", "jnp", "np", "lax", "math", "numba", "cuda",
 } | set(keyword.kwlist) | set(keyword.softkwlist))
 
-Domain = Literal["real", "positive", "unit_interval"]
+Domain = Literal["real", "positive", "unit_interval", "nonpositive", "positive_unit_interval"]
+"""``real``; ``positive`` (> 0); ``unit_interval`` ([0, 1]); ``nonpositive`` (≤ 0: a forget gate in log space,
+g = log α); ``positive_unit_interval`` ((0, 1]: a forget gate in linear space, α)."""
+
+#: The feature maps φ of ``model.feature_map``, applied to q and k alike.
+FEATURE_MAPS = ("identity", "l2_normalize", "elu_plus_one")
 
 
 class _Record(BaseModel):
@@ -40,9 +51,17 @@ class _Record(BaseModel):
 
 
 class Weights(_Record):
-    """Regression weights ω_{t,i}. v1: ``uniform`` (ω = 1, every past pair counts equally)."""
+    """Regression weights of pair i at time t: ``uniform`` (ω_{t,i} = 1) or ``decayed``
+    (ω_{t,i} = ∏_{j=i+1}^{t} α_j, α the forget ``gate``), each optionally times an ``importance`` weight β_i.
 
-    kind: Literal["uniform"]
+    ``gate`` names an input ``[batch, time, heads]`` (a scalar gate per token and head), an input
+    ``[batch, time, heads, d_k]`` (a gate per key channel: the memory forgets per channel, GLA) or a
+    parameter ``[heads]`` (a constant decay per head, RetNet). v2 only.
+    """
+
+    kind: Literal["uniform", "decayed"]
+    gate: Identifier | None = None
+    importance: Identifier | None = None
 
 
 class Regularizer(_Record):
@@ -53,10 +72,12 @@ class Regularizer(_Record):
 
 
 class Model(_Record):
-    """The in-context model ``v ≈ W φ(k)``. v1: ``linear`` with the ``identity`` feature map."""
+    """The in-context model ``v ≈ W φ(k)``, queried at φ(q): ``linear``, with the feature map φ ``identity``,
+    ``l2_normalize`` (φ(x) = x / √(Σ x² + 10⁻⁶), fla's l2norm) or ``elu_plus_one`` (φ(x) = elu(x) + 1;
+    Katharopoulos et al. 2020). The last two are v2."""
 
     kind: Literal["linear"]
-    feature_map: Literal["identity"] = "identity"
+    feature_map: Literal["identity", "l2_normalize", "elu_plus_one"] = "identity"
 
 
 class Objective(_Record):
@@ -76,16 +97,18 @@ class ClosedFormSolver(_Record):
 
 
 class GDSolver(_Record):
-    """``steps`` steps of full-batch gradient descent on the objective from W⁰ = 0, step size ``step_size``."""
+    """``steps`` steps of full-batch gradient descent on the objective from W⁰ = 0, step size ``step_size``
+    (a parameter name; v2 may omit it for a step size of 1, fla's convention for linear attention)."""
 
     kind: Literal["gd"]
     steps: Annotated[int, Field(ge=1, le=32)]
-    step_size: Identifier
+    step_size: Identifier | None = None
     init: Literal["zero"] = "zero"
 
 
 class OnlineGDSolver(_Record):
-    """Online GD (LMS / delta rule): one gradient step on the newest term per token, step size ``step_size``."""
+    """Online GD (LMS / delta rule): one gradient step on the newest term per token, step size ``step_size``.
+    With decayed weights the iterate is decayed first, then stepped (gated delta rule, decay first as fla)."""
 
     kind: Literal["online_gd"]
     step_size: Identifier
@@ -96,9 +119,15 @@ Solver = Annotated[Union[ClosedFormSolver, GDSolver, OnlineGDSolver], Field(disc
 
 
 class Readout(_Record):
-    """How the layer answers: ``query`` = o_t = W_t φ(q_t)."""
+    """How the layer answers: ``query`` = o_t = W_t (scale · φ(q_t)).
+
+    ``scale`` is fla's: the query is multiplied by it after the feature map; ``inverse_sqrt_dk`` means
+    d_k^(-1/2) (fla's default). Default 1 (v1 layers). The generated ``forward`` / ``step`` take a ``scale``
+    argument that overrides it per call.
+    """
 
     kind: Literal["query"]
+    scale: Literal["inverse_sqrt_dk"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
 
 
 AxisName = Literal["heads", "d_k", "d_v"]
@@ -113,15 +142,21 @@ class Parameter(_Record):
 
 
 class Input(_Record):
-    """A per-token input such as a step size β_t or a forget gate; its ``space`` (log or linear) is always stated."""
+    """A per-token input such as a step size β_t or a forget gate; its ``space`` (log or linear) is always stated.
 
-    shape: Annotated[tuple[Literal["batch"], Literal["time"], Literal["heads"]], Field(strict=False)]
+    Shape ``[batch, time, heads]``; v2 also ``[batch, time, heads, d_k]`` (a forget gate per key channel) and
+    ``[batch, time, heads, d_v]`` (an online-GD step size per value channel).
+    """
+
+    shape: Union[Annotated[tuple[Literal["batch"], Literal["time"], Literal["heads"]], Field(strict=False)],
+                 Annotated[tuple[Literal["batch"], Literal["time"], Literal["heads"], Literal["d_k", "d_v"]],
+                           Field(strict=False)]]
     space: Literal["linear", "log"]
     domain: Domain
 
 
 class Spec(_Record):
-    """A whole spec file (``spec_version: 1``)."""
+    """A whole spec file (``spec_version: 1`` or ``2``)."""
 
     spec_version: StrictInt  # the integer 1 (not true, not 1.0: Literal[1] would take both)
     name: Identifier
@@ -135,15 +170,16 @@ class Spec(_Record):
     @field_validator("spec_version")
     @classmethod
     def _version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("Input should be 1 (the only version of the spec language)")
+        if v not in (1, 2):
+            raise ValueError("Input should be 1 or 2 (the versions of the spec language)")
         return v
 
 
 def _in_domain(x: float, domain: str) -> bool:
     if not math.isfinite(x):
         return False
-    return {"real": True, "positive": x > 0, "unit_interval": 0.0 <= x <= 1.0}[domain]
+    return {"real": True, "positive": x > 0, "unit_interval": 0.0 <= x <= 1.0, "nonpositive": x <= 0,
+            "positive_unit_interval": 0.0 < x <= 1.0}[domain]
 
 
 def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
@@ -203,6 +239,12 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         if reg.kind != "ridge":
             errs.append((("solver", "kind"), "unsupported combination: the closed_form solver needs a ridge "
                          "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
+    elif solver.step_size is None:
+        if solver.kind != "gd":
+            errs.append((("solver",), "the online_gd solver needs a 'step_size' (a parameter or input name)"))
+        elif spec.spec_version < 2:
+            errs.append((("solver",), "spec_version 1 needs a 'step_size'; omitting it (a step size of 1) is "
+                         "spec_version 2"))
     else:
         ss = solver.step_size
         if ss in spec.parameters:
@@ -219,9 +261,81 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             if spec.inputs[ss].space != "linear":
                 errs.append((("inputs", ss, "space"), "unsupported combination: a step size is used in linear "
                              "space; a log-space input is only meaningful as a forget gate"))
+            if spec.inputs[ss].shape[3:] == ("d_k",):
+                errs.append((("inputs", ss, "shape"), "a step size is a scalar per token and head [batch, time, "
+                             "heads] or per value channel [batch, time, heads, d_v]; [.., d_k] is a gate shape"))
         else:
             unresolved = True
             errs.append((("solver", "step_size"), f"{ss!r} is neither a declared parameter nor an input"))
+
+    v2 = spec.spec_version >= 2
+    w = spec.objective.weights
+    if w.kind == "uniform" and w.gate is not None:
+        errs.append((("objective", "weights", "gate"), "uniform weights take no gate (use kind: decayed)"))
+    if w.kind == "decayed":
+        if not v2:
+            errs.append((("objective", "weights", "kind"), "decayed weights are spec_version 2"))
+        if w.gate is None:
+            errs.append((("objective", "weights"), "decayed weights need a 'gate' (an input or parameter name)"))
+        elif w.gate in spec.inputs:
+            used.add(w.gate)
+            g = spec.inputs[w.gate]
+            want = "nonpositive" if g.space == "log" else "positive_unit_interval"
+            if g.domain != want:
+                errs.append((("inputs", w.gate, "domain"),
+                             f"a forget gate in {g.space} space has domain {want!r} "
+                             f"({'g = log α ≤ 0' if g.space == 'log' else 'α ∈ (0, 1]'}), not {g.domain!r}"))
+            if g.shape[3:] == ("d_v",):
+                errs.append((("inputs", w.gate, "shape"), "a forget gate is [batch, time, heads] or per key channel "
+                             "[batch, time, heads, d_k], not per value channel"))
+            if g.shape[3:] == ("d_k",) and solver.kind == "gd" and solver.steps > 1:
+                errs.append((("inputs", w.gate, "shape"), "unsupported combination: a per-key-channel gate "
+                             "forgets the memory Σ v kᵀ; with more than one GD step the Gram sums Σ k kᵀ would "
+                             "need a two-sided decay (use steps: 1, or a gate [batch, time, heads])"))
+        elif w.gate in spec.parameters:
+            used.add(w.gate)
+            p = spec.parameters[w.gate]
+            if p.domain != "positive_unit_interval":
+                errs.append((("parameters", w.gate, "domain"), "a forget-gate parameter is a decay γ in linear "
+                             "space: domain must be 'positive_unit_interval' ((0, 1])"))
+            if p.shape != ("heads",):
+                errs.append((("parameters", w.gate, "shape"),
+                             f"a forget-gate parameter is one scalar per head: shape must be [heads], not {list(p.shape)}"))
+        else:
+            unresolved = True
+            errs.append((("objective", "weights", "gate"), f"{w.gate!r} is neither a declared parameter nor an input"))
+        if solver.kind == "closed_form":
+            errs.append((("objective", "weights", "kind"), "unsupported combination: the closed_form "
+                         "(Sherman–Morrison) solver keeps uniform weights only; the exponentially weighted "
+                         "ridge (rls_forgetting) is not in this version"))
+    if w.importance is not None:
+        if not v2:
+            errs.append((("objective", "weights", "importance"), "importance weights are spec_version 2"))
+        if w.importance in spec.inputs:
+            used.add(w.importance)
+            x = spec.inputs[w.importance]
+            if x.shape[3:] or x.space != "linear" or x.domain not in ("positive", "unit_interval"):
+                errs.append((("inputs", w.importance), "an importance weight β_i is [batch, time, heads] in linear "
+                             "space with domain 'positive' or 'unit_interval'"))
+        else:
+            unresolved = True
+            errs.append((("objective", "weights", "importance"), f"{w.importance!r} is not a declared input"))
+        if solver.kind != "gd":
+            errs.append((("objective", "weights", "importance"), f"unsupported combination: importance weights "
+                         f"with the {solver.kind} solver (online GD: scale the step size instead)"))
+    if not v2:
+        if spec.objective.model.feature_map != "identity":
+            errs.append((("objective", "model", "feature_map"), "feature maps other than identity are spec_version 2"))
+        if spec.readout.scale != 1.0:
+            errs.append((("readout", "scale"), "a readout scale is spec_version 2"))
+        for name, x in spec.inputs.items():
+            if x.shape[3:]:
+                errs.append((("inputs", name, "shape"), "per-channel inputs are spec_version 2"))
+            if x.domain in ("nonpositive", "positive_unit_interval"):
+                errs.append((("inputs", name, "domain"), f"domain {x.domain!r} is spec_version 2"))
+        for name, p in spec.parameters.items():
+            if p.domain in ("nonpositive", "positive_unit_interval"):
+                errs.append((("parameters", name, "domain"), f"domain {p.domain!r} is spec_version 2"))
 
     if unresolved:  # a misspelled reference would also make its intended target look unused: report it once
         return errs

@@ -14,18 +14,7 @@ from dataclasses import dataclass
 import sympy as sp
 from sympy.matrices.expressions.matexpr import MatrixExpr
 
-K = sp.Symbol("K", integer=True, positive=True)
-V = sp.Symbol("V", integer=True, positive=True)
-DIMS = {"K": K, "V": V, 1: sp.Integer(1)}
-
-
-def mat(name: str, rows: str | int, cols: str | int) -> sp.MatrixSymbol:
-    """A MatrixSymbol with dims given as 'K' (d_k), 'V' (d_v) or 1, e.g. ``mat("k", "K", 1)`` for a key column.
-
-    Raises:
-        KeyError: a dim other than 'K', 'V', 1.
-    """
-    return sp.MatrixSymbol(name, DIMS[rows], DIMS[cols])
+from mesagen.ir.dims import DIMS, K, V, mat  # noqa: F401 (re-exported: the derivation's vocabulary)
 
 
 @dataclass(frozen=True)
@@ -168,6 +157,9 @@ def evaluate(expr: sp.Basic, env: dict[str, object], dims: dict[str, int]) -> sp
                 else:
                     scalar *= ev(a)
             return scalar * out
+        if isinstance(e, sp.DiagMatrix):
+            vec = ev(e.args[0])
+            return sp.ImmutableMatrix(sp.diag(*[vec[i] for i in range(vec.shape[0])]))
         if isinstance(e, sp.Transpose):
             return ev(e.arg).T
         if isinstance(e, sp.Inverse):

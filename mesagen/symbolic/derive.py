@@ -1,10 +1,11 @@
 """Derive a layer's solver from its spec with sympy: objective → gradient → stationarity → closed form →
 recursive (solver) form, in the math orientation (W ∈ R^{V×K}).
 
-Each solver is a *rule template* that proposes assignments; :mod:`mesagen.symbolic.verify` proves them
-before anything is emitted. Sources: von Oswald et al., arXiv 2309.05858 -- Eq. 10 (mesa layer: ridge
-closed form kept by Sherman–Morrison), Prop. 1 (linear attention = one GD step from W = 0); the delta rule
-is online GD on the newest term (Widrow–Hoff LMS; Schlag et al. 2021).
+The objective's pieces are computed here; each solver's rule template lives in the registry
+:data:`mesagen.symbolic.rules.RULES`, and :mod:`mesagen.symbolic.verify` proves what it proposes before
+anything is emitted. Sources: von Oswald et al., arXiv 2309.05858 -- Eq. 10 (mesa layer: ridge closed form kept
+by Sherman–Morrison), Prop. 1 (linear attention = one GD step from W = 0); the delta rule is online GD on the
+newest term (Widrow–Hoff LMS; Schlag et al. 2021).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import sympy as sp
 from sympy.matrices.expressions.matexpr import MatrixExpr
 
 from mesagen.errors import DerivationError
-from mesagen.ir.records import Assign, KernelForm, Recurrence, StateDecl
+from mesagen.ir.records import KernelForm, Recurrence
 from mesagen.spec.schema import Spec
-from mesagen.symbolic.algebra import (Tokens, collect_right, gradient, mat, rank_one_factor, scaled_identity)
+from mesagen.symbolic.algebra import Tokens, collect_right, gradient, mat, rank_one_factor, scaled_identity
+from mesagen.symbolic.rules import Pieces, gd_polynomial, rule_for  # noqa: F401 (gd_polynomial re-exported)
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Derivation:
     Attributes:
         spec: the validated spec.
         tokens: the per-token symbols.
-        loss_term: ℓ_i(W), a 1×1 matrix expression.
+        loss_term: ℓ_i(W), a 1×1 matrix expression (times the importance weight β_i when the spec has one).
         regularizer: R(W) as a scalar expression (0 if none).
         grad_term / grad_reg: ∇_W ℓ_i and ∇_W R, derived term by term.
         gram_term / cross_term / gram_reg: the stationarity pieces, ∇ℓ_i = W·gram_term − cross_term and
@@ -35,8 +37,9 @@ class Derivation:
         closed_form: W* = C (A + gram_reg)⁻¹ when the objective has a unique minimiser, else None.
         recurrence: the solver's recurrent form (math orientation; states W, P, C, A).
         kernel: the parallel form (see :class:`~mesagen.ir.records.KernelForm`), or None.
-        transposed_states: states stored transposed (V×K in math → K×V stored), with stored names.
-        params: scalar symbols of parameters and inputs by name.
+        stored_names: state → (stored name, stored transposed).
+        params: the symbols of parameters and inputs by name (a scalar Symbol, or a K×1 / V×1 MatrixSymbol for
+            a per-channel input). A forget gate's symbol denotes α (linear space) in every program.
     """
 
     spec: Spec
@@ -52,18 +55,34 @@ class Derivation:
     recurrence: Recurrence
     kernel: KernelForm | None
     stored_names: dict[str, tuple[str, bool]]
-    params: dict[str, sp.Symbol]
+    params: dict[str, sp.Basic]
 
 
 def _fail(spec: Spec, step: str, reason: str) -> DerivationError:
     return DerivationError(spec.name, step, reason)
 
 
-def objective(spec: Spec, tok: Tokens, params: dict[str, sp.Symbol]) -> tuple[MatrixExpr, sp.Expr]:
-    """ℓ_i(W) = ½ ‖v_i − W φ(k_i)‖² (a 1×1 matrix) and R(W) (a scalar), from the spec's loss/model/regulariser."""
+def symbols(spec: Spec) -> dict[str, sp.Basic]:
+    """The symbol of every parameter and input: a real Symbol, or a column MatrixSymbol for a per-channel input
+    (``[batch, time, heads, d_k]`` → K × 1, ``[..., d_v]`` → V × 1)."""
+    out: dict[str, sp.Basic] = {n: sp.Symbol(n, real=True) for n in spec.parameters}
+    for n, x in spec.inputs.items():
+        out[n] = mat(n, {"d_k": "K", "d_v": "V"}[x.shape[3]], 1) if len(x.shape) == 4 else sp.Symbol(n, real=True)
+    return out
+
+
+def objective(spec: Spec, tok: Tokens, params: dict[str, sp.Basic]) -> tuple[MatrixExpr, sp.Expr]:
+    """ℓ_i(W) = ½ β_i ‖v_i − W φ(k_i)‖² (a 1×1 matrix; β_i = 1 without importance weights) and R(W) (a scalar).
+
+    φ is applied to q and k by the generated frame, so k here stands for φ(k); the decay ω_{t,i} weights the
+    terms in the solver's running sums (see :class:`~mesagen.symbolic.rules.Pieces`).
+    """
     W, k, v = tok.W, tok.k, tok.v
-    residual = v - W * k  # model: linear, feature map identity
+    residual = v - W * k
     loss = sp.Rational(1, 2) * residual.T * residual
+    imp = spec.objective.weights.importance
+    if imp is not None:
+        loss = params[imp] * loss
     reg = spec.objective.regularizer
     R = sp.Integer(0)
     if reg.kind == "ridge":
@@ -81,10 +100,11 @@ def derive(spec: Spec) -> Derivation:
         The :class:`Derivation`.
 
     Raises:
-        DerivationError: a rule's precondition does not hold for this objective (names the spec and step).
+        DerivationError: a rule's precondition does not hold for this objective, or no rule exists for the
+            solver kind (names the spec and step).
     """
     tok = Tokens()
-    params = {n: sp.Symbol(n, real=True) for n in list(spec.parameters) + list(spec.inputs)}
+    params = symbols(spec)
     loss, R = objective(spec, tok, params)
     W = tok.W
     g_term = gradient(loss, W)
@@ -99,130 +119,14 @@ def derive(spec: Spec) -> Derivation:
         raise _fail(spec, "stationarity", "the regulariser's gradient has a W-free part; not supported")
     A, C = mat("A", "K", "K"), mat("C", "V", "K")
     lam = scaled_identity(gram_reg)
-    closed = C * sp.Inverse(A + gram_reg) if lam is not None and lam != 0 else None
-
-    solver = spec.solver
-    u = rank_one_factor(gram)
-    if solver.kind == "closed_form":
-        if u is None or cross != tok.v * u.T or lam is None or lam == 0:
-            raise _fail(spec, "sherman_morrison", "needs ∇ℓ = W u uᵀ − v uᵀ and ∇R = λW with λ > 0")
-        rec, kernel = _sherman_morrison(tok, u, lam)
-        stored = {"W": ("S", True), "P": ("P", False)}
-    elif solver.kind == "gd":
-        rec, kernel = _gd(tok, gram, cross, gram_reg, params[solver.step_size], solver.steps)
-        stored = {"C": ("kv", True), "A": ("kk", False)}
-    else:
-        if u is None or cross != tok.v * u.T:
-            raise _fail(spec, "online_gd", "needs ∇ℓ = (W u − v) uᵀ (a rank-one error-times-input step)")
-        rec, kernel = _online_gd(tok, u, lam, params[solver.step_size])
-        stored = {"W": ("S", True)}
+    uniform = spec.objective.weights.kind == "uniform"
+    closed = C * sp.Inverse(A + gram_reg) if lam is not None and lam != 0 and uniform else None
+    rule = rule_for(spec)
+    ss = getattr(spec.solver, "step_size", None)
+    gate = spec.objective.weights.gate if not uniform else None
+    pieces = Pieces(spec=spec, tok=tok, gram=gram, cross=cross, gram_reg=gram_reg, u=rank_one_factor(gram),
+                    lam=lam, step=params[ss] if ss else sp.Integer(1), gate=params[gate] if gate else None)
+    rec, kernel, stored = rule.derive(pieces)
     return Derivation(spec=spec, tokens=tok, loss_term=loss, regularizer=R, grad_term=g_term, grad_reg=g_reg,
                       gram_term=gram, cross_term=cross, gram_reg=gram_reg, closed_form=closed, recurrence=rec,
                       kernel=kernel, stored_names=stored, params=params)
-
-
-# --------------------------------------------------------------------------------------------- rule templates
-
-def _sherman_morrison(tok: Tokens, u: sp.MatrixSymbol, lam: sp.Expr) -> tuple[Recurrence, KernelForm]:
-    """Recursive least squares: P_t = (A_t + λI)⁻¹ by Sherman–Morrison, W_t = C_t P_t by the RLS update.
-
-        Pk = P k,   s = 1 + kᵀ P k,   P' = P − Pk s⁻¹ Pkᵀ,   e = v − W k,   W' = W + e s⁻¹ Pkᵀ,   o = W' q.
-    """
-    W, v, q = tok.W, tok.v, tok.q
-    P = mat("P", "K", "K")
-    Pk, s, e = mat("Pk", "K", 1), mat("s", 1, 1), mat("e", "V", 1)
-    W_new, P_new = mat("W_new", "V", "K"), mat("P_new", "K", "K")
-    update = (
-        Assign("Pk", P * u, ("K", 1), "P k"),
-        Assign("s", sp.Identity(1) + u.T * Pk, (1, 1), "1 + kᵀ P k  (Sherman–Morrison denominator)"),
-        Assign("P_new", P - Pk * sp.Inverse(s) * Pk.T, ("K", "K"), "P' = P − P k kᵀ P / s"),
-        Assign("e", v - W * u, ("V", 1), "prediction error v − W k"),
-        Assign("W_new", W + e * sp.Inverse(s) * Pk.T, ("V", "K"), "W' = W + e (P' k)ᵀ, since P' k = P k / s"),
-    )
-    readout = (Assign("o", W_new * q, ("V", 1), "o = W' q"),)
-    states = (StateDecl("W", ("V", "K"), sp.ZeroMatrix(*W.shape), "W_t = C_t P_t, the ridge solution"),
-              StateDecl("P", ("K", "K"), sp.Identity(P.shape[0]) / lam, "P_t = (Σ k kᵀ + λI)⁻¹"))
-    A, C = mat("Abar", "K", "K"), mat("Cbar", "V", "K")
-    A0 = mat("A0", "K", "K")
-    kernel = KernelForm(
-        uses_gram=True,
-        stats_from_state=(Assign("A0", sp.Inverse(P), ("K", "K"), "Ā₀ = P₀⁻¹ (holds λI)"),
-                          Assign("C0", W * A0, ("V", "K"), "C̄₀ = W₀ Ā₀")),
-        precondition=(Assign("x", sp.Inverse(A) * q, ("K", 1), "x_t = Ā_t⁻¹ q_t (preconditioned query)"),),
-        state_from_stats=(Assign("P_new", sp.Inverse(A), ("K", "K"), "P_T = Ā_T⁻¹"),
-                          Assign("W_new", C * P_new, ("V", "K"), "W_T = C̄_T P_T")),
-    )
-    return Recurrence(states, update, readout, backward="implicit"), kernel
-
-
-def gd_polynomial(eta: sp.Expr, steps: int) -> list[sp.Expr]:
-    """Coefficients d_j of W⁽ⁿ⁾ = C · Σ_j d_j (I − ηĀ)ʲ for n GD steps from W⁰ = 0.
-
-    From W⁽ʲ⁺¹⁾ = W⁽ʲ⁾ − η (W⁽ʲ⁾ Ā − C): p₀ = 0, p_{j+1}(a) = p_j(a)(1 − η a) + η, a polynomial in Ā times C.
-    It is expanded in the basis b = 1 − η a of the GD iteration matrix rather than in powers of a: the monomial
-    coefficients alternate in sign and grow like binomials (catastrophic cancellation for many steps), while in
-    powers of b they are all η and Horner's rule is the (stable) iteration itself.
-    """
-    a, b = sp.Dummy("a"), sp.Dummy("b")
-    p = sp.Integer(0)
-    for _ in range(steps):
-        p = sp.expand(p * (1 - eta * a) + eta)
-    poly = sp.Poly(sp.expand(p.subs(a, (1 - b) / eta)), b)
-    return [sp.simplify(poly.coeff_monomial(b**j)) for j in range(steps)]
-
-
-def _horner(coeffs: list[sp.Expr], eta: sp.Expr, A: MatrixExpr, gram_reg: MatrixExpr, q: sp.MatrixSymbol
-            ) -> tuple[Assign, ...]:
-    """x = Σ_j d_j (I − ηĀ)ʲ q by Horner's rule with matrix–vector products only (Ā = A + gram_reg)."""
-    n = len(coeffs)
-    if n == 1:
-        return (Assign("x", coeffs[0] * q, ("K", 1), "x = p(Ā) q with p = η (one GD step)"),)
-    out = []
-    prev = mat(f"x{n - 1}", "K", 1)
-    out.append(Assign(prev.name, coeffs[n - 1] * q, ("K", 1), f"Horner: leading coefficient d_{n - 1} q"))
-    for j in range(n - 2, -1, -1):
-        name = "x" if j == 0 else f"x{j}"
-        grad = A * prev + gram_reg * prev if not isinstance(gram_reg, sp.ZeroMatrix) else A * prev
-        out.append(Assign(name, prev - eta * grad + coeffs[j] * q, ("K", 1), f"Horner: (I − ηĀ) x + d_{j} q"))
-        prev = mat(name, "K", 1)
-    return tuple(out)
-
-
-def _gd(tok: Tokens, gram: MatrixExpr, cross: MatrixExpr, gram_reg: MatrixExpr, eta: sp.Symbol, steps: int
-        ) -> tuple[Recurrence, KernelForm]:
-    """n steps of full-batch GD from W⁰ = 0, kept as running sums C = Σ cross_term, A = Σ gram_term."""
-    q = tok.q
-    A, C = mat("A", "K", "K"), mat("C", "V", "K")
-    A_new, C_new = mat("A_new", "K", "K"), mat("C_new", "V", "K")
-    coeffs = gd_polynomial(eta, steps)
-    horner = _horner(coeffs, eta, A_new, gram_reg, q)
-    update = (Assign("C_new", C + cross, ("V", "K"), "C' = C + v kᵀ (running sum)"),
-              Assign("A_new", A + gram, ("K", "K"), "A' = A + k kᵀ (running sum)"))
-    x = mat("x", "K", 1)
-    readout = horner + (Assign("o", C_new * x, ("V", 1), f"o = W⁽{steps}⁾ q = C x"),)
-    states = (StateDecl("C", ("V", "K"), sp.ZeroMatrix(*C.shape), "C_t = Σ_{i≤t} v_i k_iᵀ"),
-              StateDecl("A", ("K", "K"), sp.ZeroMatrix(*A.shape), "A_t = Σ_{i≤t} k_i k_iᵀ"))
-    kernel = KernelForm(
-        uses_gram=steps > 1,
-        stats_from_state=(Assign("C0", C, ("V", "K"), "C̄₀ = C₀"), Assign("A0", A, ("K", "K"), "Ā₀ = A₀")),
-        precondition=_horner(coeffs, eta, mat("Abar", "K", "K"), gram_reg, q),
-        state_from_stats=(Assign("C_new", mat("Cbar", "V", "K"), ("V", "K"), "C_T = C̄_T"),
-                          Assign("A_new", mat("Abar", "K", "K"), ("K", "K"), "A_T = Ā_T")),
-    )
-    return Recurrence(states, update, readout), kernel
-
-
-def _online_gd(tok: Tokens, u: sp.MatrixSymbol, lam: sp.Expr | None, beta: sp.Symbol
-               ) -> tuple[Recurrence, None]:
-    """W' = W − β ∇(ℓ_t + R)(W) = W + β e uᵀ − β λ W with e = v − W u (delta rule when R = 0)."""
-    W, v, q = tok.W, tok.v, tok.q
-    e = mat("e", "V", 1)
-    W_new = mat("W_new", "V", "K")
-    step = W + beta * e * u.T
-    if lam is not None and lam != 0:
-        step = step - beta * lam * W
-    update = (Assign("e", v - W * u, ("V", 1), "prediction error v − W k"),
-              Assign("W_new", step, ("V", "K"), "W' = W − β ∇ℓ_t(W) = W + β e kᵀ"))
-    readout = (Assign("o", W_new * q, ("V", 1), "o = W' q"),)
-    states = (StateDecl("W", ("V", "K"), sp.ZeroMatrix(*W.shape), "W_t, the online-GD iterate"),)
-    return Recurrence(states, update, readout), None
