@@ -13,7 +13,8 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("linear", "gd", "delta", "ridge")
+SHIPPED = ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda")
+V2 = ("simple_gla", "retention", "gla", "gated_delta", "kda")
 B, T, H, K, V = 2, 7, 2, 3, 5  # small distinct primes; odd length
 
 
@@ -36,9 +37,15 @@ def make_inputs(seed: int, name: str, b=B, t=T, h=H, k=K, v=V, dtype=np.float64)
     vv = rng.standard_normal((b, t, h, v)).astype(dtype)
     params = {"linear": {"eta": (0.5 + rng.random(h)).astype(dtype)},
               "gd": {"eta": (0.1 + 0.2 * rng.random(h)).astype(dtype)},
-              "delta": {},
-              "ridge": {"lam": (0.3 + rng.random(h)).astype(dtype)}}[name]
-    inputs = {"beta": rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)} if name == "delta" else {}
+              "ridge": {"lam": (0.3 + rng.random(h)).astype(dtype)},
+              "retention": {"gamma": rng.uniform(0.5, 0.99, h).astype(dtype)}}.get(name, {})
+    inputs = {}
+    if name in ("delta", "gated_delta", "kda"):
+        inputs["beta"] = rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)
+    if name in ("simple_gla", "gated_delta"):   # log-space gates, time-varying (never α ≡ 1)
+        inputs["g"] = -rng.uniform(0.01, 1.5, (b, t, h)).astype(dtype)
+    if name in ("gla", "kda"):                  # per key channel
+        inputs["g"] = -rng.uniform(0.01, 1.5, (b, t, h, k)).astype(dtype)
     return q, kk, vv, params, inputs
 
 
@@ -53,7 +60,29 @@ def reference(name, q, k, v, params, inputs, initial_state=None):
         return ref.gd(q, k, v, np.asarray(params["eta"], np.float64), steps=3, initial_state=initial_state)
     if name == "delta":
         return ref.delta(q, k, v, np.asarray(inputs["beta"], np.float64), initial_state=initial_state)
-    return ref.ridge(q, k, v, np.asarray(params["lam"], np.float64), initial_state=initial_state)
+    if name == "ridge":
+        return ref.ridge(q, k, v, np.asarray(params["lam"], np.float64), initial_state=initial_state)
+    return reference_v2(name, q, k, v, params, inputs, initial_state)
+
+
+def _v2_args(name, params, inputs):
+    f64 = {n: np.asarray(x, np.float64) for n, x in {**params, **inputs}.items()}
+    return [f64["gamma"]] if name == "retention" else [f64[n] for n in ("g", "beta") if n in f64]
+
+
+def reference_v2(name, q, k, v, params, inputs, initial_state=None, scale=None):
+    """The float64 reference of a v2 spec (mesagen.reference.gated); spec default scale when ``scale`` is None."""
+    from mesagen import reference as ref
+
+    return getattr(ref, name)(q, k, v, *_v2_args(name, params, inputs), scale=scale, initial_state=initial_state)
+
+
+def reference_v2_vjp(name, q, k, v, params, inputs, do, initial_state=None, dfinal_state=None, scale=None):
+    """Hand-derived float64 VJP of a v2 spec (mesagen.reference.gated): dict of cotangents."""
+    from mesagen import reference as ref
+
+    return getattr(ref, f"{name}_vjp")(q, k, v, *_v2_args(name, params, inputs), np.asarray(do, np.float64),
+                                      dfinal_state=dfinal_state, scale=scale, initial_state=initial_state)
 
 
 @pytest.fixture

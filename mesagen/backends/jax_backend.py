@@ -544,6 +544,8 @@ def _forward_closed_form(q, k, v, ps, state, inputs):
     x_t = M(Ā_t) q_t. Decays come from differences of cumulative log gates masked to i ≤ t before the exp (never
     a product of α's, which underflows, and never exp of a positive number); quadratic in T."""
     B, T, H, K = q.shape
+    if T == 0:                                                          # nothing to absorb
+        return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
     C0, A0 = _stats_all(*state, *ps)                                  # [B, H, V, K], [B, H, K, K]
     if _IMPORTANCE is not None:                                         # β_i weights pair i
         v = v * inputs[_IMPORTANCE][..., None]
