@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ def test_shipped_derivations_verify(name):
     checks = {c.name for c in verify(d)}
     assert {"gradient", "float64"} <= checks
     assert ("stationarity" in checks) == (name == "ridge")
-    assert ("parallel_form" in checks) == (name in ("linear", "gd", "ridge"))
+    assert ("parallel_form" in checks) == (name in ("linear", "gd", "ridge", "simple_gla", "retention", "gla"))
 
 
 def test_gradient_is_term_by_term():
@@ -161,3 +163,44 @@ def test_compile_file_reports_checks_in_derivation_md():
     md = c.files["ridge/DERIVATION.md"]
     assert "| stationarity | exact |" in md and "| float64 | numeric |" in md
     assert "\\left(" in md or "^{-1}" in md
+
+
+def test_ir_does_not_import_the_symbolic_stage():
+    """Dependencies point one way (spec → symbolic → ir → backends): importing the IR loads no symbolic module."""
+    code = ("import sys, mesagen.ir.records, mesagen.ir.passes, mesagen.ir.lower, mesagen.ir.graph; "
+            "print(sorted(m for m in sys.modules if m.startswith('mesagen.symbolic')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_unknown_solver_kind_is_a_loud_error():
+    """A solver kind without a rule is a DerivationError naming the known kinds, never a silent default."""
+    from mesagen.symbolic.rules import RULES, rule_for
+
+    spec = load_spec(ROOT / "specs" / "delta.yaml")
+    fake = spec.model_copy(update={"solver": spec.solver.model_copy(update={"kind": "newton"})})
+    with pytest.raises(DerivationError, match=r"no rule for solver kind 'newton' \(known: \['closed_form', 'gd', "
+                                              r"'online_gd'\]\)"):
+        rule_for(fake)
+    assert sorted(RULES) == ["closed_form", "gd", "online_gd"]
+    for rule in RULES.values():
+        assert rule.description and callable(rule.derive) and callable(rule.exact_target) and callable(rule.float_target)
+
+
+@pytest.mark.parametrize("name", ["simple_gla", "gla", "gated_delta", "kda", "retention"])
+def test_wrong_decay_is_caught(name):
+    """Verification proves the decay: applying the gate twice (or dropping it) in the recurrence is refused."""
+    d = derive(load_spec(ROOT / "specs" / f"{name}.yaml"))
+    target = "Wd" if d.spec.solver.kind == "online_gd" else "C_new"
+    gate = d.params[d.spec.objective.weights.gate]
+    wrong = []
+    for a in d.recurrence.update:
+        if a.target == target:
+            expr = a.expr.xreplace({sp.DiagMatrix(gate): sp.DiagMatrix(gate) * sp.DiagMatrix(gate)}) \
+                if isinstance(gate, sp.MatrixSymbol) else a.expr.xreplace({gate: gate ** 2})
+            assert expr != a.expr
+            a = Assign(a.target, expr, a.shape, a.doc)
+        wrong.append(a)
+    bad = dataclasses.replace(d, recurrence=dataclasses.replace(d.recurrence, update=tuple(wrong)))
+    with pytest.raises(DerivationError, match=f"spec '{name}', step '{d.spec.solver.kind}'"):
+        verify(bad)

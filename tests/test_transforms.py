@@ -37,7 +37,7 @@ def example_args(m, name, N, T, seed=0, batched_params=False):
     q, k, v, params, inputs = make_inputs(seed, name, b=N, t=T, h=H, k=K, v=V)
     rng = np.random.default_rng(seed + 100)
     if batched_params:
-        params = {n: x[None] * (1 + 0.1 * rng.random((N, 1))) for n, x in params.items()}
+        params = {n: x[None] * (1 - 0.1 * rng.random((N, 1))) for n, x in params.items()}  # stays in (0, 1] too
     base = m.init_state(N, H, K, V, {n: (x[0] if batched_params else x) for n, x in params.items()}, jnp.float64)
     state = type(base)(*(np.asarray(x) + 0.1 * rng.standard_normal(x.shape) for x in base))
     if name == "ridge":  # P must stay symmetric positive definite: a small symmetric perturbation of I/λ

@@ -15,7 +15,9 @@ Forms:
     closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
                    (von Oswald et al. 2023, Sec. 3).
 
-Backward of the recurrent form: reverse-mode autodiff through lax.scan.
+Backward of the recurrent form: reverse-mode autodiff through a two-level scan whose max(⌈√T⌉, 64)-token
+segments are rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation
+memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...).
 
 Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or
 unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.
@@ -190,15 +192,55 @@ _precondition_all = jax.vmap(jax.vmap(jax.vmap(_precondition_head, in_axes=(0, 0
 _final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
                       in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
 _USES_GRAM = True
+_IMPORTANCE = None  # index of the importance-weight input, or None
+_GATE_INPUT = None  # index of the forget-gate input, or None
+_GATE_PARAM = None  # index of the forget-gate parameter (a constant decay per head), or None
+_PER_CHANNEL = False  # one gate per key channel
 
 
 
-_scan_recurrent = _scan
+
+def _segment_length(T):
+    """Segment length max(⌈√T⌉, 64): the checkpoint interval of the backward (O(√T) stored states for long T)
+    and, for the ridge family, the refactorisation interval. Below 64 tokens per segment, the fixed cost of each
+    boundary outweighs what it saves (and 64 rank-one steps lose little accuracy, docs/numerics.md)."""
+    return max(64, math.isqrt(max(T - 1, 0)) + 1)
+
+
+def _split_segments(xs, T):
+    L = _segment_length(T)
+    n = T // L
+    head = jax.tree.map(lambda x: x[: n * L].reshape((n, L) + x.shape[1:]), xs)
+    tail = jax.tree.map(lambda x: x[n * L:], xs)
+    return head, tail, n, L
+
+
+def _scan_recurrent(ps, state, xs):
+    """lax.scan of the step in two levels: an outer scan over max(⌈√T⌉, 64)-token segments whose body is rematerialised
+    (``jax.checkpoint``), so reverse mode keeps only the state entering each segment and recomputes one segment
+    at a time. Plain JAX transformations throughout (no custom VJP), so jit, vmap (batched or unbatched
+    parameters), grad, vjp, jvp, checkpoint and scan all compose. No inverse is ever reconstructed backwards.
+    """
+    T = xs[0].shape[0]
+    head, tail, n, L = _split_segments(xs, T)
+    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, seg))
+    mid, o_head = lax.scan(segment, state, head)
+    final, o_tail = _scan(ps, mid, tail)
+    o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
+    return final, o
+
+
+def _recurrent_inputs(inputs):
+    """Per-token inputs as the per-head programs read them: a log-space forget gate g becomes α = exp(g)."""
+    inputs = tuple(inputs)
+    if _LOG_GATE is None:
+        return inputs
+    return inputs[:_LOG_GATE] + (jnp.exp(inputs[_LOG_GATE]),) + inputs[_LOG_GATE + 1:]
 
 
 @jax.jit
 def _forward_recurrent(q, k, v, ps, state, inputs):
-    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
 
@@ -206,11 +248,13 @@ def _forward_recurrent(q, k, v, ps, state, inputs):
 @jax.jit
 def _forward_closed_form(q, k, v, ps, state, inputs):
     """Parallel form: Ā_t by a cumulative sum over time, x_t = M(Ā_t) q_t, o = C̄₀ x + tril(X Kᵀ) V."""
-    del inputs
     B, T, H, K = q.shape
     C0, A0 = _stats_all(*state, *ps)                                  # [B, H, V, K], [B, H, K, K]
+    if _IMPORTANCE is not None:                                         # β_i weights pair i: scale v_i (and k_i k_iᵀ)
+        v = v * inputs[_IMPORTANCE][..., None]
     if _USES_GRAM:
-        Abar = A0[:, None] + jnp.cumsum(jnp.einsum("bthk,bthj->bthkj", k, k), axis=1)   # [B, T, H, K, K]
+        kw = k if _IMPORTANCE is None else k * inputs[_IMPORTANCE][..., None]
+        Abar = A0[:, None] + jnp.cumsum(jnp.einsum("bthk,bthj->bthkj", kw, k), axis=1)   # [B, T, H, K, K]
     else:
         Abar = jnp.zeros((B, T, H, 0, 0), q.dtype)
     x = _precondition_all(q, Abar, *ps)                                # [B, T, H, K]
@@ -222,7 +266,7 @@ def _forward_closed_form(q, k, v, ps, state, inputs):
     o = (jnp.einsum("bhts,bshv->bthv", jnp.where(causal, scores, 0), jnp.where(finite_v, v, 0))
          + jnp.einsum("bhvk,bthk->bthv", C0, x) + jnp.cumsum(jnp.where(finite_v, 0, v), axis=1))
     Cbar = C0 + jnp.einsum("bthv,bthk->bhvk", v, k)
-    Abar_T = (A0 + jnp.einsum("bthk,bthj->bhkj", k, k)) if _USES_GRAM else jnp.zeros((B, H, 0, 0), q.dtype)
+    Abar_T = Abar[:, -1] if _USES_GRAM else jnp.zeros((B, H, 0, 0), q.dtype)
     return o, State(*_final_all(Cbar, Abar_T, *ps))
 
 
@@ -255,7 +299,7 @@ _causal_forward_jit = jax.jit(_causal_forward, static_argnums=0)
 
 def _values(q, k, v, ps, state, inputs):
     """The plain token-by-token recurrence (values only): (o [B, T, H, V], final State)."""
-    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + tuple(inputs))
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
     final, o = _scan(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
 
@@ -275,20 +319,25 @@ def _real_floating(name, x):
 
 
 def _check_domain(what, x, domain):
-    """Refuse concrete finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1]).
+    """Refuse concrete finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1],
+    "nonpositive": ≤ 0 (a log-space gate), "positive_unit_interval": (0, 1] (a linear-space gate)).
     Traced values (under jit, grad, vmap) cannot be inspected and pass; non-finite values are left to the
     causality rule (see _causal_forward)."""
     if domain == "real":
         return
     x = jnp.asarray(x)
-    inside = (x > 0) if domain == "positive" else ((x >= 0) & (x <= 1))
+    inside = {"positive": lambda: x > 0, "unit_interval": lambda: (x >= 0) & (x <= 1), "nonpositive": lambda: x <= 0,
+              "positive_unit_interval": lambda: (x > 0) & (x <= 1)}[domain]()
     try:
         ok = bool(jnp.all(inside | ~jnp.isfinite(x)))
     except jax.errors.ConcretizationTypeError:
         return
     if not ok:
-        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} "
-                         f"(e.g. {float(x[~(inside | ~jnp.isfinite(x))].ravel()[0])!r})")
+        try:
+            example = f" (e.g. {float(x[~(inside | ~jnp.isfinite(x))].ravel()[0])!r})"
+        except jax.errors.ConcretizationTypeError:  # a tracer with a concrete primal (eager grad): no example
+            example = ""
+        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r}{example}")
 
 
 def _check(q, k, v, params, inputs, lead):
@@ -321,8 +370,11 @@ def _check(q, k, v, params, inputs, lead):
         raise ValueError(f"{SPEC_NAME}: per-token inputs must be exactly {list(_INPUT_NAMES)}; "
                          f"missing {missing}, unknown {unknown}")
     for n in _INPUT_NAMES:
-        if jnp.shape(inputs[n]) != q.shape[:-1]:
-            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {jnp.shape(inputs[n])}")
+        channel = {"K": q.shape[-1:], "V": v.shape[-1:]}.get(INPUTS[n]["shape"][-1], ())
+        want = q.shape[:-1] + channel
+        if jnp.shape(inputs[n]) != want:
+            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {INPUTS[n]['shape'][3 - lead:]} = {want}, "
+                             f"got {jnp.shape(inputs[n])}")
         _real_floating(f"input {n!r}", inputs[n])
         _check_domain(f"input {n!r}", inputs[n], INPUTS[n]["domain"])
 
@@ -346,7 +398,15 @@ def _state_in(state, B, H, K, V, dtype):
     return State(*out)
 
 
-def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", **inputs):
+def _query_scale(scale, K, dtype):
+    """The query scale as a dtype scalar: ``scale``, or DEFAULT_SCALE when None ('inverse_sqrt_dk': K ** -0.5)."""
+    if scale is None:
+        scale = K ** -0.5 if DEFAULT_SCALE == "inverse_sqrt_dk" else DEFAULT_SCALE
+    return jnp.asarray(scale, dtype)
+
+
+def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
+            **inputs):
     """Run the layer over a sequence.
 
     Args:
@@ -357,7 +417,10 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
             default initialisation.
         output_final_state: also return the state after the last token.
         form: one of FORMS; every form computes the same function (to float64 round-off).
-        **inputs: per-token inputs, each [B, T, H] real floating (see INPUTS); cast to q's dtype.
+        scale: the query scale (fla's meaning: q ← scale · φ(q), φ = FEATURE_MAP, also applied to k); None for
+            DEFAULT_SCALE. A Python float or a scalar array.
+        **inputs: per-token inputs (see INPUTS), each [B, T, H] or per channel [B, T, H, K] / [B, T, H, V],
+            real floating; cast to q's dtype. A forget gate is in the space INPUTS states (log: g ≤ 0).
 
     Returns:
         (o [B, T, H, V], final State or None), both in q's dtype.
@@ -383,17 +446,19 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
     state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
     impl = _forward_recurrent if form == "recurrent" else _forward_closed_form
-    o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), ps, state, ins)
+    q, k = _query_scale(scale, K, dtype) * _features(q), _features(k.astype(dtype))
+    o, final = _causal_forward_jit(impl, q, k, v.astype(dtype), ps, state, ins)
     return o, (final if output_final_state else None)
 
 
-def step(state, q_t, k_t, v_t, params, **inputs_t):
+def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
     """Decode one token.
 
     Args:
         state: State ([B, H, ...] real floating fields).
         q_t: [B, H, K], float32 or float64 (the compute dtype).  k_t: [B, H, K].  v_t: [B, H, V].
-        params: dict name -> [H] array (see PARAMS).  **inputs_t: per-token inputs, each [B, H].
+        params: dict name -> [H] array (see PARAMS).  scale: as in forward.
+        **inputs_t: per-token inputs, each [B, H] (per channel [B, H, K] / [B, H, V]).
         Everything but q_t: real floating of any width, cast to q_t's dtype.
 
     Returns:
@@ -411,7 +476,8 @@ def step(state, q_t, k_t, v_t, params, **inputs_t):
     ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
     B, H, K = q_t.shape
     state = _state_in(state, B, H, K, v_t.shape[-1], dtype)
-    return _step_jit(state, q_t, k_t.astype(dtype), v_t.astype(dtype), ps, ins)
+    q_t, k_t = _query_scale(scale, K, dtype) * _features(q_t), _features(k_t.astype(dtype))
+    return _step_jit(state, q_t, k_t, v_t.astype(dtype), ps, _recurrent_inputs(ins))
 
 
 _step_jit = jax.jit(_step_batched)

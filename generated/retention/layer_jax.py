@@ -16,7 +16,9 @@ Forms:
     closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
                    (von Oswald et al. 2023, Sec. 3).
 
-Backward of the recurrent form: reverse-mode autodiff through lax.scan.
+Backward of the recurrent form: reverse-mode autodiff through a two-level scan whose max(⌈√T⌉, 64)-token
+segments are rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation
+memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...).
 
 Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or
 unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.
@@ -181,7 +183,35 @@ _PER_CHANNEL = False  # one gate per key channel
 
 
 
-_scan_recurrent = _scan
+
+def _segment_length(T):
+    """Segment length max(⌈√T⌉, 64): the checkpoint interval of the backward (O(√T) stored states for long T)
+    and, for the ridge family, the refactorisation interval. Below 64 tokens per segment, the fixed cost of each
+    boundary outweighs what it saves (and 64 rank-one steps lose little accuracy, docs/numerics.md)."""
+    return max(64, math.isqrt(max(T - 1, 0)) + 1)
+
+
+def _split_segments(xs, T):
+    L = _segment_length(T)
+    n = T // L
+    head = jax.tree.map(lambda x: x[: n * L].reshape((n, L) + x.shape[1:]), xs)
+    tail = jax.tree.map(lambda x: x[n * L:], xs)
+    return head, tail, n, L
+
+
+def _scan_recurrent(ps, state, xs):
+    """lax.scan of the step in two levels: an outer scan over max(⌈√T⌉, 64)-token segments whose body is rematerialised
+    (``jax.checkpoint``), so reverse mode keeps only the state entering each segment and recomputes one segment
+    at a time. Plain JAX transformations throughout (no custom VJP), so jit, vmap (batched or unbatched
+    parameters), grad, vjp, jvp, checkpoint and scan all compose. No inverse is ever reconstructed backwards.
+    """
+    T = xs[0].shape[0]
+    head, tail, n, L = _split_segments(xs, T)
+    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, seg))
+    mid, o_head = lax.scan(segment, state, head)
+    final, o_tail = _scan(ps, mid, tail)
+    o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
+    return final, o
 
 
 def _recurrent_inputs(inputs):
@@ -320,8 +350,11 @@ def _check_domain(what, x, domain):
     except jax.errors.ConcretizationTypeError:
         return
     if not ok:
-        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} "
-                         f"(e.g. {float(x[~(inside | ~jnp.isfinite(x))].ravel()[0])!r})")
+        try:
+            example = f" (e.g. {float(x[~(inside | ~jnp.isfinite(x))].ravel()[0])!r})"
+        except jax.errors.ConcretizationTypeError:  # a tracer with a concrete primal (eager grad): no example
+            example = ""
+        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r}{example}")
 
 
 def _check(q, k, v, params, inputs, lead):

@@ -40,8 +40,21 @@ class MarkdownBackend:
               f"Loss `{s.objective.loss}`, weights `{s.objective.weights.kind}`, regulariser "
               f"`{s.objective.regularizer.kind}`, model `{s.objective.model.kind}` "
               f"(feature map `{s.objective.model.feature_map}`), solver `{s.solver.kind}`.", "",
-              f"$$ \\ell_i(W) = {_tex(d.loss_term)}, \\qquad R(W) = {_tex(d.regularizer)} $$", "",
-              "## 2. Gradient (term by term)", "",
+              f"$$ \\ell_i(W) = {_tex(d.loss_term)}, \\qquad R(W) = {_tex(d.regularizer)} $$", ""]
+        w = s.objective.weights
+        if w.kind == "decayed":
+            src = s.inputs.get(w.gate)
+            where = ("per key channel, " if src is not None and len(src.shape) == 4 else "") + (
+                f"an input in {src.space} space" if src is not None else "a parameter per head")
+            L += [f"Decayed weights $\\omega_{{t,i}} = \\prod_{{j=i+1}}^{{t}} \\alpha_j$ with the forget gate "
+                  f"`{w.gate}` ({where}; the programs below read $\\alpha$ in linear space, a log-space gate "
+                  "$g$ enters as $\\alpha = e^{g}$). Decay first: a token's forgetting acts on the state before its "
+                  "own update.", ""]
+        if s.objective.model.feature_map != "identity" or s.readout.scale != 1.0:
+            L += [f"Feature map $\\varphi$ = `{s.objective.model.feature_map}` on $q$ and $k$, query scale "
+                  f"`{s.readout.scale}`: the programs read $k \\leftarrow \\varphi(k)$ and "
+                  "$q \\leftarrow \\mathrm{scale} \\cdot \\varphi(q)$.", ""]
+        L += ["## 2. Gradient (term by term)", "",
               f"$$ \\nabla_W \\ell_i = {_tex(d.grad_term)}, \\qquad \\nabla_W R = {_tex(d.grad_reg)} $$", "",
               "## 3. Stationarity (collect $W$, right-invert)", "",
               f"$$ \\nabla_W \\ell_i = W \\, ({_tex(d.gram_term)}) - {_tex(d.cross_term)}, \\qquad "
@@ -58,8 +71,9 @@ class MarkdownBackend:
         L += ["", "Per token:", ""] + _program(ir.recurrence.update) + ["", "Readout:", ""]
         L += _program(ir.recurrence.readout) + [""]
         if ir.recurrence.backward == "checkpointed":
-            L += ["Backward: recompute from $\\lceil\\sqrt{T}\\rceil$ state checkpoints (never reverse "
-                  "Sherman–Morrison downdates).", ""]
+            L += ["Backward: reverse-mode differentiation of this recurrence, recomputing "
+                  "$\\max(\\lceil\\sqrt{T}\\rceil, 64)$-token segments from stored states (JAX: autodiff through "
+                  "rematerialised segments; Numba: the adjoint recurrence derived per assignment).", ""]
         elif ir.recurrence.backward == "implicit":
             L += ["Backward: implicit differentiation of $o_t = \\bar C_t \\bar A_t^{-1} q_t$. With "
                   "$x_t = P_t q_t$ and $y_t = W_t^\\top \\bar g_t$: $\\partial q_t = y_t$, "
@@ -71,8 +85,13 @@ class MarkdownBackend:
             kf = ir.kernel
             L += ["## 5. Parallel (closed) form", "",
                   "$o_t = \\bar C_t x_t$ with $\\bar C_t = \\bar C_0 + \\sum_{i\\le t} v_i k_i^\\top$, "
-                  "$\\bar A_t = \\bar A_0 + \\sum_{i\\le t} k_i k_i^\\top$, computed for all $t$ at once.", "",
-                  "From the initial state:", ""] + _program(kf.stats_from_state)
+                  "$\\bar A_t = \\bar A_0 + \\sum_{i\\le t} k_i k_i^\\top$, computed for all $t$ at once.", ""]
+            if kf.decayed:
+                L += ["With decayed weights every term is weighted: $\\bar C_t = \\omega_{t,0} \\bar C_0 + "
+                      "\\sum_{i \\le t} \\omega_{t,i} v_i k_i^\\top$ (per key channel: $\\omega$ scales $k_i$'s "
+                      "channels), with $\\omega_{t,i} = \\exp(G_t - G_i)$ from cumulative sums $G$ of $\\log \\alpha$, "
+                      "masked to $i \\le t$ before the exponential.", ""]
+            L += ["From the initial state:", ""] + _program(kf.stats_from_state)
             L += ["", "Preconditioned query:", ""] + _program(kf.precondition)
             L += ["", "Final state:", ""] + _program(kf.state_from_stats) + [""]
         L += ["## Verification", "", "Every identity below was checked before any code was emitted.", "",

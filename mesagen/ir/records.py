@@ -73,7 +73,7 @@ class StateDecl:
             _check_dim(d, f"state {self.name}")
 
 
-BACKWARDS = ("autodiff", "checkpointed", "implicit")
+BACKWARDS = ("checkpointed", "implicit")
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,13 @@ class Recurrence:
     states: tuple[StateDecl, ...]
     update: tuple[Assign, ...]
     readout: tuple[Assign, ...]
-    backward: str = "autodiff"
+    backward: str = "checkpointed"
     next_state: tuple[tuple[str, str], ...] = ()
     output: str = "o"
     """How reverse mode is generated:
 
-    - ``autodiff``: plain autodiff through the scan.
-    - ``checkpointed``: autodiff through ⌈√T⌉ rematerialised segments (activation memory O(√T)).
+    - ``checkpointed``: reverse-mode autodiff through max(⌈√T⌉, 64)-token rematerialised segments (activation
+      memory O(√T); below 64 tokens a plain scan).
     - ``implicit``: the exact ridge solution o_t = C_t A_t⁻¹ q_t differentiated implicitly (one more product
       with the stored inverse per token, no adjoint through the rank-one recursion), with the recurrence
       refactorised from its exact statistics at every segment boundary. Requires a kernel form and the states

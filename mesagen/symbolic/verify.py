@@ -56,8 +56,10 @@ def _rand_matrix(rng: random.Random, rows: int, cols: int) -> sp.ImmutableMatrix
 def _scalar_value(rng: random.Random, domain: str) -> sp.Rational:
     if domain == "real":
         return sp.Rational(rng.choice([-3, -1, 1, 2, 3]), rng.randint(2, 7))
-    if domain in ("unit_interval", "positive_unit_interval"):
-        return sp.Rational(rng.randint(1, 4), 4)  # a gate α ∈ (0, 1] (1/4 … 1) or a step size
+    if domain == "positive_unit_interval":
+        return sp.Rational(rng.randint(1, 3), 4)  # a gate α ∈ (0, 1): 1/4 … 3/4, so that it decays
+    if domain == "unit_interval":
+        return sp.Rational(rng.randint(1, 4), 4)  # a step size in (0, 1]
     return sp.Rational(rng.randint(1, 4), rng.randint(2, 5))
 
 

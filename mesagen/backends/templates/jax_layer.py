@@ -1,0 +1,575 @@
+"""Template of the fixed frame of every generated ``layer_jax.py`` (see mesagen.backends.jax_backend).
+
+This is a real Python module so that it can be linted (tests/test_templates.py runs pyflakes on it), but it is
+never imported by generated code. The backend reads it as text: everything after the marker line
+``# ==== template body ====`` is split at the ``# ==== section: NAME ====`` lines (the markers themselves are not
+emitted), and each section is filled by :func:`mesagen.backends.templates.fill`, which substitutes the
+placeholders ``__NAME__`` and refuses a missing, unknown or left-over placeholder.
+
+The names below stand for what the generated module defines before the frame (printed from the IR) and for the
+placeholders, so that the body lints as a module.
+"""
+# flake8: noqa
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SPEC_NAME: str = ""
+PARAMS: dict = {}
+INPUTS: dict = {}
+FORMS: tuple = ()
+DEFAULT_SCALE: Any = 1.0
+_PARAM_NAMES: tuple = ()
+_INPUT_NAMES: tuple = ()
+_INPUT_NEUTRAL: tuple = ()
+_STATE_DIMS: tuple = ()
+_LOG_GATE: Any = None
+State: Any = NamedTuple
+_step_head = _stats_head = _precondition_head = _final_head = _features = init_state = None
+__STEP_HEAD_AXES__ = __STEP_BATCH_AXES__ = __STATS_HEAD_AXES__ = __STATS_BATCH_AXES__ = ()
+__USES_GRAM__ = __PER_CHANNEL__ = False
+__IMPORTANCE__ = __GATE_INPUT__ = __GATE_PARAM__ = None
+
+# ==== template body ====
+# ==== section: spd_helpers ====
+def _spd_solve(A, b):
+    """A⁻¹ b for a symmetric positive-definite A [K, K] and b [K, N]: Cholesky A = L Lᵀ, then forward and back
+    substitution, one row at a time (XLA-CPU's batched triangular solve is orders of magnitude slower at these
+    sizes). Never a general inverse."""
+    L = jnp.linalg.cholesky(A)
+    n = A.shape[-1]
+
+    def forward_row(i, y):
+        return y.at[i].set((b[i] - L[i] @ y) / L[i, i])
+
+    def back_row(j, x):
+        i = n - 1 - j
+        return x.at[i].set((y[i] - L[:, i] @ x) / L[i, i])
+
+    y = lax.fori_loop(0, n, forward_row, jnp.zeros_like(b))
+    return lax.fori_loop(0, n, back_row, jnp.zeros_like(b))
+
+
+def _spd_inv(A):
+    """A⁻¹ for a symmetric positive-definite A [K, K], by Cholesky (see _spd_solve)."""
+    return _spd_solve(A, jnp.eye(A.shape[-1], dtype=A.dtype))
+
+
+# ==== section: frame ====
+# ----------------------------------------------------------------------------------------------------
+# Batched frame: vmaps over heads and batch, lax.scan over time.
+
+_step_heads = jax.vmap(_step_head, in_axes=__STEP_HEAD_AXES__)
+_step_all = jax.vmap(_step_heads, in_axes=__STEP_BATCH_AXES__)
+
+
+def _step_batched(state, q_t, k_t, v_t, ps, inputs_t):
+    """One token for every (batch, head): q_t, k_t [B, H, K]; v_t [B, H, V]; ps: [H] arrays; inputs_t: [B, H]."""
+    o_t, new = _step_all(*state, q_t, k_t, v_t, *ps, *inputs_t)
+    return o_t, State(*new)
+
+
+def _scan(ps, state, xs):
+    """Scan the step over time-major xs = (q, k, v, *inputs), each [T, B, H, ...]; returns (final, o [T, B, H, V])."""
+
+    def body(carry, x):
+        q_t, k_t, v_t = x[0], x[1], x[2]
+        o_t, new = _step_batched(carry, q_t, k_t, v_t, ps, x[3:])
+        return new, o_t
+
+    return lax.scan(body, state, xs)
+# ==== section: closed_form_vmaps ====
+
+_stats_all = jax.vmap(jax.vmap(_stats_head, in_axes=__STATS_HEAD_AXES__), in_axes=__STATS_BATCH_AXES__)
+_precondition_all = jax.vmap(jax.vmap(jax.vmap(_precondition_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
+                                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES)),
+                             in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
+_final_all = jax.vmap(jax.vmap(_final_head, in_axes=(0, 0) + (0,) * len(_PARAM_NAMES)),
+                      in_axes=(0, 0) + (None,) * len(_PARAM_NAMES))
+_USES_GRAM = __USES_GRAM__
+_IMPORTANCE = __IMPORTANCE__  # index of the importance-weight input, or None
+_GATE_INPUT = __GATE_INPUT__  # index of the forget-gate input, or None
+_GATE_PARAM = __GATE_PARAM__  # index of the forget-gate parameter (a constant decay per head), or None
+_PER_CHANNEL = __PER_CHANNEL__  # one gate per key channel
+
+
+# ==== section: segments ====
+
+
+def _segment_length(T):
+    """Segment length max(⌈√T⌉, 64): the checkpoint interval of the backward (O(√T) stored states for long T)
+    and, for the ridge family, the refactorisation interval. Below 64 tokens per segment, the fixed cost of each
+    boundary outweighs what it saves (and 64 rank-one steps lose little accuracy, docs/numerics.md)."""
+    return max(64, math.isqrt(max(T - 1, 0)) + 1)
+
+
+def _split_segments(xs, T):
+    L = _segment_length(T)
+    n = T // L
+    head = jax.tree.map(lambda x: x[: n * L].reshape((n, L) + x.shape[1:]), xs)
+    tail = jax.tree.map(lambda x: x[n * L:], xs)
+    return head, tail, n, L
+# ==== section: checkpointed_scan ====
+
+
+def _scan_recurrent(ps, state, xs):
+    """lax.scan of the step in two levels: an outer scan over max(⌈√T⌉, 64)-token segments whose body is rematerialised
+    (``jax.checkpoint``), so reverse mode keeps only the state entering each segment and recomputes one segment
+    at a time. Plain JAX transformations throughout (no custom VJP), so jit, vmap (batched or unbatched
+    parameters), grad, vjp, jvp, checkpoint and scan all compose. No inverse is ever reconstructed backwards.
+    """
+    T = xs[0].shape[0]
+    head, tail, n, L = _split_segments(xs, T)
+    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, seg))
+    mid, o_head = lax.scan(segment, state, head)
+    final, o_tail = _scan(ps, mid, tail)
+    o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
+    return final, o
+# ==== section: implicit_scan ====
+
+
+
+def _gram_sums(seg):
+    """Σ v kᵀ [B, H, V, K] and Σ k kᵀ [B, H, K, K] over the tokens of time-major seg = (q, k, v, ...)."""
+    k, v = seg[1], seg[2]
+    return jnp.einsum("tbhv,tbhk->bhvk", v, k), jnp.einsum("tbhk,tbhj->bhkj", k, k)
+
+
+def _scan_refactorised(ps, state, xs):
+    """Forward of the recurrent form: the rank-one (Sherman–Morrison) step inside each max(⌈√T⌉, 64)-token segment, and
+    at every segment boundary a fresh state from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ
+    (a Cholesky-based inverse), so rank-one rounding errors never accumulate over more than one segment.
+
+    Returns:
+        (final State, o [T, B, H, V], checkpoints: the State entering each full segment [n, B, H, ...],
+        the State entering the tail, (C̄₀, Ā₀), (C̄_T, Ā_T)).
+    """
+    T = xs[0].shape[0]
+    head, tail, n, L = _split_segments(xs, T)
+    stats0 = _stats_all(*state, *ps)
+
+    def segment(carry, seg):
+        st, C, A = carry
+        _, o = _scan(ps, st, seg)
+        dC, dA = _gram_sums(seg)
+        C, A = C + dC, A + dA
+        return (State(*_final_all(C, A, *ps)), C, A), (o, st)
+
+    (mid, C, A), (o_head, checkpoints) = lax.scan(segment, (state,) + tuple(stats0), head)
+    _, o_tail = _scan(ps, mid, tail)
+    dC, dA = _gram_sums(tail)
+    statsT = (C + dC, A + dA)
+    final = State(*_final_all(*statsT, *ps))
+    o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
+    return final, o, checkpoints, mid, stats0, statsT
+
+
+@jax.custom_vjp
+def _scan_recurrent(ps, state, xs):
+    """The recurrent form, differentiated implicitly (see _scan_recurrent_bwd)."""
+    final, o = _scan_refactorised(ps, state, xs)[:2]
+    return final, o
+
+
+def _scan_recurrent_fwd(ps, state, xs):
+    final, o, checkpoints, mid, stats0, statsT = _scan_refactorised(ps, state, xs)
+    return (final, o), (ps, state, xs, checkpoints, mid, statsT)
+
+
+def _segment_states(ps, state, seg):
+    """The states after every token of a segment (recomputed from the state entering it): [L, B, H, ...]."""
+
+    def body(carry, x):
+        _, new = _step_batched(carry, x[0], x[1], x[2], ps, x[3:])
+        return new, new
+
+    return lax.scan(body, state, seg)[1]
+
+
+def _segment_pullback(ps, state, seg, g_o, acc):
+    """Reverse sweep over one segment of L tokens. With W_t = C̄_t Ā_t⁻¹, x_t = Ā_t⁻¹ q_t = P_t q_t and
+    y_t = W_tᵀ ḡ_t (ḡ_t the cotangent of o_t), the exact derivatives of o_t = C̄_t Ā_t⁻¹ q_t are
+        ∂q_t = y_t,   ∂C̄_t = ḡ_t x_tᵀ,   ∂Ā_t = −y_t x_tᵀ,
+    and since C̄_t, Ā_t are running sums, token i receives the reverse sums Ĉ_i = Σ_{t≥i} ḡ_t x_tᵀ and
+    Â_i = −Σ_{t≥i} y_t x_tᵀ:  ∂v_i = Ĉ_i k_i,  ∂k_i = Ĉ_iᵀ v_i + (Â_i + Â_iᵀ) k_i. Inside the segment these
+    are causal-masked products of [L, L] score matrices (matmuls, no loop); acc = (Ĉ, Â, seen) carries the sums
+    of later segments. Positions whose own and later cotangents are all zero get exactly zero (never 0 times
+    a non-finite value).
+    """
+    S, P = _segment_states(ps, state, seg)                          # [L, B, H, K, V], [L, B, H, K, K]
+    q, k, v = seg[0], seg[1], seg[2]
+    Ch, Ah, seen = acc
+    live = jnp.any(g_o != 0, axis=-1)                               # [L, B, H]
+    x = jnp.where(live[..., None], jnp.einsum("tbhkj,tbhj->tbhk", P, q), 0)
+    y = jnp.where(live[..., None], jnp.einsum("tbhkv,tbhv->tbhk", S, g_o), 0)
+    g = jnp.where(live[..., None], g_o, 0)
+    Ls = q.shape[0]
+    later = jnp.arange(Ls)[:, None] >= jnp.arange(Ls)[None, :]     # [t, i]: t ≥ i
+    mask = lambda a: jnp.where(later[:, :, None, None], a, 0)       # noqa: E731  [t, i, B, H]
+    xk = mask(jnp.einsum("tbhk,ibhk->tibh", x, k))                  # x_tᵀ k_i
+    gv = mask(jnp.einsum("tbhv,ibhv->tibh", g, v))                  # ḡ_tᵀ v_i
+    yk = mask(jnp.einsum("tbhk,ibhk->tibh", y, k))                  # y_tᵀ k_i
+    dv = jnp.einsum("tibh,tbhv->ibhv", xk, g) + jnp.einsum("bhvk,ibhk->ibhv", Ch, k)
+    dk = (jnp.einsum("tibh,tbhk->ibhk", gv - yk, x) - jnp.einsum("tibh,tbhk->ibhk", xk, y)
+          + jnp.einsum("bhvk,ibhv->ibhk", Ch, v) + jnp.einsum("bhkj,ibhj->ibhk", Ah + jnp.swapaxes(Ah, -1, -2), k))
+    seen_i = seen | (jnp.cumsum(live[::-1], axis=0)[::-1] > 0)       # [L, B, H]: a live cotangent at t ≥ i
+    dv = jnp.where(seen_i[..., None], dv, 0)
+    dk = jnp.where(seen_i[..., None], dk, 0)
+    Ch = Ch + jnp.einsum("tbhv,tbhk->bhvk", g, x)
+    Ah = Ah - jnp.einsum("tbhk,tbhj->bhkj", y, x)
+    seen = seen | jnp.any(live, axis=0)
+    return (Ch, Ah, seen), (y, dk, dv) + tuple(jnp.zeros_like(a) for a in seg[3:])
+
+
+def _scan_recurrent_bwd(res, cotangents):
+    """Implicit differentiation of the exact ridge solution (no adjoint through Sherman–Morrison steps, whose
+    rounding errors the reverse sweep would amplify by up to 1/λ²): the final state's cotangent is pulled back
+    through state_from_stats, every output's through the formulas of _segment_pullback, and the statistics'
+    reverse sums Ĉ₀, Â₀ through stats_from_state to the initial state. Recomputes one segment at a time from
+    the stored checkpoints: activation memory O(√T · B·H·(K² + K·V)).
+    """
+    ps, state, xs, checkpoints, mid, statsT = res
+    g_final, g_o = cotangents
+    T = g_o.shape[0]
+    head, tail, n, L = _split_segments(xs, T)
+    live_final = jnp.any(jnp.stack([jnp.any(g != 0, axis=(-2, -1)) for g in g_final]), axis=0)   # [B, H]
+    _, pull_final = jax.vjp(lambda C, A, *p: State(*_final_all(C, A, *p)), *statsT, *ps)
+    gC, gA, *g_ps = pull_final(State(*(jnp.where(live_final[..., None, None], g, 0) for g in g_final)))
+    gC = jnp.where(live_final[..., None, None], gC, 0)
+    gA = jnp.where(live_final[..., None, None], gA, 0)
+    acc = (gC, gA, live_final)
+    acc, g_tail = _segment_pullback(ps, mid, tail, g_o[n * L:], acc)
+    g_o_head = g_o[: n * L].reshape((n, L) + g_o.shape[1:])
+
+    def back(acc, seg):
+        checkpoint, xs_seg, g_o_seg = seg
+        return _segment_pullback(ps, checkpoint, xs_seg, g_o_seg, acc)
+
+    (gC0, gA0, _), g_head = lax.scan(back, acc, (checkpoints, head, g_o_head), reverse=True)
+    _, pull_stats = jax.vjp(lambda st, *p: _stats_all(*st, *p), state, *ps)
+    g_state, *g_ps0 = pull_stats((gC0, gA0))
+    g_xs = jax.tree.map(lambda a, b: jnp.concatenate([a.reshape((n * L,) + a.shape[2:]), b], axis=0),
+                        g_head, g_tail)
+    return tuple(a + b for a, b in zip(g_ps, g_ps0)), g_state, g_xs
+
+
+_scan_recurrent.defvjp(_scan_recurrent_fwd, _scan_recurrent_bwd)
+# ==== section: forward_recurrent ====
+
+
+def _recurrent_inputs(inputs):
+    """Per-token inputs as the per-head programs read them: a log-space forget gate g becomes α = exp(g)."""
+    inputs = tuple(inputs)
+    if _LOG_GATE is None:
+        return inputs
+    return inputs[:_LOG_GATE] + (jnp.exp(inputs[_LOG_GATE]),) + inputs[_LOG_GATE + 1:]
+
+
+@jax.jit
+def _forward_recurrent(q, k, v, ps, state, inputs):
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
+    final, o = _scan_recurrent(tuple(ps), state, xs)
+    return jnp.swapaxes(o, 0, 1), final
+# ==== section: forward_closed_form ====
+
+
+@jax.jit
+def _forward_closed_form(q, k, v, ps, state, inputs):
+    """Parallel form: Ā_t by a cumulative sum over time, x_t = M(Ā_t) q_t, o = C̄₀ x + tril(X Kᵀ) V."""
+    B, T, H, K = q.shape
+    C0, A0 = _stats_all(*state, *ps)                                  # [B, H, V, K], [B, H, K, K]
+    if _IMPORTANCE is not None:                                         # β_i weights pair i: scale v_i (and k_i k_iᵀ)
+        v = v * inputs[_IMPORTANCE][..., None]
+    if _USES_GRAM:
+        kw = k if _IMPORTANCE is None else k * inputs[_IMPORTANCE][..., None]
+        Abar = A0[:, None] + jnp.cumsum(jnp.einsum("bthk,bthj->bthkj", kw, k), axis=1)   # [B, T, H, K, K]
+    else:
+        Abar = jnp.zeros((B, T, H, 0, 0), q.dtype)
+    x = _precondition_all(q, Abar, *ps)                                # [B, T, H, K]
+    scores = jnp.einsum("bthk,bshk->bhts", x, k)                       # [B, H, T, T]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    # Multiply the masked scores only with finite values (0·NaN would reach every position); the non-finite
+    # entries of v reach positions t ≥ s through a cumulative sum, where the recurrence has them too.
+    finite_v = jnp.isfinite(v)
+    o = (jnp.einsum("bhts,bshv->bthv", jnp.where(causal, scores, 0), jnp.where(finite_v, v, 0))
+         + jnp.einsum("bhvk,bthk->bthv", C0, x) + jnp.cumsum(jnp.where(finite_v, 0, v), axis=1))
+    Cbar = C0 + jnp.einsum("bthv,bthk->bhvk", v, k)
+    Abar_T = Abar[:, -1] if _USES_GRAM else jnp.zeros((B, H, 0, 0), q.dtype)
+    return o, State(*_final_all(Cbar, Abar_T, *ps))
+# ==== section: forward_closed_form_decayed ====
+
+
+def _log_decay(ps, inputs, B, T, H):
+    """G_t = Σ_{j≤t} log α_j, [B, T, H] (or [B, T, H, K] per key channel): the decay ω_{t,i} = exp(G_t − G_i)."""
+    if _GATE_PARAM is not None:                                          # a constant decay γ per head
+        return jnp.broadcast_to(jnp.arange(1, T + 1, dtype=ps[_GATE_PARAM].dtype)[:, None]
+                                * jnp.log(ps[_GATE_PARAM]), (B, T, H))
+    g = inputs[_GATE_INPUT]
+    return jnp.cumsum(g if _LOG_GATE is not None else jnp.log(g), axis=1)
+
+
+@jax.jit
+def _forward_closed_form(q, k, v, ps, state, inputs):
+    """Parallel form with decayed weights: o_t = C̄_t x_t with
+        C̄_t = ω_{t,0} C̄₀ + Σ_{i≤t} ω_{t,i} v_i k_iᵀ,  ω_{t,i} = exp(G_t − G_i)  (per key channel: on k's channels),
+    x_t = M(Ā_t) q_t. Decays come from differences of cumulative log gates masked to i ≤ t before the exp (never
+    a product of α's, which underflows, and never exp of a positive number); quadratic in T."""
+    B, T, H, K = q.shape
+    if T == 0:                                                          # nothing to absorb
+        return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
+    C0, A0 = _stats_all(*state, *ps)                                  # [B, H, V, K], [B, H, K, K]
+    if _IMPORTANCE is not None:                                         # β_i weights pair i
+        v = v * inputs[_IMPORTANCE][..., None]
+    G = _log_decay(ps, inputs, B, T, H)                                 # [B, T, H] or [B, T, H, K]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))                     # [t, i]: i ≤ t
+    diff = G[:, :, None] - G[:, None, :]                                # [B, t, i, H(, K)]: G_t − G_i
+    mask = causal.reshape((1, T, T) + (1,) * (diff.ndim - 3))
+    decay = jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0)), 0)       # ω_{t,i}, exactly 0 for i > t
+    last = jnp.exp(G[:, -1:] - G)                                       # ω_{T,i}
+    if _PER_CHANNEL:
+        x = _x_plain(q, ps)                                             # [B, T, H, K]
+        scores = jnp.einsum("bthk,bihk,btihk->bhti", x, k, decay)
+        o0 = jnp.einsum("bhvk,bthk->bthv", C0, x * jnp.exp(G))
+        Cbar = C0 * jnp.exp(G[:, -1])[:, :, None, :] + jnp.einsum("bthv,bthk->bhvk", v, k * last)
+        Abar_T = jnp.zeros((B, H, 0, 0), q.dtype)
+    else:
+        if _USES_GRAM:
+            kw = k if _IMPORTANCE is None else k * inputs[_IMPORTANCE][..., None]
+            Abar = (jnp.exp(G)[..., None, None] * A0[:, None]
+                    + jnp.einsum("btih,bihk,bihj->bthkj", decay, kw, k))     # [B, T, H, K, K]
+            Abar_T = Abar[:, -1]
+        else:
+            Abar = jnp.zeros((B, T, H, 0, 0), q.dtype)
+            Abar_T = jnp.zeros((B, H, 0, 0), q.dtype)
+        x = _precondition_all(q, Abar, *ps)                            # [B, T, H, K]
+        scores = jnp.einsum("bthk,bihk->bhti", x, k) * jnp.moveaxis(decay, 3, 1)
+        o0 = jnp.exp(G)[..., None] * jnp.einsum("bhvk,bthk->bthv", C0, x)
+        Cbar = C0 * jnp.exp(G[:, -1])[:, :, None, None] + jnp.einsum("bthv,bthk->bhvk", v * last[..., None], k)
+    finite_v = jnp.isfinite(v)
+    o = (jnp.einsum("bhti,bihv->bthv", jnp.where(causal, scores, 0), jnp.where(finite_v, v, 0)) + o0
+         + jnp.cumsum(jnp.where(finite_v, 0, v), axis=1))
+    return o, State(*_final_all(Cbar, Abar_T, *ps))
+
+
+def _x_plain(q, ps):
+    """x_t = M q_t for a preconditioner that does not read Ā (one GD step), [B, T, H, K]."""
+    B, T, H, _ = q.shape
+    return _precondition_all(q, jnp.zeros((B, T, H, 0, 0), q.dtype), *ps)
+# ==== section: nonfinite ====
+
+
+def _causal_forward(impl, q, k, v, ps, state, inputs):
+    """``impl(q, k, v, ps, state, inputs)`` whose outputs and gradients stay causal for non-finite inputs.
+
+    Plain autodiff multiplies the zero cotangents of positions after the loss by the primal values there, so
+    one NaN or inf at position s made every gradient NaN (0·NaN). Here the gradient path runs ``impl`` on the
+    inputs with their non-finite entries replaced by finite stand-ins (0 for q, k, v; _INPUT_NEUTRAL for
+    per-token inputs), and wherever the recurrence on the inputs as given (``_values``) is non-finite, the
+    value is taken from it. Finite inputs skip ``_values`` (lax.cond; under vmap both branches run).
+
+    Result: o[:, t] and every gradient through it depend only on positions ≤ t; gradients of a loss on finite
+    outputs are exact; non-finite outputs carry no gradient. Plain JAX (no custom derivative rule), so jit,
+    vmap, grad, vjp, jvp, checkpoint and scan compose.
+    """
+    xs = (q, k, v) + tuple(inputs)
+    stand_in = (0.0, 0.0, 0.0) + _INPUT_NEUTRAL
+    clean = [jnp.where(jnp.isfinite(x), x, jnp.asarray(c, x.dtype)) for x, c in zip(xs, stand_in)]
+    o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]))
+    all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+    given = lax.stop_gradient((q, k, v, tuple(ps), state, tuple(inputs)))
+    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given))
+    pick = lambda a, c: jnp.where(jnp.isfinite(a), c, a)  # noqa: E731
+    return pick(o_a, o_c), jax.tree.map(pick, final_a, final_c)
+
+
+_causal_forward_jit = jax.jit(_causal_forward, static_argnums=0)
+
+
+def _values(q, k, v, ps, state, inputs):
+    """The plain token-by-token recurrence (values only): (o [B, T, H, V], final State)."""
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
+    final, o = _scan(tuple(ps), state, xs)
+    return jnp.swapaxes(o, 0, 1), final
+# ==== section: api ====
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API (docs/contract.md §10).
+
+_COMPUTE_DTYPES = (jnp.float32, jnp.float64)
+
+
+def _real_floating(name, x):
+    """Refuse a non-real-floating array ``x`` (integer, bool, complex) named ``name``; any float width passes."""
+    dtype = jnp.asarray(x).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{SPEC_NAME}: {name} must be a real floating-point array (it is cast to q's dtype), "
+                         f"got {dtype}")
+
+
+def _check_domain(what, x, domain):
+    """Refuse concrete finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1],
+    "nonpositive": ≤ 0 (a log-space gate), "positive_unit_interval": (0, 1] (a linear-space gate)).
+    Traced values (under jit, grad, vmap) cannot be inspected and pass; non-finite values are left to the
+    causality rule (see _causal_forward)."""
+    if domain == "real":
+        return
+    x = jnp.asarray(x)
+    inside = {"positive": lambda: x > 0, "unit_interval": lambda: (x >= 0) & (x <= 1), "nonpositive": lambda: x <= 0,
+              "positive_unit_interval": lambda: (x > 0) & (x <= 1)}[domain]()
+    try:
+        ok = bool(jnp.all(inside | ~jnp.isfinite(x)))
+    except jax.errors.ConcretizationTypeError:
+        return
+    if not ok:
+        try:
+            example = f" (e.g. {float(x[~(inside | ~jnp.isfinite(x))].ravel()[0])!r})"
+        except jax.errors.ConcretizationTypeError:  # a tracer with a concrete primal (eager grad): no example
+            example = ""
+        raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r}{example}")
+
+
+def _check(q, k, v, params, inputs, lead):
+    """Validate dtypes (the dtype policy: q float32 or float64 sets the compute dtype; k, v, parameters, inputs
+    real floating of any width) and shapes of forward's / step's arguments; raise ValueError naming the argument."""
+    if not any(q.dtype == d for d in _COMPUTE_DTYPES):
+        raise ValueError(f"{SPEC_NAME}: q has dtype {q.dtype}, but q's dtype is the compute dtype and must be float32 "
+                         f"or float64; cast with q.astype(jnp.float32)")
+    _real_floating("k", k)
+    _real_floating("v", v)
+    if q.ndim != lead + 1:
+        want = "forward expects q, k [B, T, H, K]" if lead == 3 else "step expects q_t, k_t [B, H, K]"
+        raise ValueError(f"{SPEC_NAME}: {want} ({lead + 1} axes); got q with {q.ndim} axes, shape {q.shape}")
+    if not isinstance(params, dict):
+        raise ValueError(f"{SPEC_NAME}: params must be a dict name -> [H] array, got {type(params).__name__}")
+    if q.ndim != lead + 1 or k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or v.ndim != q.ndim:
+        raise ValueError(f"{SPEC_NAME}: expected q, k [..., H, K] and v [..., H, V] with equal leading axes; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    H = q.shape[-2]
+    for n in _PARAM_NAMES:
+        if n not in params:
+            raise ValueError(f"{SPEC_NAME}: missing parameter {n!r} (expected {list(_PARAM_NAMES)})")
+        if jnp.shape(params[n]) != (H,):
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape [H] = ({H},), got {jnp.shape(params[n])}")
+        _real_floating(f"parameter {n!r}", params[n])
+        _check_domain(f"parameter {n!r}", params[n], PARAMS[n]["domain"])
+    unknown = sorted(set(inputs) - set(_INPUT_NAMES))
+    missing = sorted(set(_INPUT_NAMES) - set(inputs))
+    if unknown or missing:
+        raise ValueError(f"{SPEC_NAME}: per-token inputs must be exactly {list(_INPUT_NAMES)}; "
+                         f"missing {missing}, unknown {unknown}")
+    for n in _INPUT_NAMES:
+        channel = {"K": q.shape[-1:], "V": v.shape[-1:]}.get(INPUTS[n]["shape"][-1], ())
+        want = q.shape[:-1] + channel
+        if jnp.shape(inputs[n]) != want:
+            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {INPUTS[n]['shape'][3 - lead:]} = {want}, "
+                             f"got {jnp.shape(inputs[n])}")
+        _real_floating(f"input {n!r}", inputs[n])
+        _check_domain(f"input {n!r}", inputs[n], INPUTS[n]["domain"])
+
+
+def _state_in(state, B, H, K, V, dtype):
+    """The caller's initial state as a State of ``dtype`` arrays, after checking its fields and shapes."""
+    if not isinstance(state, (tuple, list)):
+        raise ValueError(f"{SPEC_NAME}: initial_state must be a State{State._fields} (a NamedTuple of arrays, e.g. "
+                         f"the final state of forward or step), got {type(state).__name__}")
+    if len(state) != len(State._fields):
+        raise ValueError(f"{SPEC_NAME}: initial_state must have fields {State._fields}, got {len(state)} arrays")
+    size = {"K": K, "V": V}
+    out = []
+    for name, x, dims in zip(State._fields, state, _STATE_DIMS):
+        x = jnp.asarray(x)
+        want = (B, H) + tuple(size[d] for d in dims)
+        if x.shape != want:
+            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want}, got {x.shape}")
+        _real_floating(f"initial_state.{name}", x)
+        out.append(x.astype(dtype))
+    return State(*out)
+
+
+def _query_scale(scale, K, dtype):
+    """The query scale as a dtype scalar: ``scale``, or DEFAULT_SCALE when None ('inverse_sqrt_dk': K ** -0.5)."""
+    if scale is None:
+        scale = K ** -0.5 if DEFAULT_SCALE == "inverse_sqrt_dk" else DEFAULT_SCALE
+    return jnp.asarray(scale, dtype)
+
+
+def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
+            **inputs):
+    """Run the layer over a sequence.
+
+    Args:
+        q: [B, T, H, K] queries, float32 or float64: q's dtype is the compute dtype.
+        k: [B, T, H, K] keys.  v: [B, T, H, V] values.  Real floating, any width; cast to q's dtype.
+        params: dict name -> [H] real floating array, constrained space (see PARAMS); cast to q's dtype.
+        initial_state: a State ([B, H, ...] real floating fields, cast to q's dtype), or None for the solver's
+            default initialisation.
+        output_final_state: also return the state after the last token.
+        form: one of FORMS; every form computes the same function (to float64 round-off).
+        scale: the query scale (fla's meaning: q ← scale · φ(q), φ = FEATURE_MAP, also applied to k); None for
+            DEFAULT_SCALE. A Python float or a scalar array.
+        **inputs: per-token inputs (see INPUTS), each [B, T, H] or per channel [B, T, H, K] / [B, T, H, V],
+            real floating; cast to q's dtype. A forget gate is in the space INPUTS states (log: g ≤ 0).
+
+    Returns:
+        (o [B, T, H, V], final State or None), both in q's dtype.
+
+    Parameter values are not range-checked (they may be traced): keep them in their domain (PARAMS).
+    Causal for any input: o[:, t] and the gradients through it depend on positions ≤ t only, also when a
+    later position holds NaN or ±inf.
+
+    Raises:
+        ValueError: unknown form; q not float32/float64 (float16, bfloat16, integer, bool, complex: cast with
+            q.astype(jnp.float32)); k, v, a parameter, an input or a state field not real floating;
+            inconsistent shapes; missing or unknown parameters or inputs; an initial state of the wrong fields
+            or shapes.
+    """
+    if form not in FORMS:
+        raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this layer offers {FORMS}")
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    _check(q, k, v, params, inputs, 3)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dtype = q.dtype
+    ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
+    ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
+    state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
+    impl = _forward_recurrent if form == "recurrent" else _forward_closed_form
+    q, k = _query_scale(scale, K, dtype) * _features(q), _features(k.astype(dtype))
+    o, final = _causal_forward_jit(impl, q, k, v.astype(dtype), ps, state, ins)
+    return o, (final if output_final_state else None)
+
+
+def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
+    """Decode one token.
+
+    Args:
+        state: State ([B, H, ...] real floating fields).
+        q_t: [B, H, K], float32 or float64 (the compute dtype).  k_t: [B, H, K].  v_t: [B, H, V].
+        params: dict name -> [H] array (see PARAMS).  scale: as in forward.
+        **inputs_t: per-token inputs, each [B, H] (per channel [B, H, K] / [B, H, V]).
+        Everything but q_t: real floating of any width, cast to q_t's dtype.
+
+    Returns:
+        (o_t [B, H, V], new State), in q_t's dtype.
+
+    Raises:
+        ValueError: q_t not float32/float64 (cast with q_t.astype(jnp.float32)); another argument not real
+            floating; inconsistent shapes; missing or unknown parameters or inputs; a state of the wrong
+            fields or shapes.
+    """
+    q_t, k_t, v_t = jnp.asarray(q_t), jnp.asarray(k_t), jnp.asarray(v_t)
+    _check(q_t, k_t, v_t, params, inputs_t, 2)
+    dtype = q_t.dtype
+    ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
+    ins = [jnp.asarray(inputs_t[n], dtype) for n in _INPUT_NAMES]
+    B, H, K = q_t.shape
+    state = _state_in(state, B, H, K, v_t.shape[-1], dtype)
+    q_t, k_t = _query_scale(scale, K, dtype) * _features(q_t), _features(k_t.astype(dtype))
+    return _step_jit(state, q_t, k_t, v_t.astype(dtype), ps, _recurrent_inputs(ins))
+
+
+_step_jit = jax.jit(_step_batched)
