@@ -1,7 +1,7 @@
-"""Hand-written numpy float64 ground truth for the five gated layers of contract v2, with hand-derived VJPs.
+"""Hand-written numpy float64 ground truth for the five gated layers of spec language v2 (docs/contract.md), with hand-derived VJPs.
 
 Layers: ``simple_gla``, ``retention``, ``gla`` (linear in ``v``) and ``gated_delta``, ``kda`` (delta rule).
-Written from the math of ``contract_v2`` / DESIGN, importing nothing from the compiler. Layouts are
+Written from the math of docs/family.md, importing nothing from the compiler. Layouts are
 fla-compatible: ``q, k: [B, T, H, K]``, ``v, o: [B, T, H, V]``, per-token gates ``[B, T, H]`` or
 ``[B, T, H, K]``, per-head parameters ``[H]``, states ``[B, H, K, V]`` (``S = W^T``, key axis first). Position
 ``t`` answers after absorbing token ``t``; the decay is applied first (``S' = Diag(alpha_t) S_{t-1}``), then the
