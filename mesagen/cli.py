@@ -65,9 +65,13 @@ def _list(args: argparse.Namespace) -> int:
     for path in specs:
         c = compile_file(path, backends=())
         params = ", ".join(f"{p.name} [H] {p.domain} (init {p.init:g})" for p in c.ir.params) or "-"
-        inputs = ", ".join(f"{i.name} [B,T,H] {i.space} {i.domain}" for i in c.ir.inputs) or "-"
-        print(f"{c.spec.name:10s} {str(path):24s} solver={c.spec.solver.kind:12s} forms={','.join(c.ir.forms)}")
-        print(f"{'':10s} parameters: {params}; inputs: {inputs}")
+        inputs = ", ".join(f"{i.name} [{','.join(i.shape)}] {i.space} {i.domain} ({i.role})"
+                           for i in c.ir.inputs) or "-"
+        extra = ""
+        if c.ir.feature_map != "identity" or c.ir.default_scale != 1.0:
+            extra = f"; feature map {c.ir.feature_map}, scale {c.ir.default_scale}"
+        print(f"{c.spec.name:11s} {str(path):25s} solver={c.spec.solver.kind:12s} forms={','.join(c.ir.forms)}")
+        print(f"{'':11s} parameters: {params}; inputs: {inputs}{extra}")
     return 0
 
 
