@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                     return 2
                 run_dir = Path(args.resume)
-                train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+                train(load_config(run_dir / "config.yaml", stored=True), run_dir, resume=True)
                 print(f"run folder: {run_dir}")
                 return 0
             if not args.config:
