@@ -135,6 +135,10 @@ class TrainConfig(_Frozen):
         clip_grad_norm: global-norm gradient clipping (null = none).
         log_every, eval_every, checkpoint_every: intervals in steps (the last step always does all three).
         progress: show a tqdm progress bar.
+        devices: how many devices the batch is sharded over (data parallelism on a one-axis
+            ``jax.sharding.Mesh``, parameters replicated; :mod:`mesagen.runtime.parallel`): the first N of
+            ``jax.devices()``; null (default) means all of them. ``batch_size`` (and ``eval.batch``) must be a
+            multiple of the device count. Losses equal the 1-device run's to float32 round-off.
     """
 
     steps: int = Field(ge=1)
@@ -147,6 +151,7 @@ class TrainConfig(_Frozen):
     eval_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     progress: bool = True
+    devices: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Frozen):
