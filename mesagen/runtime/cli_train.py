@@ -1,7 +1,12 @@
 """``mesagen train`` and ``mesagen eval`` subcommands (wired into ``mesagen.cli`` by ``add_subparsers``).
 
-    mesagen train CONFIG [--steps N] [--out DIR] [--seed S] [--overwrite] [--generated DIR]
-    mesagen train --resume RUN_DIR [--generated DIR]
+    mesagen train CONFIG [--steps N] [--out DIR] [--seed S] [--overwrite] [--generated DIR] [DISTRIBUTED]
+    mesagen train --resume RUN_DIR [--generated DIR] [DISTRIBUTED]
+
+DISTRIBUTED (multi-host data parallelism, docs/parallel.md): ``--distributed`` calls
+``jax.distributed.initialize()`` before anything else (cluster auto-detection: Slurm, Open MPI, TPU, or the
+``JAX_COORDINATOR_ADDRESS`` environment variable); ``--coordinator HOST:PORT --num-processes N --process-id I``
+pass its arguments explicitly (and imply ``--distributed``).
     mesagen eval RUN_DIR [--generated DIR]
 
 Exit status: 0 on success, 2 on a bad config / missing layer / missing run / missing dependency (one line per
@@ -38,6 +43,25 @@ def _fail(prog: str, exc: Exception) -> int:
     return 2
 
 
+def start_distributed(args: argparse.Namespace) -> None:
+    """Call ``jax.distributed.initialize`` if ``--distributed`` or any of its explicit arguments was given.
+
+    Must run before the first JAX computation of the process (the trainer's mesh then spans every process's
+    devices). Arguments not given are left to JAX's cluster auto-detection.
+
+    Raises:
+        RuntimeError / ValueError: from JAX, e.g. when the coordinator cannot be reached or the cluster cannot
+            be detected.
+    """
+    explicit = {"coordinator_address": getattr(args, "coordinator", None),
+                "num_processes": getattr(args, "num_processes", None),
+                "process_id": getattr(args, "process_id", None)}
+    if getattr(args, "distributed", False) or any(v is not None for v in explicit.values()):
+        import jax
+
+        jax.distributed.initialize(**{k: v for k, v in explicit.items() if v is not None})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``mesagen train``; returns the exit status (0, 2 on bad input, 128 + signal if interrupted)."""
     try:
@@ -51,6 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"mesagen train: {hint}", file=sys.stderr)
         return 2
     try:
+        start_distributed(args)
+    except (RuntimeError, ValueError) as exc:
+        print(f"mesagen train: jax.distributed.initialize failed: {exc}", file=sys.stderr)
+        return 2
+    try:
         with use_generated_dir(args.generated):
             if args.resume:
                 if args.config or args.steps is not None or args.seed is not None or args.out or args.overwrite:
@@ -58,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                     return 2
                 run_dir = Path(args.resume)
-                train(load_config(run_dir / "config.yaml"), run_dir, resume=True)
+                train(load_config(run_dir / "config.yaml", stored=True), run_dir, resume=True)
                 print(f"run folder: {run_dir}")
                 return 0
             if not args.config:
@@ -115,6 +144,12 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     gen_help = ("folder holding NAME/layer_jax.py for generated:NAME (default: $MESAGEN_GENERATED, else "
                 "./generated, else the checkout's generated/)")
     p.add_argument("--generated", metavar="DIR", help=gen_help)
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (cluster auto-detection); every "
+                        "process runs the same command, process 0 writes the run folder (docs/parallel.md)")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="jax.distributed coordinator address (process 0's)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="jax.distributed: number of processes")
+    p.add_argument("--process-id", type=int, metavar="I", help="jax.distributed: this process's index, 0..N-1")
     p.set_defaults(func=cmd_train)
     e = subparsers.add_parser("eval", help="per-t loss of a trained run against the baselines, with a figure")
     e.add_argument("run_dir", help="run folder written by mesagen train")

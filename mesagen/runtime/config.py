@@ -46,6 +46,9 @@ class BlockConfig(_Frozen):
         spec_sha256: if set, the generated module's ``SPEC_SHA256`` must match.
         backend: ``jax`` (``layer_jax.py``) or ``numba_cpu`` (``layer_numba_cpu.py`` beside it, forward and
             backward on the CPU through host callbacks; recurrent form only).
+        scale: the query scale passed to a v2 module (``forward(..., scale=)``, fla's meaning: q is multiplied
+            by it after the feature map); null (default) means the spec's ``DEFAULT_SCALE``. v1 modules (no
+            ``DEFAULT_SCALE``) take no scale: setting it for one is an error when the model is built.
     """
 
     layer: str
@@ -55,6 +58,7 @@ class BlockConfig(_Frozen):
     form: str | None = None
     spec_sha256: str | None = None
     backend: Literal["jax", "numba_cpu"] = "jax"
+    scale: float | None = Field(None, gt=0.0)
 
     @field_validator("layer")
     @classmethod
@@ -79,6 +83,13 @@ class ModelConfig(_Frozen):
             linear models); null for none.
         init_std: std of the Gaussian initialisation of all weight matrices.
         pos_dim: sinusoidal positional features concatenated to the first block's query/key input (0 = none).
+        positive_space: how every ``positive`` spec parameter (the mesa layer's λ, linear attention's η) is
+            stored for the optimiser: ``log`` (raw = log λ, λ = exp(raw); the default) or ``softplus``
+            (λ = softplus(raw), the only map before this setting existed; run folders whose ``config.yaml``
+            lacks the key are read as ``softplus``, see :func:`load_config`).
+        param_space: per-parameter override by spec parameter name, e.g. ``{lam: softplus}``; applies to that
+            parameter in every block having it; a name no block's layer has, or a parameter that is not
+            positive, is an error when the model is built.
     """
 
     tokens: Literal["constructed", "standard"]
@@ -93,6 +104,8 @@ class ModelConfig(_Frozen):
     clip_activations: float | None = Field(None, gt=0.0)
     init_std: float = Field(gt=0.0)
     pos_dim: int = Field(0, ge=0)
+    positive_space: Literal["log", "softplus"] = "log"
+    param_space: dict[str, Literal["log", "softplus"]] = Field(default_factory=dict)
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -122,6 +135,10 @@ class TrainConfig(_Frozen):
         clip_grad_norm: global-norm gradient clipping (null = none).
         log_every, eval_every, checkpoint_every: intervals in steps (the last step always does all three).
         progress: show a tqdm progress bar.
+        devices: how many devices the batch is sharded over (data parallelism on a one-axis
+            ``jax.sharding.Mesh``, parameters replicated; :mod:`mesagen.runtime.parallel`): the first N of
+            ``jax.devices()``; null (default) means all of them. ``batch_size`` (and ``eval.batch``) must be a
+            multiple of the device count. Losses equal the 1-device run's to float32 round-off.
     """
 
     steps: int = Field(ge=1)
@@ -134,6 +151,7 @@ class TrainConfig(_Frozen):
     eval_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     progress: bool = True
+    devices: int | None = Field(None, ge=1)
 
 
 class EvalConfig(_Frozen):
@@ -278,11 +296,18 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def load_config(path: str | Path) -> RunConfig:
+#: What a run folder's ``config.yaml`` written before a model setting existed means by its absence.
+STORED_DEFAULTS = {"positive_space": "softplus"}
+
+
+def load_config(path: str | Path, *, stored: bool = False) -> RunConfig:
     """Read and validate a run config (YAML, ruamel round-trip loading: positions kept, no Python objects).
 
     Args:
         path: the YAML file.
+        stored: the file is a run folder's ``config.yaml`` (``--resume``, ``eval``): model settings added
+            after it was written take the value that reproduces the run (:data:`STORED_DEFAULTS`; e.g. a
+            config without ``model.positive_space`` trained λ through softplus), not today's default.
 
     Returns:
         The frozen :class:`RunConfig`.
@@ -303,6 +328,10 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}:{where}<root>: not valid YAML: {problem}") from exc
     if not isinstance(root, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping")
+    if stored and isinstance(root.get("model"), dict):
+        for key, value in STORED_DEFAULTS.items():
+            if key not in root["model"]:
+                root["model"][key] = value
     try:
         return RunConfig.model_validate(_plain(root))
     except ValidationError as exc:

@@ -103,7 +103,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
     """
     from mesagen.runtime.train import Trainer
     run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", stored=True)
     ckpt = run_dir / "checkpoint.eqx"
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no checkpoint (train the run first)")

@@ -105,8 +105,13 @@ def resolve_layer_path(kind: str, root: Path | None = None) -> Path:
             if (d / name / "layer_jax.py").is_file():
                 return (d / name / "layer_jax.py").resolve()
         searched = ", ".join(str(d / name / "layer_jax.py") for d in dirs)
-        raise LayerLoadError(f"layer {kind!r} not found; searched {searched} (run `mesagen build specs/{name}.yaml`"
-                             f", or point --generated / ${GENERATED_ENV} at the folder holding {name}/)")
+        if (REPO_ROOT / "specs" / f"{name}.yaml").is_file():
+            how = f"run `mesagen build specs/{name}.yaml`"
+        else:
+            how = (f"this checkout has no specs/{name}.yaml to build it from (a layer of a newer mesagen, or a spec "
+                   f"of your own: `mesagen build YOUR_SPEC.yaml`)")
+        raise LayerLoadError(f"layer {kind!r} not found; searched {searched} ({how}, or point --generated / "
+                             f"${GENERATED_ENV} at the folder holding {name}/)")
     base = Path(root) if root is not None else REPO_ROOT
     if kind.endswith(".py"):
         path = Path(kind)

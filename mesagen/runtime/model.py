@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from mesagen.runtime.config import BlockConfig, ModelConfig
 from mesagen.runtime.layers import GeneratedAttention, SoftmaxAttention
-from mesagen.runtime.loader import load_layer_module, resolve_layer_path
+from mesagen.runtime.loader import LayerLoadError, load_layer_module, resolve_layer_path
 
 
 def sinusoidal(time: int, dim: int) -> jax.Array:
@@ -91,7 +91,8 @@ def build_layer(block: BlockConfig, model: ModelConfig, *, key: jax.Array, d_pos
 
         module = NumbaCpuLayer(load_layer_module(path.with_name("layer_numba_cpu.py"), module.SPEC_SHA256), module)
     return GeneratedAttention(module, model.d_model, heads, d_k, d_v, key=key, init_std=model.init_std,
-                              d_pos=d_pos, form=block.form)
+                              d_pos=d_pos, form=block.form, param_space=model.param_space,
+                              positive_space=model.positive_space, scale=block.scale)
 
 
 class Model(eqx.Module):
@@ -121,7 +122,8 @@ class Model(eqx.Module):
             key: PRNG key (split once per block plus embedding and readout).
 
         Raises:
-            LayerLoadError: if a generated layer cannot be loaded.
+            LayerLoadError: if a generated layer cannot be loaded, or ``config.param_space`` names a parameter
+                no generated layer of the model has.
         """
         keys = jax.random.split(key, len(config.blocks) + 2)
         d, std = config.d_model, config.init_std
@@ -135,6 +137,11 @@ class Model(eqx.Module):
                   mlp=MLP(d, config.mlp_ratio * d, key=jax.random.fold_in(k, 1), init_std=std) if config.mlp else None,
                   clip=config.clip_activations)
             for i, (b, k) in enumerate(zip(config.blocks, keys[2:])))
+        known = {n for b in self.blocks if isinstance(b.attn, GeneratedAttention) for n in b.attn.layer.PARAMS}
+        unknown = sorted(set(config.param_space) - known)
+        if unknown:
+            raise LayerLoadError(f"model.param_space names {', '.join(unknown)}, which no layer of the model has "
+                                 f"(parameters: {', '.join(sorted(known)) or 'none'})")
         self.ln_f = LayerNorm(d) if config.layernorm else None
         self.out_dim, self.pos_dim = out_dim, config.pos_dim
 

@@ -14,16 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def numba_layer(module) -> Callable:
+def numba_layer(module, scale: float | str | None = None) -> Callable:
     """A JAX-differentiable ``apply(q, k, v, params, initial_state, inputs) -> (o, final_state)``.
 
     Args:
         module: a generated ``layer_numba_cpu`` module (``forward``, ``backward``, ``State``, ``_PARAM_NAMES``).
+        scale: passed as ``scale=`` to the module's ``forward`` and ``backward`` (contract v2); None passes
+            nothing, so the module uses its default (and v1 modules, which take no scale, work unchanged).
 
     Returns:
         ``apply`` taking q, k [B, T, H, K]; v [B, T, H, V]; params dict name -> [H]; initial_state a
         ``module.State`` of [B, H, ...] arrays (pass ``module.init_state(...)`` for the default); inputs dict
-        name -> [B, T, H]. Returns (o [B, T, H, V], final State as JAX arrays). Gradients flow to every
+        name -> [B, T, H] / [B, T, H, K] / [B, T, H, V] as the module declares. Returns (o [B, T, H, V], final State as JAX arrays). Gradients flow to every
         argument through ``module.backward`` (the checkpointed adjoint recurrence).
 
     Raises:
@@ -31,19 +33,20 @@ def numba_layer(module) -> Callable:
             :func:`compute_dtype`); from the module, at trace time of the callback, on inconsistent shapes.
     """
     state_cls = module.State
+    scale_kw = {} if scale is None else {"scale": scale}
 
     def _fwd_host(q, k, v, params, st, inputs):
         o, fin = module.forward(np.asarray(q), np.asarray(k), np.asarray(v),
                                 {n: np.asarray(x) for n, x in params.items()},
                                 initial_state=state_cls(*(np.asarray(x) for x in st)), output_final_state=True,
-                                **{n: np.asarray(x) for n, x in inputs.items()})
+                                **scale_kw, **{n: np.asarray(x) for n, x in inputs.items()})
         return o, tuple(fin)
 
     def _bwd_host(q, k, v, params, st, inputs, do, dfin):
         g = module.backward(np.asarray(q), np.asarray(k), np.asarray(v),
                             {n: np.asarray(x) for n, x in params.items()}, np.asarray(do),
                             initial_state=state_cls(*(np.asarray(x) for x in st)),
-                            dfinal_state=state_cls(*(np.asarray(x) for x in dfin)),
+                            dfinal_state=state_cls(*(np.asarray(x) for x in dfin)), **scale_kw,
                             **{n: np.asarray(x) for n, x in inputs.items()})
         dt = np.asarray(q).dtype
         cast = lambda x: np.asarray(x, dtype=dt)  # noqa: E731
@@ -138,8 +141,10 @@ class NumbaCpuLayer:
         self.SPEC_NAME, self.SPEC_SHA256 = jax_module.SPEC_NAME, jax_module.SPEC_SHA256
         self.CODEGEN_FORMAT, self.PARAMS, self.INPUTS = jax_module.CODEGEN_FORMAT, jax_module.PARAMS, jax_module.INPUTS
         self.State = jax_module.State
-        self._jax = jax_module
-        self._apply = numba_layer(numba_module)
+        if hasattr(jax_module, "DEFAULT_SCALE"):                 # contract v2: forward takes scale=
+            self.DEFAULT_SCALE = jax_module.DEFAULT_SCALE
+        self._jax, self._numba = jax_module, numba_module
+        self._applies = {None: numba_layer(numba_module)}
 
     def init_params(self, num_heads, d_k, d_v, dtype=jnp.float32):
         """Initial parameters (the JAX module's)."""
@@ -149,18 +154,25 @@ class NumbaCpuLayer:
         """Default initial state (the JAX module's, differentiable in the parameters)."""
         return self._jax.init_state(batch, num_heads, d_k, d_v, params, dtype)
 
-    def forward(self, q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", **inputs):
+    def forward(self, q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent",
+                scale=None, **inputs):
         """Same signature and result as the JAX module's ``forward`` (recurrent form only).
+
+        ``scale`` (a Python float or None, static) is passed on to a v2 module; None means its default.
 
         Raises:
             ValueError: a form other than ``"recurrent"``; q not float32 / float64; k, v, params, inputs or
-                the initial state not real floating (they are cast to q's dtype).
+                the initial state not real floating (they are cast to q's dtype); a scale for a v1 module.
         """
+        if scale is not None and not hasattr(self, "DEFAULT_SCALE"):
+            raise ValueError(f"{self.SPEC_NAME}: this module takes no scale (v1, no DEFAULT_SCALE)")
+        if scale not in self._applies:
+            self._applies[scale] = numba_layer(self._numba, scale)
         if form != "recurrent":
             raise ValueError(f"{self.SPEC_NAME}: the numba_cpu backend offers {self.FORMS}, not {form!r}")
         compute_dtype(self.SPEC_NAME, q)
         B, _, H, K = q.shape
         state = initial_state if initial_state is not None else \
             self._jax.init_state(B, H, K, v.shape[-1], params, q.dtype)
-        o, final = self._apply(q, k, v, params, state, inputs)
+        o, final = self._applies[scale](q, k, v, params, state, inputs)
         return o, (self.State(*final) if output_final_state else None)

@@ -14,6 +14,10 @@ key. ``metrics.jsonl`` starts with a ``"event": "start"`` record (model descript
 files, batch, mesagen and jax versions, initial parameters); training records carry ``wall_s`` (training
 time so far), ``steps_per_s`` and ``tokens_per_s`` of the logging window (the first window includes
 compilation); evaluation records carry the learned layer parameters in constrained space.
+
+Data parallelism (:mod:`mesagen.runtime.parallel`): the step shards its batch over a one-axis mesh of
+``train.devices`` devices (default all) with model and optimiser state replicated; the start record and the
+checkpoint header record the devices and the mesh. In multi-process runs only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from tqdm import tqdm
 from mesagen import __version__
 from mesagen.data import constructed_tokens, raw_tokens, sample_states
 from mesagen.errors import MesagenError
+from mesagen.runtime import parallel
 from mesagen.runtime.config import RunConfig, ScheduleConfig, TrainConfig, dump_config
 from mesagen.runtime.layers import GeneratedAttention
 from mesagen.runtime.model import Model
@@ -88,7 +93,7 @@ class Trainer:
 
     Attributes:
         config: the run config. optimizer: the optax transformation. traces: how often the step was traced
-            (stays 1 across a run: the step never recompiles).
+            (stays 1 across a run: the step never recompiles). mesh: the data-parallel device mesh.
     """
 
     def __init__(self, config: RunConfig, layer_sha256: dict[str, str] | None = None) -> None:
@@ -100,16 +105,24 @@ class Trainer:
 
         Raises:
             LayerLoadError: if a generated layer is missing, stale or of another codegen format.
+            DeviceConfigError: ``train.devices`` exceeds the devices JAX sees, or ``train.batch_size`` is not a
+                multiple of the device count.
         """
         self.config, self.traces = config, 0
+        self.mesh = parallel.make_mesh(config.train.devices)
+        parallel.check_batch(self.mesh, config.train.batch_size)
+        self._rep, self._shard = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
         self.optimizer = make_optimizer(config.train)
         init_key, self._data_key = jax.random.split(jax.random.PRNGKey(config.train.seed))
         self._init_key = init_key
         eval_states = sample_states(jax.random.PRNGKey(config.eval.seed), config.task, config.eval.batch)
         self.eval_states = np.asarray(eval_states)
         self.eval_tokens, self.eval_targets = batch_from_states(config, eval_states)
+        eval_sharding = self._shard if config.eval.batch % self.mesh.shape[parallel.DATA_AXIS] == 0 else self._rep
+        self.eval_tokens = parallel.place(self.eval_tokens, eval_sharding)
         self._step = eqx.filter_jit(self._step_impl)
-        self._predict = eqx.filter_jit(lambda m, x: m(x))
+        # predictions gathered to every device, so every process can read them (multi-host)
+        self._predict = eqx.filter_jit(lambda m, x: parallel.constrain(m(x), self._rep))
         if layer_sha256:
             from mesagen.runtime.loader import LayerLoadError
             found = layer_hashes(self.initial_state().model)
@@ -117,17 +130,30 @@ class Trainer:
                 raise LayerLoadError(f"generated layers changed since the checkpoint: {layer_sha256} -> {found}")
 
     def initial_state(self) -> TrainState:
-        """Fresh model and optimiser state at step 0."""
+        """Fresh model and optimiser state at step 0, replicated over the mesh."""
         model = Model(self.config.model, self.config.task.observed_dim, key=self._init_key)
-        return TrainState(model, self.optimizer.init(eqx.filter(model, eqx.is_inexact_array)), 0, self._data_key)
+        return self.place(TrainState(model, self.optimizer.init(eqx.filter(model, eqx.is_inexact_array)), 0,
+                                     self._data_key))
+
+    def place(self, state: TrainState) -> TrainState:
+        """``state`` with model, optimiser state and data key replicated over this trainer's mesh (whatever
+        layout they came from: a checkpoint, another mesh, one device)."""
+        model, opt, key = parallel.place((state.model, state.opt_state, state.data_key), self._rep)
+        return TrainState(model, opt, state.step, key)
+
+    def layout(self) -> dict:
+        """The devices and mesh of this trainer (:func:`mesagen.runtime.parallel.describe`)."""
+        return parallel.describe(self.mesh)
 
     def _step_impl(self, model, opt_state, step, data_key):
         self.traces += 1                                    # runs at trace time only
         states = sample_states(jax.random.fold_in(data_key, step), self.config.task, self.config.train.batch_size)
+        states = jax.lax.with_sharding_constraint(states, self._shard)      # data parallel: batch over "data"
         tokens, targets = batch_from_states(self.config, states)
         loss, grads = eqx.filter_value_and_grad(lambda m: paper_loss(m(tokens), targets))(model)
         updates, opt_state = self.optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
-        return eqx.apply_updates(model, updates), opt_state, loss
+        model, opt_state = parallel.constrain((eqx.apply_updates(model, updates), opt_state), self._rep)
+        return model, opt_state, loss
 
     def step(self, state: TrainState) -> tuple[TrainState, jax.Array]:
         """One optimiser step on a fresh batch; returns the new state and the (device) training loss."""
@@ -144,13 +170,16 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------------
     def save(self, state: TrainState, path: Path, header: dict | None = None) -> None:
         """Write one checkpoint file atomically: a JSON header line, then model, optimiser state, step and data
-        key (equinox leaves) -- into ``PATH.tmp``, fsynced, then renamed over ``path``. A kill at any moment
-        leaves either the old or the new checkpoint, never a mix.
+        key (equinox leaves, as host arrays: independent of the device layout) -- into ``PATH.tmp``, fsynced,
+        then renamed over ``path``. A kill at any moment leaves either the old or the new checkpoint, never a
+        mix. In a multi-process run only process 0 writes (the state is replicated).
 
         Args:
             state: what to save. path: the checkpoint file (``run_dir/checkpoint.eqx``).
             header: JSON-serialisable bookkeeping stored with it (``step`` is always added).
         """
+        if jax.process_index() != 0:
+            return
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
@@ -164,7 +193,8 @@ class Trainer:
         _fsync_dir(path.parent)
 
     def load(self, path: Path) -> TrainState:
-        """Inverse of :meth:`save` into this trainer's template (:func:`read_checkpoint_header` reads the header).
+        """Inverse of :meth:`save` into this trainer's template (:func:`read_checkpoint_header` reads the header),
+        placed on this trainer's mesh: a checkpoint written on any device layout loads on any other.
 
         Raises:
             CheckpointError: if the file is not a mesagen checkpoint of this format.
@@ -174,7 +204,8 @@ class Trainer:
             _read_header(fh, path)
             model, opt, step, key = eqx.tree_deserialise_leaves(
                 fh, (t.model, t.opt_state, np.asarray(0, np.int64), jax.random.key_data(t.data_key)))
-        return TrainState(model, opt, int(step), jax.random.wrap_key_data(key) if _typed(t.data_key) else key)
+        key = jax.random.wrap_key_data(np.asarray(key)) if _typed(t.data_key) else key
+        return self.place(TrainState(model, opt, int(step), key))
 
 
 #: First line of every checkpoint file (format 1: this line, one JSON header line, then equinox leaves).
@@ -245,6 +276,8 @@ def _typed(key: jax.Array) -> bool:
 
 
 def _append(path: Path, record: dict) -> None:
+    if jax.process_index() != 0:        # multi-process: process 0 writes the run folder
+        return
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
@@ -355,10 +388,12 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
         CheckpointError: on resume without a valid checkpoint. LayerLoadError: on a missing / stale layer.
         RunExistsError: the folder holds a run and neither ``resume`` nor ``overwrite`` is set.
         TrainingInterrupted: after SIGINT / SIGTERM (the checkpoint is saved first).
+        DeviceConfigError: ``train.devices`` / ``train.batch_size`` do not fit the devices JAX sees.
     """
     run_dir = Path(run_dir)
     ckpt, metrics = run_dir / "checkpoint.eqx", run_dir / "metrics.jsonl"
     tc = config.train
+    primary = jax.process_index() == 0          # multi-process runs: only process 0 writes the run folder
     if resume:
         if not ckpt.is_file():
             raise CheckpointError(f"{run_dir}: no checkpoint.eqx to resume from")
@@ -366,40 +401,46 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
         trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
         state = trainer.load(ckpt)
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= state.step]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if primary:
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         losses = [jnp.float32(v) for v in header["pending_losses"]]
         wall = float(header.get("wall_s", 0.0))
     else:
         trainer = Trainer(config)
         state = trainer.initial_state()          # loads and checks every layer, builds the model
-        if holds_run(run_dir):
+        existing = holds_run(run_dir)
+        if jax.process_count() > 1:               # every process has looked before process 0 writes
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("mesagen: run folder checked")
+        if existing:
             if not overwrite:
                 raise RunExistsError(f"{run_dir} already holds a run; use --resume {run_dir}, --overwrite or "
                                      "another --out")
-            removed = _clear_run_folder(run_dir)
+            removed = _clear_run_folder(run_dir) if primary else []
             kept = sorted(p.name for p in run_dir.iterdir())
             log(f"overwriting the run in {run_dir}: replaced {', '.join(removed) or 'nothing'}"
                 + (f"; kept files mesagen did not write: {', '.join(kept)}" if kept else ""))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
-        (run_dir / "layers.json").write_text(json.dumps(layer_hashes(state.model), indent=1) + "\n")
-        metrics.write_text("")
+        if primary:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(config, run_dir / "config.yaml")
+            (run_dir / "layers.json").write_text(json.dumps(layer_hashes(state.model), indent=1) + "\n")
+            metrics.write_text("")
         _append(metrics, {"step": 0, "event": "start", "model": describe_model(config),
-                          "layers": layer_provenance(state.model), "batch_size": tc.batch_size,
+                          "layers": layer_provenance(state.model), "batch_size": tc.batch_size, **trainer.layout(),
                           "seq_len": config.task.seq_len, "mesagen_version": __version__,
                           "jax_version": jax.__version__, "params": learned_params(state.model)})
         losses, wall = [], 0.0
     schedule = make_schedule(tc.schedule, tc.steps)
     end = min(stop_at or tc.steps, tc.steps)
     tokens_per_step = tc.batch_size * config.task.seq_len
-    bar = tqdm(total=tc.steps, initial=state.step, disable=not tc.progress, desc=config.name, dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=state.step, disable=not tc.progress or not primary, desc=config.name, dynamic_ncols=True)
     loop_start, wall_before = time.perf_counter(), wall
     window_t, window_steps = loop_start, 0
 
     def checkpoint() -> None:
         # + the losses of the unfinished logging window, so resumed logs match
         trainer.save(state, ckpt, {"pending_losses": [float(v) for v in losses], "wall_s": wall,
-                                   "mesagen_version": __version__})
+                                   "mesagen_version": __version__, "mesh": trainer.layout()["mesh"]})
 
     with _StopOnSignal() as stop:
         while state.step < end:
@@ -434,5 +475,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
     wall = wall_before + time.perf_counter() - loop_start
     if state.step == tc.steps:
         from mesagen.runtime.evaluate import write_evaluation
-        write_evaluation(run_dir, trainer, state.model, steps=state.step, wall_s=wall)
+        if primary:
+            write_evaluation(run_dir, trainer, state.model, steps=state.step, wall_s=wall)
+        else:
+            trainer.evaluate(state.model)          # the same collective computation as process 0's evaluation
     return state
