@@ -64,6 +64,35 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     # found by tests/test_spec_fuzz.py: ruamel raised AttributeError (a traceback) constructing this key
     "collection_key.yaml": (15, 1, None, "keys must be strings, got a sequence"),
     "key_with_line_break.yaml": (15, 1, "'\\r'", "unknown key '\\r'"),
+    # v2 (compiler v2 part 1): one file per new error
+    "unknown_feature_map.yaml": (10, 25, "objective.model.feature_map", "Input should be 'identity', 'l2_normalize' or 'elu_plus_one' (got 'softmax')"),
+    "unknown_weights_kind.yaml": (8, 13, "objective.weights.kind", "Input should be 'uniform' or 'decayed' (got 'exponential')"),
+    "input_shape_batch_time_dk.yaml": (14, 7, "inputs.g.shape", "or [batch, time, heads, d_v] (per value channel), not [batch, time, d_k]"),
+    "scale_zero.yaml": (12, 24, "readout.scale", "the readout scale is a finite number greater than 0 (e.g. 0.125) or 'inverse_sqrt_dk' (d_k^(-1/2), fla's default) (got 0)"),
+    "scale_negative.yaml": (12, 24, "readout.scale", "greater than 0 (e.g. 0.125) or 'inverse_sqrt_dk' (d_k^(-1/2), fla's default) (got -1)"),
+    "scale_sqrt.yaml": (12, 24, "readout.scale", "or 'inverse_sqrt_dk' (d_k^(-1/2), fla's default) (got 'sqrt')"),
+    "v1_feature_map.yaml": (10, 25, "objective.model.feature_map", "the feature map 'l2_normalize' needs spec_version: 2"),
+    "v1_readout_scale.yaml": (12, 24, "readout.scale", "a readout scale needs spec_version: 2"),
+    "v1_per_channel_input.yaml": (14, 10, "inputs.beta.shape", "a per-channel input [batch, time, heads, d_v] needs spec_version: 2"),
+    "v1_domain_positive_unit_interval.yaml": (14, 54, "inputs.beta.domain", "the domain 'positive_unit_interval' needs spec_version: 2"),
+    "v1_domain_nonpositive.yaml": (14, 37, "parameters.eta.domain", "the domain 'nonpositive' needs spec_version: 2"),
+    "v1_importance.yaml": (8, 28, "objective.weights.importance", "importance weights need spec_version: 2"),
+    "v1_gd_without_step_size.yaml": (11, 1, "solver", "the gd solver needs a 'step_size' in spec_version 1 (a parameter name); omitting it for a step size of 1 needs spec_version: 2"),
+    "decayed_without_gate.yaml": (8, 3, "objective.weights", "decayed weights need a 'gate': the name of a forget-gate input"),
+    "gate_not_declared.yaml": (8, 28, "objective.weights.gate", "'h' is neither a declared parameter nor an input (declared: ['g'])"),
+    "log_gate_unit_interval.yaml": (14, 48, "inputs.g.domain", "a forget gate in log space (g = log α ≤ 0) must have domain 'nonpositive', not 'unit_interval'"),
+    "linear_gate_unit_interval.yaml": (14, 51, "inputs.g.domain", "a forget gate in linear space (α ∈ (0, 1]) must have domain 'positive_unit_interval', not 'unit_interval'"),
+    "gate_shape_dv.yaml": (14, 7, "inputs.g.shape", "not per value channel [batch, time, heads, d_v]"),
+    "channel_gate_gd_steps.yaml": (14, 7, "inputs.g.shape", "unsupported combination: a per-key-channel gate"),
+    "gate_parameter_domain.yaml": (14, 42, "parameters.gamma.domain", "domain must be 'positive_unit_interval' ((0, 1]), not 'unit_interval'"),
+    "gate_parameter_shape.yaml": (14, 11, "parameters.gamma.shape", "a forget-gate parameter is one scalar per head: shape must be [heads], not ['heads', 'd_k']"),
+    "decayed_closed_form.yaml": (8, 13, "objective.weights.kind", "unsupported combination: the closed_form (Sherman–Morrison) solver keeps uniform weights only"),
+    "importance_not_input.yaml": (8, 37, "objective.weights.importance", "'w' is a parameter; an importance weight β_i is a per-token input [batch, time, heads]"),
+    "importance_shape_dk.yaml": (15, 3, "inputs.w", "must be an input [batch, time, heads] in linear space with domain 'positive' or 'unit_interval', not [batch, time, heads, d_k]"),
+    "importance_online_gd.yaml": (8, 37, "objective.weights.importance", "unsupported combination: importance weights need the gd solver, not online_gd"),
+    "uniform_weights_with_gate.yaml": (8, 28, "objective.weights.gate", "uniform weights take no gate (use kind: decayed)"),
+    "online_gd_without_step_size.yaml": (11, 1, "solver.step_size", "required field is missing"),
+    "step_size_input_dk.yaml": (15, 10, "inputs.beta.shape", "not [batch, time, heads, d_k]: a per-key-channel shape is only for forget gates"),
 }
 
 
@@ -78,6 +107,31 @@ MULTI: dict[str, list[tuple[int | None, int | None, str | None, str]]] = {
         (4, 1, "description", "may not contain backslashes, double quotes or control characters"),
         (13, 9, "parameters.lam.shape", "shape must be [heads], not ['heads', 'd_k']"),
         (13, 42, "parameters.lam.domain", "must have domain 'positive'"),
+    ],
+    # v2: v2 keys in a v1 file, broken v2 cross-field rules, and misspelled v2 values, each all in one run
+    "v2_keys_in_v1_file.yaml": [
+        (7, 13, "objective.weights.kind", "decayed weights need spec_version: 2"),
+        (7, 37, "objective.weights.importance", "importance weights need spec_version: 2"),
+        (9, 25, "objective.model.feature_map", "the feature map 'l2_normalize' needs spec_version: 2"),
+        (10, 1, "solver", "omitting it for a step size of 1 needs spec_version: 2"),
+        (11, 24, "readout.scale", "a readout scale needs spec_version: 2"),
+        (13, 7, "inputs.g.shape", "a per-channel input [batch, time, heads, d_k] needs spec_version: 2"),
+        (13, 53, "inputs.g.domain", "the domain 'nonpositive' needs spec_version: 2"),
+    ],
+    "several_v2_rule_violations.yaml": [
+        (7, 37, "objective.weights.importance", "importance weights need the gd solver, not online_gd"),
+        (13, 7, "inputs.g.shape", "not per value channel [batch, time, heads, d_v]"),
+        (13, 53, "inputs.g.domain", "must have domain 'nonpositive', not 'unit_interval'"),
+        (14, 10, "inputs.beta.shape", "a per-key-channel shape is only for forget gates"),
+        (14, 44, "inputs.beta.space", "a step size is used in linear space"),
+        (15, 3, "inputs.w", "not [batch, time, heads] in log space with domain 'real'"),
+    ],
+    "several_v2_vocabulary_mistakes.yaml": [
+        (7, 13, "objective.weights.kind", "(got 'decaying')"),
+        (9, 25, "objective.model.feature_map", "(got 'softmax')"),
+        (11, 24, "readout.scale", "(got 'sqrt')"),
+        (13, 7, "inputs.g.shape", "not [batch, time, d_k]"),
+        (13, 46, "inputs.g.domain", "(got 'negative')"),
     ],
 }
 
@@ -160,7 +214,7 @@ def test_misspelled_reference_is_one_mistake():
 
 
 def test_shipped_specs_load():
-    for name in ("linear", "gd", "delta", "ridge"):
+    for name in ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda"):
         assert load_spec(SPECS / f"{name}.yaml").name == name
 
 
@@ -178,6 +232,10 @@ def test_huge_spec_is_refused_before_parsing(tmp_path):
 
 # More refusals, inline: a variation of linear.yaml, what replaces what, and the expected prefix + phrase.
 LINEAR = (SPECS / "linear.yaml").read_text()
+SIMPLE_GLA = (SPECS / "simple_gla.yaml").read_text()
+GATED_DELTA = (SPECS / "gated_delta.yaml").read_text()
+SCALE = "scale: inverse_sqrt_dk"
+SCALE_RULE = "readout.scale: the readout scale is a finite number greater than 0"
 PARAM = "parameters:\n  eta: {shape: [heads], init: 1.0, domain: real}"
 INLINE = {
     # a parameter named like a solver kind is still cited at its own path (pydantic's union tag is dropped only after 'solver')
@@ -199,8 +257,8 @@ INLINE = {
                           "x.yaml:3:1: spec_version: ", "valid integer (got true)"),
     "spec_version_float": (LINEAR.replace("spec_version: 1", "spec_version: 1.0"),
                            "x.yaml:3:1: spec_version: ", "valid integer (got 1.0)"),
-    "spec_version_2": (LINEAR.replace("spec_version: 1", "spec_version: 2"),
-                       "x.yaml:3:1: spec_version: ", "Input should be 1 (the only version"),
+    "spec_version_3": (LINEAR.replace("spec_version: 1", "spec_version: 3"),
+                       "x.yaml:3:1: spec_version: ", "Input should be 1 or 2 (the versions of the spec language) (got 3)"),
     "missing_top_level_field": (LINEAR.replace("readout: {kind: query}\n", ""),
                                 "x.yaml:3:1: readout: ", "required field is missing"),
     "non_string_key": (LINEAR + "1: 2\n", "x.yaml:16:1: ", "keys must be strings, got 1"),
@@ -211,6 +269,33 @@ INLINE = {
     "unknown_solver": (LINEAR.replace("kind: gd,", "kind: adam,"), "x.yaml:12:1: solver: ", "'adam'"),
     "shape_axis": (LINEAR.replace("shape: [heads]", "shape: [heads, dk]"),
                    "x.yaml:15:24: parameters.eta.shape[1]: ", "(got 'dk')"),
+    # v2 values: one line each, at the field itself (not at pydantic's union members)
+    "scale_true": (SIMPLE_GLA.replace(SCALE, "scale: true"), f"x.yaml:13:24: {SCALE_RULE}", "(got true)"),
+    "scale_inf": (SIMPLE_GLA.replace(SCALE, "scale: .inf"), f"x.yaml:13:24: {SCALE_RULE}", "(got inf)"),
+    "scale_nan": (SIMPLE_GLA.replace(SCALE, "scale: .nan"), f"x.yaml:13:24: {SCALE_RULE}", "(got nan)"),
+    "scale_huge_integer": (SIMPLE_GLA.replace(SCALE, "scale: 1" + "0" * 400), f"x.yaml:13:24: {SCALE_RULE}",
+                           "(got a 401-digit integer)"),
+    "scale_list": (SIMPLE_GLA.replace(SCALE, "scale: [1.0]"), f"x.yaml:13:24: {SCALE_RULE}", "fla's default"),
+    "scale_misspelled": (SIMPLE_GLA.replace(SCALE, "scale: inverse_sqrt_d_k"), f"x.yaml:13:24: {SCALE_RULE}",
+                         "(got 'inverse_sqrt_d_k')"),
+    "input_shape_five_axes": (SIMPLE_GLA.replace("[batch, time, heads]", "[batch, time, heads, d_k, d_v]"),
+                              "x.yaml:15:7: inputs.g.shape: ", "not [batch, time, heads, d_k, d_v]"),
+    "input_shape_axis": (SIMPLE_GLA.replace("[batch, time, heads]", "[batch, time, heads, dk]"),
+                         "x.yaml:15:35: inputs.g.shape[3]: ", "Input should be 'batch', 'time', 'heads', 'd_k' or 'd_v' (got 'dk')"),
+    "input_shape_time_first": (SIMPLE_GLA.replace("[batch, time, heads]", "[time, batch, heads]"),
+                               "x.yaml:15:7: inputs.g.shape: ", "not [time, batch, heads]"),
+    "unknown_domain": (SIMPLE_GLA.replace("domain: nonpositive", "domain: negative"),
+                       "x.yaml:15:48: inputs.g.domain: ", "'nonpositive' or 'positive_unit_interval' (got 'negative')"),
+    "importance_undeclared": (SIMPLE_GLA.replace("gate: g}", "gate: g, importance: w}"),
+                              "x.yaml:9:37: objective.weights.importance: ", "'w' is not a declared input (declared inputs: ['g'])"),
+    "importance_closed_form": (GATED_DELTA.replace("{kind: decayed, gate: g}", "{kind: uniform, importance: w}")
+                               .replace("{kind: none}", "{kind: ridge, coefficient: lam}")
+                               .replace("{kind: online_gd, step_size: beta, init: zero}",
+                                        "{kind: closed_form, recurrence: sherman_morrison}")
+                               .replace("  g: {shape: [batch, time, heads], space: log, domain: nonpositive}\n  beta:",
+                                        "  w:") + "parameters:\n  lam: {shape: [heads], init: 1.0, domain: positive}\n",
+                               "x.yaml:10:28: objective.weights.importance: ",
+                               "importance weights need the gd solver, not closed_form"),
     "alias_bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
                    + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
                              for p, c in zip("abcdef", "bcdefg")),
@@ -332,7 +417,7 @@ def test_cli_check_missing_file_is_drift(tmp_path, capsys):
 def test_docs_quote_the_shipped_specs_verbatim():
     """docs/specs.md shows each shipped spec as a worked example: the quoted YAML must be the file itself."""
     doc = (ROOT / "docs" / "specs.md").read_text()
-    for name in ("linear", "gd", "delta", "ridge"):
+    for name in ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda"):
         section = doc.split(f"### `specs/{name}.yaml`", 1)[1]
         quoted = section.split("```yaml\n", 1)[1].split("```", 1)[0]
         assert quoted == (SPECS / f"{name}.yaml").read_text(), name
@@ -346,6 +431,29 @@ def test_docs_quote_the_shipped_specs_verbatim():
                 load_spec(BAD / name)
             printed = [f"mesagen: error: {p.format()}".replace(str(BAD), "tests/bad_specs") for p in info.value.problems]
             assert quoted.splitlines() == printed, name
+
+
+V2_EXAMPLES = ("simple_gla", "retention", "gla", "gated_delta", "kda")
+
+
+def test_docs_v2_snippets_run(monkeypatch):
+    """The Python snippet of each v2 worked example in docs/specs.md §6 runs as written from the checkout's
+    root, and its `o` has the layout [B, T, H, V] its recurrence promises (the values are checked against
+    mesagen.reference by the layer tests)."""
+    import numpy as np
+
+    monkeypatch.chdir(ROOT)
+    doc = (ROOT / "docs" / "specs.md").read_text()
+    for name in V2_EXAMPLES:
+        section = doc.split(f"### `specs/{name}.yaml`", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        code = section.split("```python\n", 1)[1].split("```", 1)[0]
+        assert f'"generated/{name}/layer_jax.py"' in code, name
+        ns: dict = {}
+        exec(compile(code, f"docs/specs.md ({name})", "exec"), ns)
+        B, T, H, V = ns["B"], ns["T"], ns["H"], ns["V"]
+        assert ns["o"].shape == (B, T, H, V) and np.isfinite(np.asarray(ns["o"])).all(), name
+        if "o2" in ns:  # the closed (parallel) form agrees with the recurrent one
+            assert np.allclose(np.asarray(ns["o2"]), np.asarray(ns["o"]), rtol=1e-4, atol=1e-5), name
 
 
 def test_deeply_nested_file_is_refused_quickly():

@@ -120,7 +120,7 @@ def _parent(tree, path):
     return node
 
 
-def _mutate(data, tree):
+def _mutate(data, tree, values=values, scalars=scalars):
     """Apply one drawn mutation to ``tree`` in place (or return a replacement for the whole tree)."""
     paths = _paths(tree)
     if not paths:
@@ -362,6 +362,42 @@ def valid_specs(draw) -> dict:
 @given(valid_specs())
 def test_valid_mutations(tree):
     assert _check(_dump(tree)) == 0
+
+
+# ---------------------------------------------------------------- v2: the loader alone
+
+#: The v2 specs. Their mutations go through the loader only (``parse_spec``): what is checked here is that
+#: the v2 vocabulary and cross-field rules (docs/specs.md §2-§3) refuse cleanly; building them is the job of
+#: the layer tests.
+SHIPPED_V2 = ("simple_gla", "retention", "gla", "gated_delta", "kda")
+TEXTS_V2 = {n: (ROOT / "specs" / f"{n}.yaml").read_text() for n in SHIPPED_V2}
+TREES_V2 = {n: _load(t) for n, t in TEXTS_V2.items()}
+_v2_words = st.sampled_from(["decayed", "uniform", "gate", "importance", "g", "gamma", "beta", "w",
+                             "l2_normalize", "elu_plus_one", "identity", "scale", "inverse_sqrt_dk",
+                             "nonpositive", "positive_unit_interval", "unit_interval", "log", "linear",
+                             "d_k", "d_v", "heads", "batch", "time", "online_gd", "gd", "closed_form", "step_size",
+                             "steps", "2", "1"])
+_v2_scalars = st.one_of(_v2_words, scalars, st.sampled_from([0, -1, 0.125, 2, 1, 1.0, math.inf, math.nan]))
+_v2_values = st.one_of(_v2_scalars, st.lists(_v2_scalars, max_size=5), st.dictionaries(_v2_words, _v2_scalars, max_size=3))
+
+
+@settings(max_examples=300, **FUZZ)
+@given(st.data())
+def test_v2_mutations_load_or_refuse_cleanly(data):
+    from mesagen.errors import SpecError
+    from mesagen.spec.loader import parse_spec
+
+    name = data.draw(st.sampled_from(SHIPPED_V2))
+    tree = copy.deepcopy(TREES_V2[name])
+    for _ in range(data.draw(st.integers(1, 3))):
+        tree = _mutate(data, tree, _v2_values, _v2_scalars)
+    try:
+        parse_spec(_dump(tree), "fuzz.yaml")
+    except SpecError as err:
+        assert err.problems
+        for problem in err.problems:
+            line = problem.format()
+            assert "\n" not in line and re.match(r"^fuzz\.yaml(:\d+:\d+)?: \S", line), line
 
 
 def test_fuzzing_covers_both_outcomes():

@@ -24,6 +24,7 @@ import math
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 #: A plain identifier: a spec name, parameter or input name. No dots, slashes or spaces.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
@@ -127,10 +128,30 @@ class Readout(_Record):
     """
 
     kind: Literal["query"]
-    scale: Literal["inverse_sqrt_dk"] | Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    scale: Union[Literal["inverse_sqrt_dk"], float] = 1.0
+
+    @field_validator("scale", mode="plain")
+    @classmethod
+    def _scale(cls, v: object) -> str | float:
+        # One validator, not a pydantic union: a union reports one error per member, located at made-up
+        # fields such as ``readout.scale.constrained-float``; a spec author needs one line saying what to write.
+        if isinstance(v, str) and v == "inverse_sqrt_dk":
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                x = float(v)
+            except OverflowError:
+                x = math.inf
+            if math.isfinite(x) and x > 0:
+                return x
+        raise PydanticCustomError("readout_scale", "the readout scale is a finite number greater than 0 (e.g. "
+                                  "0.125) or 'inverse_sqrt_dk' (d_k^(-1/2), fla's default)")
 
 
 AxisName = Literal["heads", "d_k", "d_v"]
+
+#: The layouts a per-token input may have: a scalar per token and head, per key channel, per value channel.
+INPUT_SHAPES = (("batch", "time", "heads"), ("batch", "time", "heads", "d_k"), ("batch", "time", "heads", "d_v"))
 
 
 class Parameter(_Record):
@@ -148,11 +169,20 @@ class Input(_Record):
     ``[batch, time, heads, d_v]`` (an online-GD step size per value channel).
     """
 
-    shape: Union[Annotated[tuple[Literal["batch"], Literal["time"], Literal["heads"]], Field(strict=False)],
-                 Annotated[tuple[Literal["batch"], Literal["time"], Literal["heads"], Literal["d_k", "d_v"]],
-                           Field(strict=False)]]
+    shape: Annotated[tuple[Literal["batch", "time", "heads", "d_k", "d_v"], ...], Field(strict=False)]
     space: Literal["linear", "log"]
     domain: Domain
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # One check of the whole layout, not a pydantic union of tuples (which reported each member's errors at
+        # fields such as ``inputs.g.shape.tuple[literal['batch'], ...][3]``).
+        if v not in INPUT_SHAPES:
+            raise PydanticCustomError("input_shape", "an input's shape is [batch, time, heads], [batch, time, "
+                                      "heads, d_k] (per key channel) or [batch, time, heads, d_v] (per value "
+                                      f"channel), not [{', '.join(v)}]")
+        return v
 
 
 class Spec(_Record):
@@ -243,8 +273,8 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         if solver.kind != "gd":
             errs.append((("solver",), "the online_gd solver needs a 'step_size' (a parameter or input name)"))
         elif spec.spec_version < 2:
-            errs.append((("solver",), "spec_version 1 needs a 'step_size'; omitting it (a step size of 1) is "
-                         "spec_version 2"))
+            errs.append((("solver",), "the gd solver needs a 'step_size' in spec_version 1 (a parameter name); "
+                         "omitting it for a step size of 1 needs spec_version: 2"))
     else:
         ss = solver.step_size
         if ss in spec.parameters:
@@ -262,8 +292,9 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                 errs.append((("inputs", ss, "space"), "unsupported combination: a step size is used in linear "
                              "space; a log-space input is only meaningful as a forget gate"))
             if spec.inputs[ss].shape[3:] == ("d_k",):
-                errs.append((("inputs", ss, "shape"), "a step size is a scalar per token and head [batch, time, "
-                             "heads] or per value channel [batch, time, heads, d_v]; [.., d_k] is a gate shape"))
+                errs.append((("inputs", ss, "shape"), "a step-size input is [batch, time, heads] (one per token and "
+                             "head) or [batch, time, heads, d_v] (one per value channel), not [batch, time, heads, d_k]: "
+                             "a per-key-channel shape is only for forget gates"))
         else:
             unresolved = True
             errs.append((("solver", "step_size"), f"{ss!r} is neither a declared parameter nor an input"))
@@ -274,20 +305,23 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         errs.append((("objective", "weights", "gate"), "uniform weights take no gate (use kind: decayed)"))
     if w.kind == "decayed":
         if not v2:
-            errs.append((("objective", "weights", "kind"), "decayed weights are spec_version 2"))
+            errs.append((("objective", "weights", "kind"), "decayed weights need spec_version: 2"))
         if w.gate is None:
-            errs.append((("objective", "weights"), "decayed weights need a 'gate' (an input or parameter name)"))
+            errs.append((("objective", "weights"), "decayed weights need a 'gate': the name of a forget-gate input "
+                         "(e.g. gate: g with inputs: g: {shape: [batch, time, heads], space: log, domain: "
+                         "nonpositive}) or of a decay parameter [heads] with domain 'positive_unit_interval'"))
         elif w.gate in spec.inputs:
             used.add(w.gate)
             g = spec.inputs[w.gate]
             want = "nonpositive" if g.space == "log" else "positive_unit_interval"
             if g.domain != want:
                 errs.append((("inputs", w.gate, "domain"),
-                             f"a forget gate in {g.space} space has domain {want!r} "
-                             f"({'g = log α ≤ 0' if g.space == 'log' else 'α ∈ (0, 1]'}), not {g.domain!r}"))
+                             f"a forget gate in {g.space} space "
+                             f"({'g = log α ≤ 0' if g.space == 'log' else 'α ∈ (0, 1]'}) must have domain {want!r}, "
+                             f"not {g.domain!r}"))
             if g.shape[3:] == ("d_v",):
                 errs.append((("inputs", w.gate, "shape"), "a forget gate is [batch, time, heads] or per key channel "
-                             "[batch, time, heads, d_k], not per value channel"))
+                             "[batch, time, heads, d_k], not per value channel [batch, time, heads, d_v]"))
             if g.shape[3:] == ("d_k",) and solver.kind == "gd" and solver.steps > 1:
                 errs.append((("inputs", w.gate, "shape"), "unsupported combination: a per-key-channel gate "
                              "forgets the memory Σ v kᵀ; with more than one GD step the Gram sums Σ k kᵀ would "
@@ -297,45 +331,53 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             p = spec.parameters[w.gate]
             if p.domain != "positive_unit_interval":
                 errs.append((("parameters", w.gate, "domain"), "a forget-gate parameter is a decay γ in linear "
-                             "space: domain must be 'positive_unit_interval' ((0, 1])"))
+                             f"space: domain must be 'positive_unit_interval' ((0, 1]), not {p.domain!r}"))
             if p.shape != ("heads",):
                 errs.append((("parameters", w.gate, "shape"),
                              f"a forget-gate parameter is one scalar per head: shape must be [heads], not {list(p.shape)}"))
         else:
             unresolved = True
-            errs.append((("objective", "weights", "gate"), f"{w.gate!r} is neither a declared parameter nor an input"))
+            errs.append((("objective", "weights", "gate"), f"{w.gate!r} is neither a declared parameter nor an input "
+                         f"(declared: {sorted(names)})"))
         if solver.kind == "closed_form":
             errs.append((("objective", "weights", "kind"), "unsupported combination: the closed_form "
-                         "(Sherman–Morrison) solver keeps uniform weights only; the exponentially weighted "
-                         "ridge (rls_forgetting) is not in this version"))
+                         "(Sherman–Morrison) solver keeps uniform weights only (the exponentially weighted "
+                         "ridge is not in this version); use weights {kind: uniform}, or the gd or online_gd solver"))
     if w.importance is not None:
         if not v2:
-            errs.append((("objective", "weights", "importance"), "importance weights are spec_version 2"))
+            errs.append((("objective", "weights", "importance"), "importance weights need spec_version: 2"))
         if w.importance in spec.inputs:
             used.add(w.importance)
             x = spec.inputs[w.importance]
             if x.shape[3:] or x.space != "linear" or x.domain not in ("positive", "unit_interval"):
-                errs.append((("inputs", w.importance), "an importance weight β_i is [batch, time, heads] in linear "
-                             "space with domain 'positive' or 'unit_interval'"))
+                errs.append((("inputs", w.importance), "an importance weight β_i must be an input [batch, time, "
+                             "heads] in linear space with domain 'positive' or 'unit_interval', not "
+                             f"[{', '.join(x.shape)}] in {x.space} space with domain {x.domain!r}"))
         else:
             unresolved = True
-            errs.append((("objective", "weights", "importance"), f"{w.importance!r} is not a declared input"))
+            errs.append((("objective", "weights", "importance"),
+                         f"{w.importance!r} is a parameter; an importance weight β_i is a per-token input [batch, "
+                         "time, heads]" if w.importance in spec.parameters else
+                         f"{w.importance!r} is not a declared input (declared inputs: {sorted(spec.inputs)})"))
         if solver.kind != "gd":
             errs.append((("objective", "weights", "importance"), f"unsupported combination: importance weights "
-                         f"with the {solver.kind} solver (online GD: scale the step size instead)"))
+                         f"need the gd solver, not {solver.kind}" + (" (online GD sees one pair per step: multiply "
+                         "the step size by the weight instead)" if solver.kind == "online_gd" else "")))
     if not v2:
         if spec.objective.model.feature_map != "identity":
-            errs.append((("objective", "model", "feature_map"), "feature maps other than identity are spec_version 2"))
+            errs.append((("objective", "model", "feature_map"), f"the feature map {spec.objective.model.feature_map!r} "
+                         "needs spec_version: 2 (spec_version 1 has only identity)"))
         if spec.readout.scale != 1.0:
-            errs.append((("readout", "scale"), "a readout scale is spec_version 2"))
+            errs.append((("readout", "scale"), "a readout scale needs spec_version: 2 (spec_version 1 has scale 1)"))
         for name, x in spec.inputs.items():
             if x.shape[3:]:
-                errs.append((("inputs", name, "shape"), "per-channel inputs are spec_version 2"))
+                errs.append((("inputs", name, "shape"), f"a per-channel input [{', '.join(x.shape)}] needs "
+                             "spec_version: 2 (spec_version 1 has [batch, time, heads] only)"))
             if x.domain in ("nonpositive", "positive_unit_interval"):
-                errs.append((("inputs", name, "domain"), f"domain {x.domain!r} is spec_version 2"))
+                errs.append((("inputs", name, "domain"), f"the domain {x.domain!r} needs spec_version: 2"))
         for name, p in spec.parameters.items():
             if p.domain in ("nonpositive", "positive_unit_interval"):
-                errs.append((("parameters", name, "domain"), f"domain {p.domain!r} is spec_version 2"))
+                errs.append((("parameters", name, "domain"), f"the domain {p.domain!r} needs spec_version: 2"))
 
     if unresolved:  # a misspelled reference would also make its intended target look unused: report it once
         return errs
