@@ -48,6 +48,7 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "closed_form_without_ridge.yaml": (9, 10, "solver.kind", "unsupported combination: the closed_form solver needs a ridge"),
     "gd_step_size_input.yaml": (9, 30, "solver.step_size", "must be a parameter, not a per-token input"),
     "log_space_step_size.yaml": (12, 39, "inputs.beta.space", "unsupported combination: a step size is used in linear space"),
+    "one_input_two_roles.yaml": (10, 27, "solver.step_size", "'beta' is already the objective.weights.gate; one input or parameter has one role"),
     "unused_parameter.yaml": (12, 3, "parameters.gamma", "'gamma' is declared but no axis of the objective or solver uses it"),
     "python_object_tag.yaml": (3, 14, "description", "explicit YAML tag '!!python/object/apply:os.system' is not allowed"),
     "top_level_list.yaml": (1, 1, None, "must be a YAML mapping at the top level, not a sequence"),

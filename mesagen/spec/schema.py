@@ -269,10 +269,8 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         if reg.kind != "ridge":
             errs.append((("solver", "kind"), "unsupported combination: the closed_form solver needs a ridge "
                          "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
-    elif solver.step_size is None:
-        if solver.kind != "gd":
-            errs.append((("solver",), "the online_gd solver needs a 'step_size' (a parameter or input name)"))
-        elif spec.spec_version < 2:
+    elif solver.step_size is None:  # only gd may omit it (pydantic requires online_gd's)
+        if spec.spec_version < 2:
             errs.append((("solver",), "the gd solver needs a 'step_size' in spec_version 1 (a parameter name); "
                          "omitting it for a step size of 1 needs spec_version: 2"))
     else:
@@ -343,6 +341,15 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             errs.append((("objective", "weights", "kind"), "unsupported combination: the closed_form "
                          "(Sherman–Morrison) solver keeps uniform weights only (the exponentially weighted "
                          "ridge is not in this version); use weights {kind: uniform}, or the gd or online_gd solver"))
+    roles = [("objective", "weights", "gate", w.gate), ("objective", "weights", "importance", w.importance),
+             ("solver", "step_size", getattr(solver, "step_size", None))]
+    seen: dict[str, str] = {}
+    for *loc, name in roles:
+        if name is not None and name in seen:
+            errs.append((tuple(loc), f"{name!r} is already the {seen[name]}; one input or parameter has one role "
+                         "(declare another)"))
+        elif name is not None:
+            seen[name] = ".".join(loc)
     if w.importance is not None:
         if not v2:
             errs.append((("objective", "weights", "importance"), "importance weights need spec_version: 2"))
