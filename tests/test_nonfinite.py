@@ -106,8 +106,7 @@ def test_nonfinite_guard_keeps_finite_inputs_exact(gen, name, form):
     impl = m._forward_recurrent if form == "recurrent" else m._forward_closed_form
     ps = [jnp.asarray(params[n]) for n in m._PARAM_NAMES]
     state = m.init_state(2, 2, K, V, params, jnp.float64)
-    qs, ks = m._query_scale(None, K, q.dtype) * m._features(q), m._features(k)  # the frame's φ and scale (v2)
-    want = impl(qs, ks, v, ps, state, [jnp.asarray(inputs[n]) for n in m._INPUT_NAMES])
+    want = impl(q, k, v, ps, state, [jnp.asarray(inputs[n]) for n in m._INPUT_NAMES], m._query_scale(None, K, q.dtype))
     got = m.forward(q, k, v, params, form=form, output_final_state=True, **inputs)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)

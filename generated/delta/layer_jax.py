@@ -184,19 +184,21 @@ def _recurrent_inputs(inputs):
 
 
 @jax.jit
-def _forward_recurrent(q, k, v, ps, state, inputs):
+def _forward_recurrent(q, k, v, ps, state, inputs, scale):
+    q, k = scale * _features(q), _features(k)
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
 
 
-def _causal_forward(impl, q, k, v, ps, state, inputs):
-    """``impl(q, k, v, ps, state, inputs)`` whose outputs and gradients stay causal for non-finite inputs.
+def _causal_forward(impl, q, k, v, ps, state, inputs, scale):
+    """``impl(q, k, v, ps, state, inputs, scale)`` whose outputs and gradients stay causal for non-finite inputs.
 
     Plain autodiff multiplies the zero cotangents of positions after the loss by the primal values there, so
     one NaN or inf at position s made every gradient NaN (0·NaN). Here the gradient path runs ``impl`` on the
     inputs with their non-finite entries replaced by finite stand-ins (0 for q, k, v; _INPUT_NEUTRAL for
-    per-token inputs), and wherever the recurrence on the inputs as given (``_values``) is non-finite, the
+    per-token inputs; the feature map and scale are applied inside ``impl``, to the stand-ins, so that φ'
+    at a non-finite value is never met either), and wherever the recurrence on the inputs as given (``_values``) is non-finite, the
     value is taken from it. Finite inputs skip ``_values`` (lax.cond; under vmap both branches run).
 
     Result: o[:, t] and every gradient through it depend only on positions ≤ t; gradients of a loss on finite
@@ -206,9 +208,9 @@ def _causal_forward(impl, q, k, v, ps, state, inputs):
     xs = (q, k, v) + tuple(inputs)
     stand_in = (0.0, 0.0, 0.0) + _INPUT_NEUTRAL
     clean = [jnp.where(jnp.isfinite(x), x, jnp.asarray(c, x.dtype)) for x, c in zip(xs, stand_in)]
-    o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]))
+    o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]), scale)
     all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
-    given = lax.stop_gradient((q, k, v, tuple(ps), state, tuple(inputs)))
+    given = lax.stop_gradient((q, k, v, tuple(ps), state, tuple(inputs), scale))
     o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given))
     pick = lambda a, c: jnp.where(jnp.isfinite(a), c, a)  # noqa: E731
     return pick(o_a, o_c), jax.tree.map(pick, final_a, final_c)
@@ -217,8 +219,9 @@ def _causal_forward(impl, q, k, v, ps, state, inputs):
 _causal_forward_jit = jax.jit(_causal_forward, static_argnums=0)
 
 
-def _values(q, k, v, ps, state, inputs):
+def _values(q, k, v, ps, state, inputs, scale):
     """The plain token-by-token recurrence (values only): (o [B, T, H, V], final State)."""
+    q, k = scale * _features(q), _features(k)
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
     final, o = _scan(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
@@ -366,8 +369,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
     state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
     impl = _forward_recurrent if form == "recurrent" else _forward_closed_form
-    q, k = _query_scale(scale, K, dtype) * _features(q), _features(k.astype(dtype))
-    o, final = _causal_forward_jit(impl, q, k, v.astype(dtype), ps, state, ins)
+    o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), ps, state, ins,
+                                   _query_scale(scale, K, dtype))
     return o, (final if output_final_state else None)
 
 
