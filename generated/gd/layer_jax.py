@@ -268,7 +268,11 @@ def _forward_closed_form(q, k, v, ps, state, inputs, scale):
     o = (jnp.einsum("bhts,bshv->bthv", jnp.where(causal, scores, 0), jnp.where(finite_v, v, 0))
          + jnp.einsum("bhvk,bthk->bthv", C0, x) + jnp.cumsum(jnp.where(finite_v, 0, v), axis=1))
     Cbar = C0 + jnp.einsum("bthv,bthk->bhvk", v, k)
-    Abar_T = Abar[:, -1] if _USES_GRAM else jnp.zeros((B, H, 0, 0), q.dtype)
+    if _USES_GRAM:                                                      # (also for T = 0)
+        kw = k if _IMPORTANCE is None else k * inputs[_IMPORTANCE][..., None]
+        Abar_T = A0 + jnp.einsum("bthk,bthj->bhkj", kw, k)
+    else:
+        Abar_T = jnp.zeros((B, H, 0, 0), q.dtype)
     return o, State(*_final_all(Cbar, Abar_T, *ps))
 
 
