@@ -103,7 +103,8 @@ def test_nonfinite_guard_keeps_finite_inputs_exact(gen, name, form):
     """With finite inputs the guard changes nothing: the values are those of the unguarded form, bit for bit."""
     m = gen[name]
     q, k, v, params, inputs = make_inputs(3, name, b=2, t=T, h=2, k=K, v=V)
-    impl = m._forward_recurrent if form == "recurrent" else m._forward_closed_form
+    impl = {"recurrent": lambda: m._forward_recurrent, "closed_form": lambda: m._forward_closed_form,
+            "chunked": lambda: m._chunked_impl(m._DEFAULT_CHUNK_SIZE)}[form]()
     ps = [jnp.asarray(params[n]) for n in m._PARAM_NAMES]
     state = m.init_state(2, 2, K, V, params, jnp.float64)
     want = impl(q, k, v, ps, state, [jnp.asarray(inputs[n]) for n in m._INPUT_NAMES], m._query_scale(None, K, q.dtype))

@@ -413,8 +413,34 @@ def _query_scale(scale, K, dtype):
     return jnp.asarray(scale, dtype)
 
 
+_DEFAULT_CHUNK_SIZE = 64
+
+
+def _chunk_size(form, chunk_size):
+    """The chunk length of form "chunked" as an int (None → 64); None for the other forms, which take no
+    chunk size. Raises ValueError for a chunk size that is not a positive int (bool, float, array, 0, negative)
+    and for a chunk size given with another form."""
+    if form != "chunked":
+        if chunk_size is not None:
+            raise ValueError(f"{SPEC_NAME}: chunk_size applies to form='chunked' only; got chunk_size={chunk_size!r} "
+                             f"with form={form!r} (leave it None)")
+        return None
+    if chunk_size is None:
+        return _DEFAULT_CHUNK_SIZE
+    size = None
+    if not isinstance(chunk_size, bool) and getattr(chunk_size, "ndim", 0) == 0:
+        try:
+            size = chunk_size.__index__()
+        except (AttributeError, TypeError, jax.errors.ConcretizationTypeError):
+            size = None
+    if size is None or size < 1:
+        raise ValueError(f"{SPEC_NAME}: chunk_size must be a positive int (a static Python integer), got "
+                         f"{chunk_size!r}")
+    return size
+
+
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
-            **inputs):
+            chunk_size=None, **inputs):
     """Run the layer over a sequence.
 
     Args:
@@ -427,6 +453,9 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         form: one of FORMS; every form computes the same function (to float64 round-off).
         scale: the query scale (fla's meaning: q ← scale · φ(q), φ = FEATURE_MAP, also applied to k); None for
             DEFAULT_SCALE. A Python float or a scalar array.
+        chunk_size: tokens per chunk of form "chunked" (a positive Python int, static; None for 64; a chunk
+            size above T means one chunk of T tokens). Only form "chunked" takes it: with another form it
+            must stay None.
         **inputs: per-token inputs (see INPUTS), each [B, T, H] or per channel [B, T, H, K] / [B, T, H, V],
             real floating; cast to q's dtype. A forget gate is in the space INPUTS states (log: g ≤ 0).
 
@@ -438,13 +467,15 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     later position holds NaN or ±inf.
 
     Raises:
-        ValueError: unknown form; q not float32/float64 (float16, bfloat16, integer, bool, complex: cast with
+        ValueError: unknown form; a chunk_size that is not a positive int, or one given with a form other than
+            "chunked"; q not float32/float64 (float16, bfloat16, integer, bool, complex: cast with
             q.astype(jnp.float32)); k, v, a parameter, an input or a state field not real floating;
             inconsistent shapes; missing or unknown parameters or inputs; an initial state of the wrong fields
             or shapes.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this layer offers {FORMS}")
+    size = _chunk_size(form, chunk_size)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     _check(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
@@ -453,7 +484,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
     state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
-    impl = _forward_recurrent if form == "recurrent" else _forward_closed_form
+    impl = (_forward_recurrent if form == "recurrent" else _chunked_impl(size) if form == "chunked"
+            else _forward_closed_form)
     o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), ps, state, ins,
                                    _query_scale(scale, K, dtype))
     return o, (final if output_final_state else None)

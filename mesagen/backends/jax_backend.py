@@ -164,7 +164,25 @@ class JaxBackend:
         if ir.kernel is not None:
             lines += ["    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T",
                       "                   (von Oswald et al. 2023, Sec. 3)."]
+        if "chunked" in ir.forms:
+            per_channel = bool(ir.decay and ir.decay.per_channel)
+            lines += ["    chunked     -- chunkwise parallel: chunks of C tokens (chunk_size, default 64) as masked matmuls,",
+                      "                   the state carried from chunk to chunk by lax.scan; O(T·C·K + T·K·V) per head.",
+                      "                   Decays are exp(G_t − G_i) of cumulative log gates within one chunk, masked",
+                      "                   to i ≤ t before the exp (see _forward_chunked)."]
+            if per_channel:
+                lines += ["                   Per key channel the in-chunk scores are Σ_d q_td k_id exp(G_td − G_id)",
+                          "                   with the mask applied first (one [C, C, K] product per chunk), not the",
+                          "                   factorised q ⊙ exp(G_t) against k ⊙ exp(−G_i), whose exp(−G_i) overflows",
+                          "                   in float32 once a chunk's log gates sum below about −88: exact for any C."]
         lines += [""] + textwrap.wrap(f"Backward of the recurrent form: {backward}.", 110) + [""]
+        if "chunked" in ir.forms:
+            lines += textwrap.wrap(
+                "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
+                "rematerialised (jax.checkpoint): only the state entering each chunk is stored, ⌈T/C⌉ · B·H·K·V "
+                "numbers besides the inputs, and one chunk's work arrays (O(B·H·C·(C·K + K + V)) with a per-channel "
+                "gate, O(B·H·C·(C + K + V)) otherwise) are recomputed at a time; no per-token state is stored.",
+                110) + [""]
         if rec.backward == "implicit":
             lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
                       "compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward",
@@ -249,5 +267,7 @@ class JaxBackend:
         text += fill("jax_layer", "forward_recurrent")
         if ir.kernel is not None:
             text += fill("jax_layer", "forward_closed_form_decayed" if ir.kernel.decayed else "forward_closed_form")
+        if "chunked" in ir.forms:
+            text += fill("jax_layer", "forward_chunked")
         text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")
         return text.splitlines()

@@ -49,7 +49,9 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
     for name, fn in PASSES:
         if name not in skip or name in MANDATORY:
             rec, kernel = fn(rec, kernel, names)
-    forms = ("recurrent", "closed_form") if kernel is not None else ("recurrent",)
+    forms = ("recurrent",)
+    if kernel is not None:  # the parallel form; chunkwise too where no Gram sums are needed (KernelForm.chunkable)
+        forms += ("closed_form", "chunked") if kernel.chunkable else ("closed_form",)
     return LayerIR(name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
                    description=" ".join(spec.description.split()), params=params, inputs=inputs,
                    recurrence=rec, kernel=kernel, forms=forms, decay=decay, importance=w.importance,

@@ -229,6 +229,24 @@ class KernelForm:
         """Whether the sums are decay-weighted."""
         return any(a.decayed for a in self.accumulators)
 
+    @property
+    def chunkable(self) -> bool:
+        """Whether the layer has a chunkwise-parallel form (``form="chunked"``): x_t = M q_t does not read Ā (no
+        Gram sums) and the summand of C̄ is linear in v, so o_t = C̄_t x_t is the decayed C̄ entering a chunk applied
+        to x_t plus masked in-chunk products, and C̄ alone is carried from chunk to chunk."""
+        cbar = next(a for a in self.accumulators if a.name == "Cbar")
+        return not self.uses_gram and _linear_in(cbar.summand, "v")
+
+
+def _linear_in(expr: sp.Basic, name: str) -> bool:
+    """Whether the matrix expression ``expr`` is linear in its matrix symbol ``name`` (homogeneous of degree 1:
+    doubling the symbol doubles the expression); False when the symbol does not occur."""
+    sym = next((s for s in expr.free_symbols if isinstance(s, sp.MatrixSymbol) and s.name == name), None)
+    if sym is None:
+        return False
+    diff = sp.simplify((expr.xreplace({sym: 2 * sym}) - 2 * expr).doit())
+    return bool(getattr(diff, "is_ZeroMatrix", False)) or diff == 0
+
 
 #: Prefix of every user-declared name in generated code. No identifier the backends write starts with it, so a
 #: parameter called ``i``, ``acc`` or ``dtype`` cannot shadow a loop index or a local of the generated code.
@@ -305,7 +323,8 @@ class LayerIR:
         params / inputs: declarations, in spec order.
         recurrence: the recurrent form (states in stored orientation, scheduled).
         kernel: the parallel form, or None when the solver has none.
-        forms: the forms offered, "recurrent" first.
+        forms: the forms offered, "recurrent" first; ``closed_form`` exactly when a kernel form exists, ``chunked``
+            only where that kernel form is :attr:`KernelForm.chunkable`.
         out_arg: the ``--out`` folder of the header's regenerate command, relative to the folder that holds
             the spec's folder (POSIX); empty for the default ``generated``.
         decay: the forget gate of decayed weights, or None (uniform weights).
@@ -336,6 +355,10 @@ class LayerIR:
             raise ValueError("backward 'implicit' needs a kernel form over the Gram sums")
         if ("closed_form" in self.forms) != (self.kernel is not None):
             raise ValueError("'closed_form' is offered exactly when a kernel form exists")
+        if "chunked" in self.forms and (self.kernel is None or not self.kernel.chunkable):
+            raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v")
+        if set(self.forms) - {"recurrent", "closed_form", "chunked"}:
+            raise ValueError(f"unknown forms in {self.forms}")
         if self.feature_map not in ("identity", "l2_normalize", "elu_plus_one"):
             raise ValueError(f"unknown feature map {self.feature_map!r}")
         if self.decay is not None and self.decay.source == "input" and self.decay.gate not in {
