@@ -357,7 +357,8 @@ def _online_gd_float(spec: "Spec", data: dict) -> np.ndarray:
         if w.kind == "decayed":
             a = data[w.gate]
             W = W * (a[t] if np.ndim(a) else float(a))  # [K] broadcasts over W's columns
-        beta = data[spec.solver.step_size][t]
+        beta = data[spec.solver.step_size]
+        beta = beta[t] if np.ndim(beta) else float(beta)  # a per-token input, or a parameter (one per head)
         grad = np.outer(W @ ks[t] - vs[t], ks[t]) + lam * W
         W = W - (beta[:, None] * grad if np.ndim(beta) else beta * grad)
         out.append(W @ qs[t])
