@@ -330,6 +330,7 @@ def element(term: Term, ri, ci, fresh) -> tuple[list, sp.Expr]:
         value *= sp.IndexedBase(f.name)[a] if f.kind == "diag" else _access(f, a, b)
     for a, b in deltas:
         value *= sp.KroneckerDelta(a, b)
+    value = value.xreplace({x: find(x) for x in sub})  # also in the contracted cotangent's access
     return [(s, d) for s, d in sums if s not in sub], value
 
 
