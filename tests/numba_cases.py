@@ -2,6 +2,10 @@
 
 Sizes are small distinct primes (B=2, T=7, H=2, K=3, V=5) so a transposed axis cannot go unnoticed.
 Imported by the in-process CPU tests and by the CUDA checks that run in their own processes.
+
+The v1 layers are checked against mesagen.reference (forward) and JAX autodiff (backward); the v2 layers of
+contract v2 (``simple_gla`` ... ``kda``) against the independent float64 references of
+mesagen.reference.gated, forwards and hand-derived VJPs alike (:func:`reference_vjp`).
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import importlib
 import numpy as np
 
 from mesagen import reference as ref
+from mesagen.reference import gated
 
 B, T, H, K, V = 2, 7, 2, 3, 5
-LAYERS = ("linear", "gd", "delta", "ridge")
+V1_LAYERS = ("linear", "gd", "delta", "ridge")
+V2_LAYERS = ("simple_gla", "retention", "gla", "gated_delta", "kda")
+LAYERS = V1_LAYERS + V2_LAYERS
 
 
 def module(name: str, backend: str):
@@ -28,16 +35,38 @@ def data(seed: int = 20230911, b=B, t=T, h=H, k=K, v=V):
             rng.standard_normal((b, t, h, v)), rng.uniform(0.05, 0.9, (b, t, h)))
 
 
-def params_inputs(name: str, beta, h=H):
-    """(params, inputs) for layer ``name`` with distinct per-head values."""
-    params = {"linear": {"eta": np.array([0.31, 0.77, 0.5, 0.2])[:h]}, "delta": {},
+def gates(beta, k=K):
+    """Random time-varying log-space gates g = log α ≤ 0 derived from ``beta`` [B, T, H] (so every caller of
+    :func:`params_inputs` gets them without another seed): (scalar g [B, T, H], per-key-channel g [B, T, H, k]),
+    α in (0.55, 1)."""
+    u = (np.asarray(beta)[..., None] * (7.31 * np.arange(1, k + 2) + 1.7) + 0.37) % 1.0
+    alpha = 0.55 + 0.45 * u
+    return np.log(alpha[..., 0]), np.log(alpha[..., 1:])
+
+
+def params_inputs(name: str, beta, h=H, k=K):
+    """(params, inputs) for layer ``name`` with distinct per-head values; ``beta`` [B, T, H] in (0, 1)."""
+    params = {"linear": {"eta": np.array([0.31, 0.77, 0.5, 0.2])[:h]},
               "gd": {"eta": np.array([0.11, 0.23, 0.17, 0.05])[:h]},
-              "ridge": {"lam": np.array([0.7, 1.9, 1.3, 0.4])[:h]}}[name]
-    return params, ({"beta": beta} if name == "delta" else {})
+              "ridge": {"lam": np.array([0.7, 1.9, 1.3, 0.4])[:h]},
+              "retention": {"gamma": np.array([0.96875, 0.8, 0.9, 0.6])[:h]}}.get(name, {})
+    g_head, g_chan = gates(beta, k)
+    inputs = {"delta": {"beta": beta}, "simple_gla": {"g": g_head}, "gla": {"g": g_chan},
+              "gated_delta": {"g": g_head, "beta": beta}, "kda": {"g": g_chan, "beta": beta}}.get(name, {})
+    return params, inputs
 
 
-def reference(name: str, q, k, v, params, inputs, initial_state=None):
-    """The float64 reference (o, state dict) of layer ``name``."""
+def _gated_args(name, params, inputs):
+    if name == "retention":
+        return (params["gamma"],)
+    return tuple(inputs[n] for n in (("g", "beta") if name in ("gated_delta", "kda") else ("g",)))
+
+
+def reference(name: str, q, k, v, params, inputs, initial_state=None, scale=None):
+    """The float64 reference (o, state dict) of layer ``name``; ``scale`` (v2 layers only) None = K ** -0.5."""
+    if name in V2_LAYERS:
+        st = None if initial_state is None else dict(initial_state)
+        return getattr(gated, name)(q, k, v, *_gated_args(name, params, inputs), scale=scale, initial_state=st)
     if name == "linear":
         return ref.linear(q, k, v, params["eta"], initial_state)
     if name == "gd":
@@ -47,10 +76,26 @@ def reference(name: str, q, k, v, params, inputs, initial_state=None):
     return ref.ridge(q, k, v, params["lam"], initial_state)
 
 
-def close(a, b, rtol=1e-10):
-    """Assert ``a == b`` to ``rtol`` relative to the largest entry of ``b``, shapes equal and ``a`` finite."""
+def reference_vjp(name: str, q, k, v, params, inputs, do, initial_state=None, dfinal_state=None, scale=None):
+    """The hand-derived float64 VJP of a v2 layer, keyed like the Numba ``backward``: dq, dk, dv, d<param>,
+    d<input> and dinitial_state (a dict of the state fields)."""
+    st = None if initial_state is None else dict(initial_state)
+    dst = None if dfinal_state is None else dict(dfinal_state)
+    r = getattr(gated, f"{name}_vjp")(q, k, v, *_gated_args(name, params, inputs), do, dfinal_state=dst,
+                                      scale=scale, initial_state=st)
+    out = {"dq": r["q"], "dk": r["k"], "dv": r["v"], "dinitial_state": r["initial_state"]}
+    out.update({"d" + n: r[n] for n in list(params) + list(inputs)})
+    return out
+
+
+def close(a, b, rtol=1e-10, floor=1e-300):
+    """Assert ``a == b`` to ``rtol`` relative to the largest entry of ``b`` (at least ``floor``: a gradient that is
+    exactly zero, e.g. of a gate that only multiplies a zero initial state, is compared at that scale), shapes
+    equal and ``a`` finite."""
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, (a.shape, b.shape)
     assert np.all(np.isfinite(a)), "non-finite entries (an unwritten NaN-poisoned output?)"
-    err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300)
+    if a.size == 0:
+        return
+    err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), floor)
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"

@@ -5,6 +5,13 @@ The candidates are enumerated from the schema itself (the ``Literal`` vocabulari
 each input space) and filtered by pydantic validation plus :func:`mesagen.spec.schema.semantic_errors`, so
 a new vocabulary entry or a relaxed cross-field rule shows up here without editing this file. Shared by
 tests/test_numba_combinations.py (JAX and Numba CPU) and tests/cuda/sim_checks.py (CUDA simulator).
+
+Spec language v2 adds axes (:func:`v2_candidates`), each varied over every solver base of v1 rather than
+as a full product (which would be thousands of layers): decayed weights with a forget gate of every shape
+the schema's ``Input`` / ``Parameter`` admit (per token and head, per key channel, per value channel --
+refused --, a per-head parameter; log and linear space), importance weights (with every solver: only gd
+is admitted), the feature maps with a readout scale, per-value-channel (and per-key-channel: refused)
+step sizes, and the default step size of 1.
 """
 
 from __future__ import annotations
@@ -45,15 +52,16 @@ class Combination:
     regularizer: str
     solver: str
     steps: int | None
-    step_size: str | None  # "parameter" | "input" | None (closed form)
+    step_size: str | None  # "parameter" | "input" | None (closed form, or v2's default step size of 1)
     space: str | None  # the step-size input's space
     doc: dict
+    v2: tuple[str, ...] = ()  # labels of the v2 options, e.g. ("gate=input-K-log",); () for a v1 combination
 
     @property
     def id(self) -> str:
-        """A short test id, e.g. ``ridge-gd3-parameter``."""
+        """A short test id, e.g. ``ridge-gd3-parameter`` or ``none-gd1-parameter-gate=input-K-log``."""
         s = self.solver + (str(self.steps) if self.steps is not None else "")
-        return "-".join(x for x in (self.regularizer, s, self.step_size, self.space) if x)
+        return "-".join(x for x in (self.regularizer, s, self.step_size, self.space) + self.v2 if x)
 
 
 def _doc(reg: str, solver: dict, parameters: dict, inputs: dict) -> dict:
@@ -90,6 +98,87 @@ def candidates() -> list[Combination]:
     return out
 
 
+def _input_shapes() -> list[list[str]]:
+    """Every per-token input shape the schema's ``Input.shape`` admits: [batch, time, heads] and one per
+    trailing channel literal (d_k, d_v)."""
+    out = []
+    for ann in typing.get_args(schema.Input.model_fields["shape"].annotation):
+        tup = typing.get_args(ann)[0]
+        lits = [typing.get_args(x) for x in typing.get_args(tup)]
+        if len(lits) == 3:
+            out.append([x[0] for x in lits])
+        else:
+            out += [[x[0] for x in lits[:3]] + [ch] for ch in lits[3]]
+    return out
+
+
+FEATURE_MAPS = schema.FEATURE_MAPS
+
+
+def _v2(c: Combination, label: str, edit) -> Combination:
+    """``c`` as a spec_version 2 document with one more option (``edit`` changes the document in place)."""
+    import copy
+
+    doc = copy.deepcopy(c.doc)
+    doc["spec_version"] = 2
+    edit(doc)
+    return Combination(c.regularizer, c.solver, c.steps, c.step_size, c.space, doc, c.v2 + (label,))
+
+
+def _gate(doc, shape=None, space="log", parameter=False):
+    doc["objective"]["weights"] = {"kind": "decayed", "gate": "alpha"}
+    if parameter:
+        doc["parameters"]["alpha"] = {"shape": ["heads"], "init": 0.9, "domain": "positive_unit_interval"}
+    else:
+        doc["inputs"]["alpha"] = {"shape": shape, "space": space,
+                                  "domain": "nonpositive" if space == "log" else "positive_unit_interval"}
+
+
+def v2_candidates() -> list[Combination]:
+    """The v2 options over every v1 base (admitted or not; see the module docstring)."""
+    bases = [c for c in candidates() if admitted(c)]
+    out = []
+    for c in bases:  # forget gates of every shape and space, and a per-head parameter
+        for shape in _input_shapes():
+            for space in INPUT_SPACES:
+                tag = "-".join(["input"] + [{"d_k": "K", "d_v": "V"}[a] for a in shape[3:]] + [space])
+                out.append(_v2(c, f"gate={tag}", lambda d, sh=shape, sp=space: _gate(d, sh, sp)))
+        out.append(_v2(c, "gate=parameter", lambda d: _gate(d, parameter=True)))
+    for c in bases:  # importance weights β_i (with a decayed gate too, for the solvers that admit them)
+        for domain in ("positive", "unit_interval"):
+            def imp(d, dom=domain):
+                d["objective"]["weights"]["importance"] = "w"
+                d["inputs"]["w"] = {"shape": ["batch", "time", "heads"], "space": "linear", "domain": dom}
+            out.append(_v2(c, f"importance={domain}", imp))
+        out.append(_v2(_v2(c, "gate=input-log", lambda d: _gate(d, ["batch", "time", "heads"])), "importance=positive",
+                       lambda d: (d["objective"]["weights"].update(importance="w"), d["inputs"].update(
+                           w={"shape": ["batch", "time", "heads"], "space": "linear", "domain": "positive"}))))
+    scales = ("inverse_sqrt_dk", 0.5)  # both kinds of readout scale, one per feature map
+    for c in bases:  # feature maps other than the identity, each with a readout scale
+        for n, fm in enumerate(FEATURE_MAPS[1:]):
+            def feat(d, fm=fm, scale=scales[n % 2]):
+                d["objective"]["model"]["feature_map"] = fm
+                d["readout"]["scale"] = scale
+            out.append(_v2(c, f"phi={fm}-scale={scales[n % 2]}", feat))
+    for c in bases:  # step sizes per value channel (and per key channel: refused), alone and after a gate
+        if c.step_size != "input":
+            continue
+        for ch in ("d_v", "d_k"):
+            def per_channel(d, ch=ch):
+                d["inputs"]["eta"]["shape"] = ["batch", "time", "heads", ch]
+            cc = _v2(c, f"step={ch[-1].upper()}", per_channel)
+            out.append(cc)
+            out.append(_v2(cc, "gate=input-K-log", lambda d: _gate(d, ["batch", "time", "heads", "d_k"])))
+    for c in bases:  # the default step size of 1 (v2: no step_size)
+        if c.step_size == "parameter":
+            def default_step(d):
+                del d["solver"]["step_size"]
+                d["parameters"].pop("eta")
+            out.append(_v2(Combination(c.regularizer, c.solver, c.steps, None, None, c.doc), "step=default",
+                           default_step))
+    return out
+
+
 def admitted(c: Combination) -> bool:
     """Whether the schema and its cross-field rules accept the combination's spec document."""
     try:
@@ -100,8 +189,18 @@ def admitted(c: Combination) -> bool:
 
 
 def supported() -> list[Combination]:
-    """The admitted combinations, in a fixed order."""
+    """The admitted v1 combinations, in a fixed order."""
     return [c for c in candidates() if admitted(c)]
+
+
+def supported_v2() -> list[Combination]:
+    """The admitted v2 combinations (:func:`v2_candidates`), in a fixed order, without repeats."""
+    seen, out = set(), []
+    for c in v2_candidates():
+        if c.id not in seen and admitted(c):
+            seen.add(c.id)
+            out.append(c)
+    return out
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ def issue_data(seed=11):
 
 
 def targets(name):
-    return ("q", "k", "v") + (("beta",) if name == "delta" else ())
+    """q, k, v and every per-token input of the layer (gates and step sizes)."""
+    return ("q", "k", "v") + tuple(params_inputs(name, np.full((B, T, H), 0.5), h=H)[1])
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])

@@ -46,15 +46,16 @@ def test_non_floating_k_parameters_inputs_and_states_are_errors(name):
         _call(name, "forward", dtype_k=np.int32)
     with pytest.raises(ValueError, match=rf"^{name}: k has dtype complex128"):
         _call(name, "backward", dtype_k=np.complex128)
-    if name != "delta":
-        with pytest.raises(ValueError, match=rf"^{name}: parameter '\w+' has dtype int64"):
-            _call(name, "forward", dtype_param=np.int64)
-    else:
-        with pytest.raises(ValueError, match=rf"^{name}: input 'beta' has dtype bool"):
-            _call(name, "forward", dtype_input=np.bool_)
     m = module(name, "numba_cpu")
     q, k, v, do, beta = data(3)
     params, inputs = params_inputs(name, beta)
+    assert params or inputs
+    if params:
+        with pytest.raises(ValueError, match=rf"^{name}: parameter '\w+' has dtype int64"):
+            _call(name, "forward", dtype_param=np.int64)
+    if inputs:
+        with pytest.raises(ValueError, match=rf"^{name}: input '{next(iter(inputs))}' has dtype bool"):
+            _call(name, "forward", dtype_input=np.bool_)
     st = m.forward(q, k, v, params, output_final_state=True, **inputs)[1]
     with pytest.raises(ValueError, match=rf"^{name}: initial_state\.\w+ has dtype int64"):
         m.forward(q, k, v, params, initial_state=type(st)(*(x.astype(np.int64) for x in st)), **inputs)

@@ -7,9 +7,11 @@
 
 Linear attention: one full-batch GD step of size eta from W = 0 on 1/2 sum_{i<=t} ||v_i - W k_i||^2.
 
-Layouts (fla-compatible): q, k [B, T, H, K]; v, o [B, T, H, V]; per-token inputs [B, T, H];
-parameters [H]. Arguments may be numpy arrays (results come back as numpy) or CUDA device
-arrays (results stay on the device). float32 or float64 (the dtype of q).
+Layouts (fla-compatible): q, k [B, T, H, K]; v, o [B, T, H, V]; per-token inputs [B, T, H] (or
+[B, T, H, K] / [B, T, H, V], see INPUTS); parameters [H]. Arguments may be numpy arrays (results come
+back as numpy) or CUDA device arrays (results stay on the device). float32 or float64 (the dtype of q).
+Frame kernels apply the feature map and the query scale (q <- scale * phi(q), k <- phi(k)) and turn a
+log-space gate into alpha = exp(g) before the recurrence; backward() applies the chain rule through them.
 
 Kernels: one block per (batch, head), max(K, V) threads splitting the rows of every statement;
 the per-head bodies are the same plain text as in layer_numba_cpu.py. backward() recomputes
@@ -35,8 +37,12 @@ PARAMS = {
 INPUTS = {
 }
 FORMS = ("recurrent",)
+FEATURE_MAP = 'identity'
+DEFAULT_SCALE = 1.0  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5
 _PARAM_NAMES = ('eta',)
 _INPUT_NAMES = ()
+_INPUT_CHANNELS = ()  # None (one per token and head), 'K' or 'V'
+_LOG_GATE = None  # index of a log-space gate input: the per-head programs receive α = exp(g)
 _STATE_DIMS = {"kv": ('K', 'V')}
 
 
@@ -69,7 +75,9 @@ def _make_bodies(K, V, ftype, jit):
 
     Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).
     Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each
-    array statement; 1 × 1 temporaries are locals that every caller computes. Returns
+    array statement; 1 × 1 temporaries are locals that every caller computes. Per-channel inputs are
+    vectors [K] or [V] (their cotangents are written into g_<name> buffers by _adjoint_body, which returns
+    the gradients of the parameters and scalar inputs). Returns
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
     """
     @jit
@@ -209,7 +217,9 @@ def _make_bodies(K, V, ftype, jit):
 
 @lru_cache(maxsize=None)
 def _build(K, V, dtype_name):
-    """Compile-ready kernels for d_k = K, d_v = V and dtype "float32" | "float64" (sizes baked)."""
+    """Compile-ready kernels for d_k = K, d_v = V and dtype "float32" | "float64" (sizes baked): the
+    recurrence kernels, then the frame kernels (feature map and scale, exp of a log-space gate, and their
+    adjoints)."""
     dt = float64 if dtype_name == "float64" else float32
     ftype = np.float64 if dtype_name == "float64" else np.float32
     _init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1 = _make_bodies(K, V, ftype, _jit)
@@ -317,10 +327,45 @@ def _build(K, V, dtype_name):
         if r0 == 0:
             du_eta[b, h] = acc_u_eta
 
-    return init_kernel, init_adjoint_kernel, forward_kernel, backward_kernel
+    @cuda.jit
+    def features_kernel(x, y, scale):
+        """y = scale · φ(x) per row of x [B, T, H, K] (φ: identity)."""
+        B, T, H = x.shape[0], x.shape[1], x.shape[2]
+        for r in range(cuda.grid(1), B * T * H, cuda.gridsize(1)):
+            b = r // (T * H)
+            t = (r // H) % T
+            h = r % H
+            for c in range(K):
+                y[b, t, h, c] = scale * x[b, t, h, c]
+
+    @cuda.jit
+    def features_adjoint_kernel(x, dy, dx, scale):
+        """dx = φ'(x)ᵀ (scale · dy) per row; an exact zero where the cotangent is zero (causality)."""
+        B, T, H = x.shape[0], x.shape[1], x.shape[2]
+        for r in range(cuda.grid(1), B * T * H, cuda.gridsize(1)):
+            b = r // (T * H)
+            t = (r // H) % T
+            h = r % H
+            for c in range(K):
+                dx[b, t, h, c] = scale * dy[b, t, h, c]
+
+    @cuda.jit
+    def exp_kernel(g, a):
+        """a = exp(g) elementwise over flat arrays: α from a log-space gate."""
+        for i in range(cuda.grid(1), g.shape[0], cuda.gridsize(1)):
+            a[i] = math.exp(g[i])
+
+    @cuda.jit
+    def gate_adjoint_kernel(da, a, dg):
+        """dg = dα · α (g = log α) elementwise; an exact zero where dα is zero (causality)."""
+        for i in range(cuda.grid(1), da.shape[0], cuda.gridsize(1)):
+            dg[i] = ftype(0) if da[i] == ftype(0) else da[i] * a[i]
+
+    return (init_kernel, init_adjoint_kernel, forward_kernel, backward_kernel, features_kernel,
+            features_adjoint_kernel, exp_kernel, gate_adjoint_kernel)
 
 
-_SIGNATURES = {'init_kernel': ('a1', 'a4'), 'init_adjoint_kernel': ('a4', 'a1', 'a3'), 'forward_kernel': ('a4', 'a4', 'a4', 'a1', 'a4', 'a4', 'a4'), 'backward_kernel': ('a4', 'a4', 'a4', 'a1', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a2', 'a4', 'i8', 'a4', 'a4', 'a3', 'a3', 'a3', 'a3')}
+_SIGNATURES = {'init_kernel': ('a1', 'a4'), 'init_adjoint_kernel': ('a4', 'a1', 'a3'), 'forward_kernel': ('a4', 'a4', 'a4', 'a1', 'a4', 'a4', 'a4'), 'backward_kernel': ('a4', 'a4', 'a4', 'a1', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a2', 'a4', 'i8', 'a4', 'a4', 'a3', 'a3', 'a3', 'a3'), 'features_kernel': ('a4', 'a4', 'f'), 'features_adjoint_kernel': ('a4', 'a4', 'a4', 'f'), 'exp_kernel': ('a1', 'a1'), 'gate_adjoint_kernel': ('a1', 'a1', 'a1')}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,9 +374,8 @@ _SIGNATURES = {'init_kernel': ('a1', 'a4'), 'init_adjoint_kernel': ('a4', 'a1', 
 def ptx_targets(d_k, d_v, dtype_name="float32"):
     """Every kernel as (name, python function, argument types) for ``cuda.compile_ptx`` (no GPU needed)."""
     dt = float64 if dtype_name == "float64" else float32
-    kinds = {"i8": int64}
-    kernels = dict(zip(("init_kernel", "init_adjoint_kernel", "forward_kernel", "backward_kernel"),
-                       _build(d_k, d_v, dtype_name)))
+    kinds = {"i8": int64, "f": dt}
+    kernels = dict(zip(_SIGNATURES, _build(d_k, d_v, dtype_name)))
     out = []
     for name, sig in _SIGNATURES.items():
         argtypes = tuple(kinds[s] if s in kinds else types.Array(dt, int(s[1:]), "C") for s in sig)
@@ -382,12 +426,17 @@ def _nan(shape, dt):
     return cuda.to_device(np.full(shape, np.nan, dt))
 
 
+_DOMAINS = {"positive": lambda x: x > 0, "unit_interval": lambda x: (x >= 0) & (x <= 1),
+            "nonpositive": lambda x: x <= 0, "positive_unit_interval": lambda x: (x > 0) & (x <= 1)}
+
+
 def _check_domain(what, x, domain):
-    """Refuse finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1])."""
+    """Refuse finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1],
+    "nonpositive": ≤ 0, "positive_unit_interval": (0, 1]); non-finite values are left to the causality rule."""
     if domain == "real":
         return
     x = np.asarray(x.copy_to_host() if _is_device(x) else x, np.float64)
-    inside = (x > 0) if domain == "positive" else ((x >= 0) & (x <= 1))
+    inside = _DOMAINS[domain](x)
     bad = ~(inside | ~np.isfinite(x))
     if np.any(bad):
         raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} (e.g. {float(x[bad].ravel()[0])!r})")
@@ -404,9 +453,10 @@ def _prepare(q, k, v, params, inputs):
             raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [H] = ({H},)")
     if sorted(inputs) != sorted(_INPUT_NAMES):
         raise ValueError(f"{SPEC_NAME}: per-token inputs must be exactly {list(_INPUT_NAMES)}, got {sorted(inputs)}")
-    for n in _INPUT_NAMES:
-        if tuple(inputs[n].shape) != tuple(q.shape[:3]):
-            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {tuple(q.shape[:3])}")
+    for n, ch in zip(_INPUT_NAMES, _INPUT_CHANNELS):
+        want = tuple(q.shape[:3]) + {None: (), "K": (q.shape[3],), "V": (v.shape[3],)}[ch]
+        if tuple(np.shape(inputs[n])) != want:
+            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {want} ({', '.join(INPUTS[n]['shape'])})")
     for n in _PARAM_NAMES:
         _check_domain(f"parameter {n!r}", params[n], PARAMS[n]["domain"])
     for n in _INPUT_NAMES:
@@ -416,6 +466,71 @@ def _prepare(q, k, v, params, inputs):
     ps = [_dev(f"parameter {n!r}", params[n], dt) for n in _PARAM_NAMES]
     ins = [_dev(f"input {n!r}", inputs[n], dt) for n in _INPUT_NAMES]
     return qd, kd, vd, ps, ins, dt, host
+
+
+def _scale_value(scale, K):
+    """The query scale of a call: ``scale``, or DEFAULT_SCALE when None ("inverse_sqrt_dk" = K ** -0.5).
+
+    Raises:
+        ValueError: ``scale`` is not a finite real number (or None).
+    """
+    if scale is None:
+        scale = DEFAULT_SCALE
+    if isinstance(scale, str) and scale == "inverse_sqrt_dk":
+        return float(K) ** -0.5
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating))             or not math.isfinite(scale):
+        raise ValueError(f"{SPEC_NAME}: scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _launch(n):
+    """(blocks, threads) of a frame kernel over n rows or elements (grid-stride loops inside)."""
+    threads = max(1, min(128, n))
+    return max(1, (n + threads - 1) // threads), threads
+
+
+def _flat(x):
+    return x.reshape((int(np.prod(x.shape)),))
+
+
+def _frame(qd, kd, ins, scale, kernels, dt):
+    """What the recurrence kernels read: (scale · φ(q), φ(k), inputs with a log-space gate as α = exp(g), scale),
+    device arrays; the identity map with scale 1 passes q and k through."""
+    sc = _scale_value(scale, qd.shape[3])
+    qf, kf = qd, kd
+    blocks, threads = _launch(qd.shape[0] * qd.shape[1] * qd.shape[2])
+    if FEATURE_MAP != "identity" or sc != 1.0:
+        qf = cuda.device_array(qd.shape, dt)
+        kernels[4][blocks, threads](qd, qf, dt.type(sc))
+    if FEATURE_MAP != "identity":
+        kf = cuda.device_array(kd.shape, dt)
+        kernels[4][blocks, threads](kd, kf, dt.type(1))
+    ins = list(ins)
+    if _LOG_GATE is not None:
+        g = ins[_LOG_GATE]
+        a = cuda.device_array(g.shape, dt)
+        kernels[6][_launch(int(np.prod(g.shape)))](_flat(g), _flat(a))
+        ins[_LOG_GATE] = a
+    return qf, kf, ins, sc
+
+
+def _unframe(qd, kd, fins, sc, dqf, dkf, dins, kernels, dt):
+    """Chain rule through :func:`_frame` on the device: (dq, dk, dins)."""
+    dq, dk = dqf, dkf
+    blocks, threads = _launch(qd.shape[0] * qd.shape[1] * qd.shape[2])
+    if FEATURE_MAP != "identity" or sc != 1.0:
+        dq = cuda.device_array(qd.shape, dt)
+        kernels[5][blocks, threads](qd, dqf, dq, dt.type(sc))
+    if FEATURE_MAP != "identity":
+        dk = cuda.device_array(kd.shape, dt)
+        kernels[5][blocks, threads](kd, dkf, dk, dt.type(1))
+    dins = list(dins)
+    if _LOG_GATE is not None:
+        da = dins[_LOG_GATE]
+        dg = cuda.device_array(da.shape, dt)
+        kernels[7][_launch(int(np.prod(da.shape)))](_flat(da), _flat(fins[_LOG_GATE]), _flat(dg))
+        dins[_LOG_GATE] = dg
+    return dq, dk, dins
 
 
 def _state_shape(name, d_k, d_v):
@@ -451,15 +566,22 @@ def _initial(initial_state, B, H, K, V, ps, dt):
     return st
 
 
-def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", **inputs):
+def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
+            **inputs):
     """Run the layer over a sequence on the GPU (recurrent form); same arguments and results as the CPU module.
+
+    Args:
+        q, k [B, T, H, K]; v [B, T, H, V]; params: dict name -> [H]; initial_state: a State or None;
+        output_final_state: also return the final state; form: "recurrent"; scale: the query scale (None:
+        DEFAULT_SCALE); **inputs: as INPUTS states ([B, T, H], [B, T, H, K] or [B, T, H, V], in their space).
 
     Returns:
         (o [B, T, H, V], final State or None): numpy when q is numpy, else device arrays.
 
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, q not float32 /
-            float64 (q's dtype is the compute dtype), or another array not real floating.
+        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, values outside
+            their domain, a bad scale, q not float32 / float64 (q's dtype is the compute dtype), or another array
+            not real floating.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
@@ -467,28 +589,32 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     B, T, H, K = qd.shape
     V = vd.shape[3]
     st = _initial(initial_state, B, H, K, V, ps, dt)
+    kernels = _build(K, V, dt.name)
+    qf, kf, fins, _ = _frame(qd, kd, ins, scale, kernels, dt)
     o = _nan((B, T, H, V), dt)
     final = State(*(cuda.device_array(x.shape, dt) for x in st))
-    _build(K, V, dt.name)[2][B * H, _threads(K, V)](qd, kd, vd, *ps, *ins, *st, o, *final)
+    kernels[2][B * H, _threads(K, V)](qf, kf, vd, *ps, *fins, *st, o, *final)
     if host:
         o, final = o.copy_to_host(), State(*(x.copy_to_host() for x in final))
     return o, (final if output_final_state else None)
 
 
-def step(state, q_t, k_t, v_t, params, **inputs_t):
-    """Decode one token: q_t, k_t [B, H, K]; v_t [B, H, V]; inputs_t each [B, H] -> (o_t [B, H, V], new State)."""
+def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
+    """Decode one token: q_t, k_t [B, H, K]; v_t [B, H, V]; inputs_t each [B, H] (or [B, H, K], [B, H, V] as
+    INPUTS states) -> (o_t [B, H, V], new State). ``scale`` as for :func:`forward`."""
     as4 = lambda x: x.reshape((x.shape[0], 1) + tuple(x.shape[1:]))  # noqa: E731
     o, final = forward(as4(q_t), as4(k_t), as4(v_t), params, initial_state=state, output_final_state=True,
+                       scale=scale,
                        **{n: as4(x) for n, x in inputs_t.items()})
     return o[:, 0], final
 
 
-def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **inputs):
+def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, **inputs):
     """Vector-Jacobian product of :func:`forward` (checkpointed adjoint recurrence); as in the CPU module.
 
     Returns:
-        dict with dq, dk, dv, d<param> [H], d<input> [B, T, H], dinitial_state (numpy or device arrays), all
-        of q's dtype.
+        dict with dq, dk, dv, d<param> [H], d<input> shaped like the input (dg for a log-space gate g),
+        dinitial_state (numpy or device arrays), all of q's dtype.
 
     Raises:
         ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
@@ -503,9 +629,11 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
         raise ValueError(f"{SPEC_NAME}: do must have shape {tuple(vd.shape)}, got {tuple(dod.shape)}")
     gT = (State(*(cuda.to_device(np.zeros(x.shape, dt)) for x in st)) if dfinal_state is None
           else State(*(_dev(f"dfinal_state.{n}", x, dt) for n, x in zip(State._fields, dfinal_state))))
+    kernels = _build(K, V, dt.name)
+    qf, kf, fins, sc = _frame(qd, kd, ins, scale, kernels, dt)
     dq, dk, dv = (_nan(tuple(x.shape), dt) for x in (qd, kd, vd))
     dps = [_nan((B, H), dt) for _ in _PARAM_NAMES]
-    dins = [_nan((B, T, H), dt) for _ in _INPUT_NAMES]
+    dins = [_nan(tuple(x.shape), dt) for x in ins]
     g0 = State(*(_nan(tuple(x.shape), dt) for x in st))
     L = max(1, math.isqrt(max(T - 1, 0)) + 1)  # segment length ⌈√T⌉
     nseg = (T + L - 1) // L
@@ -513,9 +641,9 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
     scratch = ([cuda.device_array((B * H, nseg) + s, dt) for s in shp] + [cuda.device_array((B * H, L) + s, dt)
                                                                           for s in shp]
                + [cuda.device_array((B * H,) + s, dt) for s in shp * 4])
-    kernels = _build(K, V, dt.name)
-    kernels[3][B * H, _threads(K, V)](qd, kd, vd, *ps, *ins, *st, dod, *gT, dq, dk, dv, *dps, *dins, *g0, L,
+    kernels[3][B * H, _threads(K, V)](qf, kf, vd, *ps, *fins, *st, dod, *gT, dq, dk, dv, *dps, *dins, *g0, L,
                                       *scratch)
+    dq, dk, dins = _unframe(qd, kd, fins, sc, dq, dk, dins, kernels, dt)
     dps = [d.copy_to_host().sum(axis=0) for d in dps]
     if initial_state is None and _PARAM_NAMES:
         acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES)), dt))

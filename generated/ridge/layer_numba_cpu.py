@@ -7,8 +7,11 @@
 
 Mesa layer: W_t = argmin_W 1/2 sum_{i<=t} ||v_i - W k_i||^2 + lam/2 ||W||_F^2, o_t = W_t q_t.
 
-Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V]; per-token inputs [B, T, H];
-parameters [H] in their constrained space; float32 or float64 (the dtype of q).
+Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V]; per-token inputs [B, T, H] (or
+[B, T, H, K] / [B, T, H, V], see INPUTS); parameters [H] in their constrained space; float32 or float64
+(the dtype of q). The numpy frame applies the feature map and the query scale (q <- scale * phi(q),
+k <- phi(k)) and turns a log-space gate into alpha = exp(g) before the per-head programs; backward()
+applies the chain rule through them.
 
 Forms: recurrent only -- an njit loop over (batch, head, time) of the per-head step printed from
 the IR as explicit element loops (the same plain body text as layer_numba_cuda.py).
@@ -41,8 +44,12 @@ PARAMS = {
 INPUTS = {
 }
 FORMS = ("recurrent",)
+FEATURE_MAP = 'identity'
+DEFAULT_SCALE = 1.0  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5
 _PARAM_NAMES = ('lam',)
 _INPUT_NAMES = ()
+_INPUT_CHANNELS = ()  # None (one per token and head), 'K' or 'V'
+_LOG_GATE = None  # index of a log-space gate input: the per-head programs receive α = exp(g)
 _STATE_DIMS = {"S": ('K', 'V'), "P": ('K', 'K')}
 
 
@@ -77,7 +84,9 @@ def _make_bodies(K, V, ftype, jit):
 
     Every number is ``ftype(...)``, so float32 arrays are computed in float32 (no float64 promotion).
     Every body handles rows range(r0, R, rstep) of each array it writes and calls _sync() after each
-    array statement; 1 × 1 temporaries are locals that every caller computes. Returns
+    array statement; 1 × 1 temporaries are locals that every caller computes. Per-channel inputs are
+    vectors [K] or [V] (their cotangents are written into g_<name> buffers by _adjoint_body, which returns
+    the gradients of the parameters and scalar inputs). Returns
     (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).
     """
     @jit
@@ -705,12 +714,17 @@ def _real(what, x, dt):
     return np.ascontiguousarray(x, dtype=dt)
 
 
+_DOMAINS = {"positive": lambda x: x > 0, "unit_interval": lambda x: (x >= 0) & (x <= 1),
+            "nonpositive": lambda x: x <= 0, "positive_unit_interval": lambda x: (x > 0) & (x <= 1)}
+
+
 def _check_domain(what, x, domain):
-    """Refuse finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1])."""
+    """Refuse finite values outside the declared domain ("positive": > 0, "unit_interval": [0, 1],
+    "nonpositive": ≤ 0, "positive_unit_interval": (0, 1]); non-finite values are left to the causality rule."""
     if domain == "real":
         return
     x = np.asarray(x, np.float64)
-    inside = (x > 0) if domain == "positive" else ((x >= 0) & (x <= 1))
+    inside = _DOMAINS[domain](x)
     bad = ~(inside | ~np.isfinite(x))
     if np.any(bad):
         raise ValueError(f"{SPEC_NAME}: {what} has values outside its domain {domain!r} (e.g. {float(x[bad].ravel()[0])!r})")
@@ -732,12 +746,71 @@ def _prepare(q, k, v, params, inputs, lead):
     if sorted(inputs) != sorted(_INPUT_NAMES):
         raise ValueError(f"{SPEC_NAME}: per-token inputs must be exactly {list(_INPUT_NAMES)}, got {sorted(inputs)}")
     ins = []
-    for n in _INPUT_NAMES:
-        if np.shape(inputs[n]) != q.shape[:-1]:
-            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {q.shape[:-1]}, got {np.shape(inputs[n])}")
+    for n, ch in zip(_INPUT_NAMES, _INPUT_CHANNELS):
+        want = q.shape[:-1] + {None: (), "K": q.shape[-1:], "V": v.shape[-1:]}[ch]
+        if np.shape(inputs[n]) != want:
+            raise ValueError(f"{SPEC_NAME}: input {n!r} must have shape {want} ({', '.join(INPUTS[n]['shape'])}), "
+                             f"got {np.shape(inputs[n])}")
         ins.append(_real(f"input {n!r}", inputs[n], dt))
         _check_domain(f"input {n!r}", ins[-1], INPUTS[n]["domain"])
     return q, k, v, ps, ins, dt
+
+
+def _scale_value(scale, K):
+    """The query scale of a call: ``scale``, or DEFAULT_SCALE when None ("inverse_sqrt_dk" = K ** -0.5).
+
+    Raises:
+        ValueError: ``scale`` is not a finite real number (or None).
+    """
+    if scale is None:
+        scale = DEFAULT_SCALE
+    if isinstance(scale, str) and scale == "inverse_sqrt_dk":
+        return float(K) ** -0.5
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating))             or not math.isfinite(scale):
+        raise ValueError(f"{SPEC_NAME}: scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _phi(x):
+    """φ(x) = x (FEATURE_MAP "identity")."""
+    return x
+
+
+def _phi_vjp(x, dy):
+    """The cotangent of x from that of φ(x): dy itself (the identity)."""
+    return dy
+
+
+def _frame(q, k, ins, scale):
+    """What the per-head programs read: (scale · φ(q), φ(k), inputs with a log-space gate as α = exp(g), scale).
+
+    Arrays keep the compute dtype; the identity map with scale 1 returns q and k themselves.
+    """
+    sc = _scale_value(scale, q.shape[-1])
+    qf, kf = _phi(q), _phi(k)
+    if sc != 1.0:
+        qf = qf * q.dtype.type(sc)
+    ins = list(ins)
+    if _LOG_GATE is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            ins[_LOG_GATE] = np.exp(ins[_LOG_GATE])
+    return qf, kf, ins, sc
+
+
+def _unframe(q, k, ins, sc, dqf, dkf, dins):
+    """Chain rule through :func:`_frame`: (dq, dk, dins) from the cotangents of what the programs read.
+
+    A position whose cotangent is exactly zero gets an exact zero (never 0 · NaN from a non-finite input there:
+    the causality rule of docs/contract.md §5).
+    """
+    dq = _phi_vjp(q, dqf * q.dtype.type(sc) if sc != 1.0 else dqf)
+    dk = _phi_vjp(k, dkf)
+    dins = list(dins)
+    if _LOG_GATE is not None:  # g = log α: dg = dα · α
+        d = dins[_LOG_GATE]
+        with np.errstate(over="ignore", invalid="ignore"):
+            dins[_LOG_GATE] = np.where(d == 0, d.dtype.type(0), d * ins[_LOG_GATE])
+    return dq, dk, dins
 
 
 def init_state(batch, num_heads, d_k, d_v, params, dtype=np.float32):
@@ -776,7 +849,8 @@ def _initial(initial_state, B, H, K, V, params, dt):
     return st
 
 
-def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", **inputs):
+def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
+            **inputs):
     """Run the layer over a sequence (recurrent form).
 
     Args:
@@ -785,14 +859,17 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
             are cast to it.
         params: dict name -> [H] (constrained space).  initial_state: a State or None (solver default).
         output_final_state: also return the state after the last token.  form: must be "recurrent".
-        **inputs: per-token inputs, each [B, T, H] (see INPUTS).
+        scale: the query scale (q is multiplied by it after the feature map FEATURE_MAP); None means
+            DEFAULT_SCALE ("inverse_sqrt_dk" = K ** -0.5).
+        **inputs: per-token inputs, each [B, T, H], [B, T, H, K] or [B, T, H, V] (see INPUTS), in the space
+            INPUTS states (a log-space gate holds g = log α ≤ 0).
 
     Returns:
         (o [B, T, H, V], final State or None), numpy arrays of q's dtype.
 
     Raises:
-        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, q not float32 /
-            float64, or another array not real floating.
+        ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, values outside
+            their domain, a bad scale, q not float32 / float64, or another array not real floating.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
@@ -800,30 +877,33 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     B, T, H, K = q.shape
     V = v.shape[-1]
     st = _initial(initial_state, B, H, K, V, params, dt)
+    qf, kf, ins, _ = _frame(q, k, ins, scale)
     o = np.full((B, T, H, V), np.nan, dt)
     final = State(*(np.array(x) for x in st))
-    _build(K, V, dt.name)[2](q, k, v, *ps, *ins, *st, o, *final)
+    _build(K, V, dt.name)[2](qf, kf, v, *ps, *ins, *st, o, *final)
     return o, (final if output_final_state else None)
 
 
-def step(state, q_t, k_t, v_t, params, **inputs_t):
-    """Decode one token: q_t, k_t [B, H, K]; v_t [B, H, V]; inputs_t each [B, H] -> (o_t [B, H, V], new State)."""
+def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
+    """Decode one token: q_t, k_t [B, H, K]; v_t [B, H, V]; inputs_t each [B, H] (or [B, H, K], [B, H, V] as
+    INPUTS states) -> (o_t [B, H, V], new State). ``scale`` as for :func:`forward`."""
     o, final = forward(np.asarray(q_t)[:, None], np.asarray(k_t)[:, None], np.asarray(v_t)[:, None], params,
-                       initial_state=state, output_final_state=True,
+                       initial_state=state, output_final_state=True, scale=scale,
                        **{n: np.asarray(x)[:, None] for n, x in inputs_t.items()})
     return o[:, 0], final
 
 
-def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **inputs):
+def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, **inputs):
     """Vector-Jacobian product of :func:`forward` (implicit differentiation, max(⌈√T⌉, 64)-step segments recomputed).
 
     Args:
-        q, k, v, params, initial_state, **inputs: as for :func:`forward`.
+        q, k, v, params, initial_state, scale, **inputs: as for :func:`forward`.
         do: [B, T, H, V] cotangent of o.  dfinal_state: a State of cotangents of the final state, or None (zeros).
 
     Returns:
         dict with dq, dk [B, T, H, K], dv [B, T, H, V], d<param> [H] (including the path through the default
-        initial state when ``initial_state`` is None), d<input> [B, T, H], dinitial_state (a State); all of q's dtype.
+        initial state when ``initial_state`` is None), d<input> shaped like the input (in its own space: dg for a
+        log-space gate g), dinitial_state (a State); all of q's dtype.
 
     Raises:
         ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
@@ -838,13 +918,15 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, **in
         raise ValueError(f"{SPEC_NAME}: do must have shape {v.shape}, got {do.shape}")
     gT = (State(*(np.zeros_like(x) for x in st)) if dfinal_state is None
           else State(*(_real(f"dfinal_state.{n}", x, dt) for n, x in zip(State._fields, dfinal_state))))
+    qf, kf, fins, sc = _frame(q, k, ins, scale)
     dq, dk, dv = (np.full(x.shape, np.nan, dt) for x in (q, k, v))
     dps = [np.zeros((B, H), dt) for _ in _PARAM_NAMES]
-    dins = [np.full((B, T, H), np.nan, dt) for _ in _INPUT_NAMES]
+    dins = [np.full(x.shape, np.nan, dt) for x in ins]
     g0 = State(*(np.full(x.shape, np.nan, dt) for x in st))
     init_all, init_adjoint_all, _, backward_all = _build(K, V, dt.name)
     L = max(1, math.isqrt(max(T - 1, 0)) + 1)  # segment length ⌈√T⌉
-    backward_all(q, k, v, *ps, *ins, *st, do, *gT, dq, dk, dv, *dps, *dins, *g0, L)
+    backward_all(qf, kf, v, *ps, *fins, *st, do, *gT, dq, dk, dv, *dps, *dins, *g0, L)
+    dq, dk, dins = _unframe(q, k, fins, sc, dq, dk, dins)
     if initial_state is None and _PARAM_NAMES:
         acc = np.zeros((B, H, len(_PARAM_NAMES)), dt)
         init_adjoint_all(*g0, *ps, acc)

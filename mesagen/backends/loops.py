@@ -3,8 +3,10 @@
 The Numba backends print every IR :class:`~mesagen.ir.records.Assign` as explicit loops over stored
 elements. An expression is split into *terms* (the arguments of a ``MatAdd``); each term is a scalar
 coefficient (numbers, parameters, per-token inputs) times a chain of *factors*: a matrix symbol, its
-transpose, ``Identity`` or the inverse of a 1 × 1 symbol. Element ``[i, j]`` of a chain is a sum over
-the inner indices of the non-1 × 1 factors; 1 × 1 factors are scalars.
+transpose, ``Identity``, the inverse of a 1 × 1 symbol, or ``Diag(x)`` built from a column vector ``x``
+(a per-key-channel gate, a per-value-channel step size). Element ``[i, j]`` of a chain is a sum over the
+inner indices of the non-1 × 1 factors; 1 × 1 factors are scalars. A diagonal factor equates its two
+indices, so ``(Diag(x) S)[i, j] = x[i] S[i, j]``: the summation index is substituted, never looped over.
 
 The adjoint of ``t = c · F₁ ⋯ Fₙ`` with cotangent ``G`` (the same shape as ``t``) is mechanical
 (the vector-Jacobian product of a multilinear term, e.g. Giles 2008, "Collected matrix derivative results"):
@@ -12,6 +14,7 @@ The adjoint of ``t = c · F₁ ⋯ Fₙ`` with cotangent ``G`` (the same shape a
 * for a factor ``F_p = X``:      ``Ḡ_X += c · (F₁⋯F_{p−1})ᵀ G (F_{p+1}⋯Fₙ)ᵀ``;
 * for ``F_p = Xᵀ``:               the transpose of that;
 * for ``F_p = X⁻¹`` (1 × 1):       ``Ḡ_X += −c · (…)ᵀ G (…)ᵀ · X⁻¹ · X⁻¹``;
+* for ``F_p = Diag(x)``:          ``ḡ_x += diag(c · (F₁⋯F_{p−1})ᵀ G (F_{p+1}⋯Fₙ)ᵀ)`` (the diagonal of the chain);
 * for each symbol ``σ`` in ``c``:  ``ḡ_σ += (∂c/∂σ) · ⟨G, F₁⋯Fₙ⟩`` (a full contraction).
 
 Terms are handled one at a time, so the sympy ``diff``-of-a-sum pitfall (docs/family.md §10) cannot arise; the
@@ -33,12 +36,13 @@ _DIM_NAMES = {K: "K", V: "V"}
 
 @dataclass(frozen=True)
 class Factor:
-    """One factor of a chain: a stored symbol (``sym``) or the identity (``eye``), maybe transposed/inverted.
+    """One factor of a chain: a stored symbol (``sym``), the identity (``eye``) or the diagonal matrix of a
+    stored column vector (``diag``), maybe transposed/inverted.
 
     Attributes:
-        kind: ``"sym"`` or ``"eye"``.
-        name: the symbol's name (``""`` for ``eye``).
-        shape: stored (rows, cols) as sympy dims (``K``, ``V`` or 1).
+        kind: ``"sym"``, ``"eye"`` or ``"diag"``.
+        name: the symbol's name (``""`` for ``eye``; the vector's name for ``diag``).
+        shape: stored (rows, cols) as sympy dims (``K``, ``V`` or 1); (n, n) for the diagonal of an n × 1 vector.
         t: transposed.
         inv: inverted (only for 1 × 1 symbols).
     """
@@ -60,17 +64,19 @@ class Factor:
         return self.shape == (1, 1)
 
     def T(self) -> "Factor":
-        """The transposed factor (a 1 × 1 factor is its own transpose)."""
-        return self if self.scalar else replace(self, t=not self.t)
+        """The transposed factor (a 1 × 1 factor and a diagonal are their own transposes)."""
+        return self if self.scalar or self.kind == "diag" else replace(self, t=not self.t)
 
 
 @dataclass(frozen=True)
 class Term:
-    """``coef · F₁ ⋯ Fₙ``, optionally contracted with a cotangent: ``coef · ⟨contract, F₁⋯Fₙ⟩`` (1 × 1)."""
+    """``coef · F₁ ⋯ Fₙ``, optionally contracted with a cotangent: ``coef · ⟨contract, F₁⋯Fₙ⟩`` (1 × 1), or
+    (``diag``) the diagonal of a square chain as a column: element ``[i, 0]`` is ``(coef · F₁⋯Fₙ)[i, i]``."""
 
     coef: sp.Expr
     factors: tuple[Factor, ...]
     contract: Factor | None = None
+    diag: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,11 @@ def _atom(e: sp.Basic) -> Factor:
         return Factor("sym", e.name, tuple(e.shape))
     if isinstance(e, sp.Identity):
         return Factor("eye", "", (e.rows, e.rows))
+    if isinstance(e, sp.DiagMatrix):
+        x = e.args[0]
+        if not isinstance(x, sp.MatrixSymbol) or x.shape[1] != 1:
+            raise NotImplementedError(f"unsupported diagonal factor {e} (needs a column vector symbol)")
+        return Factor("diag", x.name, (x.shape[0], x.shape[0]))
     if isinstance(e, sp.Transpose):
         return _atom(e.arg).T()
     if isinstance(e, sp.Inverse) and e.shape == (1, 1):
@@ -124,7 +135,8 @@ def terms_of(expr: sp.Basic) -> tuple[Term, ...]:
     """Split a matrix expression into :class:`Term` s, products distributed over sums (zero terms dropped).
 
     Raises:
-        NotImplementedError: a node outside MatAdd / MatMul / Transpose / 1 × 1 Inverse / symbols / Identity.
+        NotImplementedError: a node outside MatAdd / MatMul / Transpose / 1 × 1 Inverse / symbols / Identity /
+            DiagMatrix of a column vector symbol.
     """
     out = []
     for coef, fs in _expand(expr):
@@ -144,7 +156,8 @@ def adjoint(assigns, shapes: dict[str, tuple], scalars: tuple[str, ...], given: 
 
     Args:
         assigns: the forward :class:`~mesagen.ir.records.Assign` s, in execution order.
-        shapes: stored shape (sympy dims) of every matrix symbol read or written.
+        shapes: stored shape (sympy dims) of every matrix symbol read or written, and of every vector whose
+            diagonal is a factor (its cotangent is a column of that shape).
         scalars: names of scalar symbols (parameters, inputs) whose gradients are wanted.
         given: target name → name of the buffer holding its incoming cotangent (e.g. ``o`` → ``g_o``).
 
@@ -161,10 +174,13 @@ def adjoint(assigns, shapes: dict[str, tuple], scalars: tuple[str, ...], given: 
         for term in terms_of(a.expr):
             fs = term.factors
             for p, f in enumerate(fs):
-                if f.kind != "sym":
+                if f.kind == "eye":
                     continue
                 chain = [g.T() for g in reversed(fs[:p])] + [G] + [g.T() for g in reversed(fs[p + 1:])]
                 coef = term.coef
+                if f.kind == "diag":  # ḡ_x = diag of the pulled-back chain
+                    groups.setdefault(f.name, []).append(Term(coef, tuple(chain), diag=True))
+                    continue
                 if f.inv:
                     chain += [replace(f, t=False), replace(f, t=False)]
                     coef = -coef
@@ -259,6 +275,10 @@ def _access(f: Factor, a, b):
 def element(term: Term, ri, ci, fresh) -> tuple[list, sp.Expr]:
     """Element ``[ri, ci]`` of a term: (summation indices [(symbol, dim)], scalar summand).
 
+    A diagonal factor ``Diag(x)`` between indices a and b contributes ``x[a]`` and equates a with b: a summation
+    index among them is replaced by its partner (no loop, no Kronecker delta); only when both are output
+    indices does a δ(a, b) remain.
+
     Raises:
         ValueError: the chain's inner dimensions do not match.
     """
@@ -270,6 +290,8 @@ def element(term: Term, ri, ci, fresh) -> tuple[list, sp.Expr]:
         b = fresh(g.shape[1], sums)
         value *= _access(g, a, b)
         ri, ci = a, b
+    if term.diag:  # element [ri, 0] of the chain's diagonal
+        ci = ri
     mats = [f for f in term.factors if not f.scalar]
     for f in term.factors:
         if f.scalar:
@@ -282,9 +304,34 @@ def element(term: Term, ri, ci, fresh) -> tuple[list, sp.Expr]:
             raise ValueError(f"inner dimensions differ in {term}")
         idx.append(fresh(left.eshape[1], sums))
     idx.append(ci)
+    summed = {s for s, _ in sums}
+    sub: dict = {}
+
+    def find(x):
+        while x in sub:
+            x = sub[x]
+        return x
+
+    deltas = []
     for f, a, b in zip(mats, idx, idx[1:]):
-        value *= _access(f, a, b)
-    return sums, value
+        if f.kind != "diag":
+            continue
+        a, b = find(a), find(b)
+        if a == b:
+            continue
+        if b in summed:
+            sub[b] = a
+        elif a in summed:
+            sub[a] = b
+        else:
+            deltas.append((a, b))
+    for f, a, b in zip(mats, idx, idx[1:]):
+        a, b = find(a), find(b)
+        value *= sp.IndexedBase(f.name)[a] if f.kind == "diag" else _access(f, a, b)
+    for a, b in deltas:
+        value *= sp.KroneckerDelta(a, b)
+    value = value.xreplace({x: find(x) for x in sub})  # also in the contracted cotangent's access
+    return [(s, d) for s, d in sums if s not in sub], value
 
 
 def print_stmt(st: Stmt, strided: bool, printer: ScalarPrinter) -> list[str]:

@@ -1,6 +1,7 @@
 """Compile every Numba-CUDA kernel to PTX for sm_80 and sm_90 without a GPU (own process, no simulator).
 
-Run by tests/test_numba_cuda.py. Uses ``cuda.compile_ptx`` from numba-cuda[cu12] (NVVM ships with the wheel).
+Run by tests/test_numba_cuda.py; every shipped layer, v1 and v2 (LAYERS), including the frame kernels (feature
+map and scale, exp of a log-space gate, and their adjoints). Uses ``cuda.compile_ptx`` from numba-cuda[cu12] (NVVM ships with the wheel).
 The benchmark shape K = V = 32 is compiled, each kernel's static shared memory must fit in 48 KiB, and a
 float32 build must contain no float64 instruction (the dtype policy: float32 data is computed in float32).
 """
@@ -34,7 +35,9 @@ def test_every_kernel_compiles(name, cc, dtype, monkeypatch):
     # which needs a driver; without a GPU we name the target capability ourselves.
     monkeypatch.setattr(dispatcher, "get_current_device", lambda: SimpleNamespace(compute_capability=cc))
     targets = module(name, "numba_cuda").ptx_targets(32, 32, dtype)
-    assert [t[0] for t in targets] == ["init_kernel", "init_adjoint_kernel", "forward_kernel", "backward_kernel"]
+    assert [t[0] for t in targets] == ["init_kernel", "init_adjoint_kernel", "forward_kernel", "backward_kernel",
+                                       "features_kernel", "features_adjoint_kernel", "exp_kernel",
+                                       "gate_adjoint_kernel"]
     for kname, fn, sig in targets:
         ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
         assert f".target sm_{cc[0]}{cc[1]}" in ptx, kname

@@ -22,7 +22,8 @@ import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import racecheck  # noqa: E402  (patches the simulator before any kernel runs)
-from numba_cases import LAYERS, B, H, K, T, V, close, data, module, params_inputs, reference  # noqa: E402
+from numba_cases import (LAYERS, V2_LAYERS, B, H, K, T, V, close, data, module, params_inputs, reference,  # noqa: E402
+                         reference_vjp)
 
 
 def test_simulator_is_active():
@@ -199,7 +200,8 @@ def test_non_finite_input_does_not_reach_earlier_positions(name):
     m = module(name, "numba_cuda")
     clean = m.backward(q, k, v, params, do, **inputs)
     clean_o = m.forward(q, k, v, params, **inputs)[0]
-    for target, bad in (("k", np.nan), ("v", np.inf), ("q", -np.inf)) + ((("beta", np.nan),) if inputs else ()):
+    extra = tuple((n, x) for n, x in zip(inputs, (np.nan, np.inf, -np.inf)))  # every per-token input too
+    for target, bad in (("k", np.nan), ("v", np.inf), ("q", -np.inf)) + extra:
         arrays = {"q": q.copy(), "k": k.copy(), "v": v.copy(), **{n: x.copy() for n, x in inputs.items()}}
         arrays[target][:, 3] = bad
         ins = {n: arrays[n] for n in inputs}
@@ -215,3 +217,49 @@ def test_non_finite_input_does_not_reach_earlier_positions(name):
                 np.testing.assert_array_equal(x[:, 3:], 0.0, err_msg=f"{target}: {n}")
             else:
                 np.testing.assert_array_equal(x, clean[n], err_msg=f"{target}: {n}")
+
+
+@pytest.mark.parametrize("t", [7, 1], ids=["T7", "T1"])
+@pytest.mark.parametrize("name", V2_LAYERS)
+def test_v2_against_reference_vjp(name, t):
+    """Contract v2 layers on the simulated GPU: outputs, final states and every gradient (gates, β, γ, initial
+    state included) equal mesagen.reference.gated and its hand-derived VJP to 1e-10 (given initial state,
+    random final-state cotangent, scale 0.37 for T = 1); step() equals forward; float32 stays within 2e-6."""
+    q, k, v, do, beta = data(50 + t, t=t)
+    params, inputs = params_inputs(name, beta)
+    m = module(name, "numba_cuda")
+    rng = np.random.default_rng(t)
+    st0 = m.State(*(rng.standard_normal((B, H, K, V)) for _ in m.State._fields))
+    scale = 0.37 if t == 1 else None
+    o, st = m.forward(q, k, v, params, initial_state=st0, output_final_state=True, scale=scale, **inputs)
+    ro, rst = reference(name, q, k, v, params, inputs, initial_state=st0._asdict(), scale=scale)
+    close(o, ro)
+    for n in m.State._fields:
+        close(getattr(st, n), rst[n])
+    dfin = m.State(*(rng.standard_normal(x.shape) for x in st))
+    g = m.backward(q, k, v, params, do, initial_state=st0, dfinal_state=dfin, scale=scale, **inputs)
+    rg = reference_vjp(name, q, k, v, params, inputs, do, st0._asdict(), dfin._asdict(), scale=scale)
+    assert sorted(g) == sorted(rg)
+    for n in rg:
+        if n == "dinitial_state":
+            for f in m.State._fields:
+                close(getattr(g[n], f), rg[n][f])
+        else:
+            close(g[n], rg[n], floor=1e-3)
+    state = st0
+    for s in range(t):
+        o_t, state = m.step(state, q[:, s], k[:, s], v[:, s], params, scale=scale,
+                            **{n: x[:, s] for n, x in inputs.items()})
+        close(o_t, o[:, s], rtol=1e-13)
+    f32 = lambda d: {n: x.astype(np.float32) for n, x in d.items()}  # noqa: E731
+    o32 = m.forward(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), f32(params),
+                    initial_state=m.State(*(x.astype(np.float32) for x in st0)), scale=scale, **f32(inputs))[0]
+    assert o32.dtype == np.float32
+    close(o32, ro, rtol=2e-6)
+    g32 = m.backward(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), f32(params),
+                     do.astype(np.float32), initial_state=m.State(*(x.astype(np.float32) for x in st0)),
+                     dfinal_state=m.State(*(x.astype(np.float32) for x in dfin)), scale=scale, **f32(inputs))
+    for n in rg:
+        if n != "dinitial_state":
+            assert g32[n].dtype == np.float32
+            close(g32[n], rg[n], rtol=2e-6, floor=1e-3)
