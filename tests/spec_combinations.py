@@ -99,17 +99,9 @@ def candidates() -> list[Combination]:
 
 
 def _input_shapes() -> list[list[str]]:
-    """Every per-token input shape the schema's ``Input.shape`` admits: [batch, time, heads] and one per
-    trailing channel literal (d_k, d_v)."""
-    out = []
-    for ann in typing.get_args(schema.Input.model_fields["shape"].annotation):
-        tup = typing.get_args(ann)[0]
-        lits = [typing.get_args(x) for x in typing.get_args(tup)]
-        if len(lits) == 3:
-            out.append([x[0] for x in lits])
-        else:
-            out += [[x[0] for x in lits[:3]] + [ch] for ch in lits[3]]
-    return out
+    """Every per-token input shape the schema admits (``schema.INPUT_SHAPES``): [batch, time, heads] and one per
+    trailing channel (d_k, d_v)."""
+    return [list(s) for s in schema.INPUT_SHAPES]
 
 
 FEATURE_MAPS = schema.FEATURE_MAPS

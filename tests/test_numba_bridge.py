@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from mesagen.runtime.numba_bridge import numba_layer
-from numba_cases import B, H, K, V, V1_LAYERS, close, data, module, params_inputs
+from numba_cases import B, H, K, LAYERS, V, close, data, module, params_inputs
 
 
-@pytest.mark.parametrize("name", V1_LAYERS)  # the v2 layers' JAX modules are checked in tests/test_layers_jax.py
+@pytest.mark.parametrize("name", LAYERS)
 def test_bridge_matches_jax_layer(name):
     q, k, v, do, beta = data(8)
     params, inputs = params_inputs(name, beta)

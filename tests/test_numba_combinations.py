@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mesagen.errors import DerivationError
 from mesagen.pipeline import compile_spec
 from mesagen.spec import schema
 from numba_cases import close
@@ -40,19 +39,8 @@ from spec_combinations import STEPS_MAX, STEPS_MIN, candidates, doc_rows, suppor
 SUPPORTED = supported()
 
 
-def _verify_refuses(c) -> bool:
-    """Admitted combinations the compiler cannot build yet (a bug outside the backends, reported to the lead):
-    ridge + gd with importance weights and uniform weights fails the stationarity check, whose closed form
-    (mesagen/symbolic/verify.py ``_closed_form_at``) sums unweighted C and A."""
-    return (c.regularizer, c.solver) == ("ridge", "gd") and any(x.startswith("importance") for x in c.v2) \
-        and not any(x.startswith("gate") for x in c.v2)
-
-
-SUPPORTED_V2 = [c for c in supported_v2() if not _verify_refuses(c)]
-V2_PARAMS = [pytest.param(c, id=c.id) for c in SUPPORTED_V2] + [
-    pytest.param(c, id=c.id, marks=pytest.mark.xfail(strict=True, raises=DerivationError,
-                                                     reason="verify's closed form ignores importance weights"))
-    for c in supported_v2() if _verify_refuses(c)]
+SUPPORTED_V2 = supported_v2()
+V2_PARAMS = [pytest.param(c, id=c.id) for c in SUPPORTED_V2]
 
 
 def test_schema_and_docs_table_agree():

@@ -113,18 +113,21 @@ def _check_gradient(d: Derivation, rng: random.Random, vals: dict) -> Check:
                  "elementwise derivatives of the objective (symbolic W, rational k, v)")
 
 
-def _closed_form_at(d: Derivation, toks, vals) -> sp.ImmutableMatrix:
-    C = sum((tk["v"] * tk["k"].T for tk in toks), sp.ImmutableMatrix.zeros(EXACT_DIMS["V"], EXACT_DIMS["K"]))
-    A = sum((tk["k"] * tk["k"].T for tk in toks), sp.ImmutableMatrix.zeros(EXACT_DIMS["K"], EXACT_DIMS["K"]))
-    return evaluate(d.closed_form, {"A": A, "C": C, **vals}, EXACT_DIMS)
+def _closed_form_at(d: Derivation, toks, vals: list[dict]) -> sp.ImmutableMatrix:
+    """W* from the sums C = Σ β_i v_i k_iᵀ, A = Σ β_i k_i k_iᵀ (β_i the importance weight, 1 without one)."""
+    imp = d.spec.objective.weights.importance
+    w = [vv[imp] if imp else 1 for vv in vals]
+    C = sum((b * tk["v"] * tk["k"].T for b, tk in zip(w, toks)), sp.ImmutableMatrix.zeros(EXACT_DIMS["V"], EXACT_DIMS["K"]))
+    A = sum((b * tk["k"] * tk["k"].T for b, tk in zip(w, toks)), sp.ImmutableMatrix.zeros(EXACT_DIMS["K"], EXACT_DIMS["K"]))
+    return evaluate(d.closed_form, {"A": A, "C": C, **vals[0]}, EXACT_DIMS)
 
 
 def _check_stationarity(d: Derivation, rng: random.Random, vals: list[dict]) -> list[Check]:
     toks = _tokens(rng, EXACT_T, EXACT_DIMS)
-    Wstar = _closed_form_at(d, toks, vals[0])
+    Wstar = _closed_form_at(d, toks, vals)
     if _grad_full(d, Wstar, toks, vals) != sp.zeros(*Wstar.shape):
         raise DerivationError(d.spec.name, "stationarity", "the closed form does not zero the gradient")
-    if _closed_form_at(d, toks[::-1], vals[0]) != Wstar:
+    if _closed_form_at(d, toks[::-1], vals[::-1]) != Wstar:
         raise DerivationError(d.spec.name, "permutation", "the closed form depends on the order of past pairs")
     return [Check("stationarity", "exact", f"∇L(W*) = 0 at W* = {sp.sstr(d.closed_form)} (T = {EXACT_T})"),
             Check("permutation", "exact", "W* is invariant to permuting the past pairs")]
