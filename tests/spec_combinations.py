@@ -219,6 +219,7 @@ def doc_rows(path: Path = ROOT / "docs" / "specs.md") -> list[Row]:
     """Parse the §4 table (``| regularizer | solver | step size | forms generated | known layer |``)."""
     text = path.read_text(encoding="utf-8")
     section = text.split("## 4. Supported combinations", 1)[1].split("\n## ", 1)[0]
+    section = section.split("| regularizer | solver |", 1)[1].split("\n\n", 1)[0]  # the v1 table only
     rows = []
     for line in section.splitlines():
         cells = [x.strip() for x in line.strip().strip("|").split("|")]
