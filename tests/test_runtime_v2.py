@@ -153,12 +153,14 @@ def test_stored_config_without_positive_space_reads_as_softplus(tmp_path):
 
 @pytest.mark.parametrize("name", V2_LAYERS)
 def test_v2_configs(name, tmp_path, monkeypatch):
-    """configs/NAME_1layer.yaml is configs/mesa_1layer.yaml with the layer swapped; without generated/NAME/ the
-    model build names the layer and the folders searched."""
+    """configs/NAME_1layer.yaml is configs/mesa_1layer.yaml with the layer swapped (and without the mesa layer's
+    λ learning-rate multiplier); without generated/NAME/ the model build names the layer and the folders
+    searched."""
     cfg = load_config(REPO_ROOT / "configs" / f"{name}_1layer.yaml")
     mesa = load_config(REPO_ROOT / "configs" / "mesa_1layer.yaml")
     assert [b.layer for b in cfg.model.blocks] == [f"generated:{name}"]
-    assert cfg.task == mesa.task and cfg.train == mesa.train
+    assert mesa.train.param_lr_scale == {"lam": 100.0} and cfg.train.param_lr_scale == {}
+    assert cfg.task == mesa.task and cfg.train == mesa.train.model_copy(update={"param_lr_scale": {}})
     assert cfg.model.model_copy(update={"blocks": mesa.model.blocks}) == mesa.model
     monkeypatch.setenv("MESAGEN_GENERATED", str(tmp_path))
     with pytest.raises(LayerLoadError, match=f"layer 'generated:{name}' not found; searched {tmp_path}"):

@@ -8,7 +8,7 @@ and exits with status 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
@@ -29,6 +29,12 @@ class ConfigError(MesagenError):
     def __init__(self, lines: str | list[str]) -> None:
         self.lines = [lines] if isinstance(lines, str) else list(lines)
         super().__init__("\n".join(self.lines))
+
+
+#: A finite float (no nan / inf), for values keyed by spec parameter name.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+#: A finite float > 0.
+PositiveFloat = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
@@ -90,6 +96,11 @@ class ModelConfig(_Frozen):
         param_space: per-parameter override by spec parameter name, e.g. ``{lam: softplus}``; applies to that
             parameter in every block having it; a name no block's layer has, or a parameter that is not
             positive, is an error when the model is built.
+        param_init: initial value of a spec parameter by name, in constrained space (the value the layer sees,
+            every head), replacing the spec's ``init``: e.g. ``{lam: 0.01}`` starts the mesa layer's ridge
+            coefficient at 0.01 instead of 1. Applies to that parameter in every block having it; a name no
+            block's layer has, or a value outside the parameter's domain (λ ≤ 0), is an error when the model
+            is built. Default: none (every parameter starts at its spec's ``init``).
     """
 
     tokens: Literal["constructed", "standard"]
@@ -106,6 +117,7 @@ class ModelConfig(_Frozen):
     pos_dim: int = Field(0, ge=0)
     positive_space: Literal["log", "softplus"] = "log"
     param_space: dict[str, Literal["log", "softplus"]] = Field(default_factory=dict)
+    param_init: dict[str, FiniteFloat] = Field(default_factory=dict)
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -139,6 +151,13 @@ class TrainConfig(_Frozen):
             ``jax.sharding.Mesh``, parameters replicated; :mod:`mesagen.runtime.parallel`): the first N of
             ``jax.devices()``; null (default) means all of them. ``batch_size`` (and ``eval.batch``) must be a
             multiple of the device count. Losses equal the 1-device run's to float32 round-off.
+        param_lr_scale: learning-rate multiplier of a spec parameter by name (its raw, unconstrained value),
+            e.g. ``{lam: 30}``: that parameter's AdamW update is multiplied by the factor (``optax.masked``
+            ``optax.scale`` after AdamW), i.e. it follows the schedule times the factor. Applies in every block
+            having the parameter; a name no generated layer of the model has is an error when the model is
+            built. Default: none (every parameter at the schedule's rate). Why: with Adam a raw value moves
+            at most about the summed learning rate, ≈ 0.31 over the mesa configs' schedule, far less than the
+            ln(1000) ≈ 6.9 that λ needs from 1 to 1e-3 (docs/paper.md §5).
     """
 
     steps: int = Field(ge=1)
@@ -152,6 +171,7 @@ class TrainConfig(_Frozen):
     checkpoint_every: int = Field(500, ge=1)
     progress: bool = True
     devices: int | None = Field(None, ge=1)
+    param_lr_scale: dict[str, PositiveFloat] = Field(default_factory=dict)
 
 
 class EvalConfig(_Frozen):

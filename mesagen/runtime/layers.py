@@ -23,7 +23,11 @@ of the run config, see :class:`mesagen.runtime.config.ModelConfig`): ``log`` (th
 so an Adam step of the raw value is a relative change of λ; ``softplus`` (the only map before issue 11) moves
 λ by sigmoid(r) times less. Measured on ``configs/mesa_1layer.yaml`` (docs/paper.md, "Reparameterising λ"):
 ``log`` moves λ 1.5x further and lowers the loss by ~1 %; with either map Adam moves the raw value by at
-most about the summed learning rate, so neither reaches λ ~ 1e-3 from 1 at the paper's learning rate.
+most about the summed learning rate, so neither reaches λ ~ 1e-3 from 1 at the paper's learning rate. Two
+per-parameter settings address that: ``model.param_init`` (the initial value in constrained space, instead of
+the spec's ``init``; ``param_init`` of :class:`GeneratedAttention`) and ``train.param_lr_scale`` (a learning-rate
+multiplier of the raw value, :func:`mesagen.runtime.train.make_optimizer`); the mesa configs learn λ at 100x
+the rate and reach λ ≈ 1e-3 (docs/paper.md §5).
 
 **Per-token inputs** (``INPUTS``) are a linear projection of the block input, with a bias, mapped into the
 declared domain and space (:func:`input_map`). Their shape is the declared one: ``("B", "T", "H")`` (one
@@ -232,9 +236,9 @@ class GeneratedAttention(eqx.Module):
     def __init__(self, layer: ModuleType, d_model: int, heads: int, d_k: int, d_v: int, *, key: jax.Array,
                  init_std: float, d_pos: int = 0, form: str | None = None,
                  param_space: Mapping[str, str] | None = None, positive_space: str = "log",
-                 scale: float | None = None) -> None:
-        """Initialise projections ~ N(0, init_std^2), spec parameters at the module's ``init_params``, input
-        biases at 0 (gates: :data:`GATE_BIAS_INIT`).
+                 scale: float | None = None, param_init: Mapping[str, float] | None = None) -> None:
+        """Initialise projections ~ N(0, init_std^2), spec parameters at the module's ``init_params`` (or at
+        ``param_init``), input biases at 0 (gates: :data:`GATE_BIAS_INIT`).
 
         Args:
             layer: a generated ``layer_jax`` module (or :class:`~mesagen.runtime.numba_bridge.NumbaCpuLayer`).
@@ -243,11 +247,15 @@ class GeneratedAttention(eqx.Module):
             param_space: ``{name: "log" | "softplus"}`` for positive parameters, overriding ``positive_space``.
             positive_space: the reparameterisation of every other positive parameter.
             scale: passed as ``scale=`` to a module that declares ``DEFAULT_SCALE``; None means its default.
+            param_init: ``{name: value}``, the initial value of a spec parameter in constrained space (every
+                head), replacing ``init_params``; names the layer lacks are ignored (the model-level setting
+                names parameters of other layers too; :class:`~mesagen.runtime.model.Model` checks them).
 
         Raises:
             LayerLoadError: ``form`` not offered; an unknown domain, space or input shape; ``param_space``
-                naming a parameter the layer lacks or one that is not positive; ``scale`` given for a module
-                without ``DEFAULT_SCALE`` (v1 modules take no scale).
+                naming a parameter the layer lacks or one that is not positive; a ``param_init`` value outside
+                the parameter's domain; ``scale`` given for a module without ``DEFAULT_SCALE`` (v1 modules take
+                no scale).
         """
         form = form or layer.FORMS[0]
         if form not in layer.FORMS:
@@ -275,9 +283,20 @@ class GeneratedAttention(eqx.Module):
         self.wk = _normal(kk, (d_model + d_pos, heads, d_k), init_std)
         self.wv = _normal(kv, (d_model, heads, d_v), init_std)
         self.wo = _normal(ko, (heads, d_v, d_model), init_std)
-        init = layer.init_params(heads, d_k, d_v, jnp.float32)
-        self.raw_params = {n: unconstrain(init[n], s["domain"], spaces.get(n, "log"))
-                           for n, s in layer.PARAMS.items()}
+        init = dict(layer.init_params(heads, d_k, d_v, jnp.float32))
+        self.raw_params = {}
+        for n, s in layer.PARAMS.items():
+            value = init[n]
+            if param_init and n in param_init:
+                value = jnp.full(jnp.shape(value), param_init[n], jnp.float32)
+            try:
+                self.raw_params[n] = unconstrain(value, s["domain"], spaces.get(n, "log"))
+            except LayerLoadError as exc:
+                if not (param_init and n in param_init):
+                    raise
+                raise LayerLoadError(f"model.param_init.{n}: {param_init[n]!r} is outside the domain "
+                                     f"{s['domain']!r} of parameter {n!r} of layer {layer.SPEC_NAME!r} "
+                                     f"({exc})") from None
         in_keys = jax.random.split(ki, max(len(layer.INPUTS), 1))
         self.input_w, self.input_b = {}, {}
         for k, (n, s) in zip(in_keys, layer.INPUTS.items()):

@@ -92,7 +92,23 @@ def build_layer(block: BlockConfig, model: ModelConfig, *, key: jax.Array, d_pos
         module = NumbaCpuLayer(load_layer_module(path.with_name("layer_numba_cpu.py"), module.SPEC_SHA256), module)
     return GeneratedAttention(module, model.d_model, heads, d_k, d_v, key=key, init_std=model.init_std,
                               d_pos=d_pos, form=block.form, param_space=model.param_space,
-                              positive_space=model.positive_space, scale=block.scale)
+                              positive_space=model.positive_space, scale=block.scale,
+                              param_init=model.param_init)
+
+
+def spec_param_names(model: "Model") -> set[str]:
+    """Names of the spec parameters (``PARAMS``) of every generated layer of ``model``."""
+    return {n for b in model.blocks if isinstance(b.attn, GeneratedAttention) for n in b.attn.layer.PARAMS}
+
+
+def check_param_names(model: "Model", names, field: str) -> None:
+    """Raise :class:`LayerLoadError` if ``names`` (keys of a per-parameter setting such as
+    ``model.param_space``) include one that no generated layer of ``model`` has; ``field`` names the setting."""
+    known = spec_param_names(model)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise LayerLoadError(f"{field} names {', '.join(unknown)}, which no layer of the model has "
+                             f"(parameters: {', '.join(sorted(known)) or 'none'})")
 
 
 class Model(eqx.Module):
@@ -122,8 +138,9 @@ class Model(eqx.Module):
             key: PRNG key (split once per block plus embedding and readout).
 
         Raises:
-            LayerLoadError: if a generated layer cannot be loaded, or ``config.param_space`` names a parameter
-                no generated layer of the model has.
+            LayerLoadError: if a generated layer cannot be loaded, ``config.param_space`` or
+                ``config.param_init`` names a parameter no generated layer of the model has, or a
+                ``param_init`` value is outside its parameter's domain.
         """
         keys = jax.random.split(key, len(config.blocks) + 2)
         d, std = config.d_model, config.init_std
@@ -137,11 +154,8 @@ class Model(eqx.Module):
                   mlp=MLP(d, config.mlp_ratio * d, key=jax.random.fold_in(k, 1), init_std=std) if config.mlp else None,
                   clip=config.clip_activations)
             for i, (b, k) in enumerate(zip(config.blocks, keys[2:])))
-        known = {n for b in self.blocks if isinstance(b.attn, GeneratedAttention) for n in b.attn.layer.PARAMS}
-        unknown = sorted(set(config.param_space) - known)
-        if unknown:
-            raise LayerLoadError(f"model.param_space names {', '.join(unknown)}, which no layer of the model has "
-                                 f"(parameters: {', '.join(sorted(known)) or 'none'})")
+        for field in ("param_space", "param_init"):
+            check_param_names(self, getattr(config, field), f"model.{field}")
         self.ln_f = LayerNorm(d) if config.layernorm else None
         self.out_dim, self.pos_dim = out_dim, config.pos_dim
 

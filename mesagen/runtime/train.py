@@ -44,7 +44,7 @@ from mesagen.errors import MesagenError
 from mesagen.runtime import parallel
 from mesagen.runtime.config import RunConfig, ScheduleConfig, TrainConfig, dump_config
 from mesagen.runtime.layers import GeneratedAttention
-from mesagen.runtime.model import Model
+from mesagen.runtime.model import Model, check_param_names
 
 
 def make_schedule(s: ScheduleConfig, steps: int) -> optax.Schedule:
@@ -54,12 +54,30 @@ def make_schedule(s: ScheduleConfig, steps: int) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, s.peak_lr, s.warmup_steps, s.decay_steps or steps, s.end_lr)
 
 
+def spec_param_mask(name: str):
+    """A mask function for ``optax.masked``: True at the raw (unconstrained) value of spec parameter ``name``
+    of every generated layer (``GeneratedAttention.raw_params[name]``), False at every other leaf."""
+
+    def hit(path) -> bool:
+        return any(isinstance(a, jax.tree_util.GetAttrKey) and a.name == "raw_params"
+                   and isinstance(b, jax.tree_util.DictKey) and b.key == name for a, b in zip(path, path[1:]))
+
+    return lambda params: jax.tree_util.tree_map_with_path(lambda path, _: hit(path), params)
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     """AdamW with the configured schedule, decoupled weight decay on weight matrices only (ndim >= 2, not
-    spec parameters, biases or LayerNorm), and optional global-norm clipping applied first."""
+    spec parameters, biases or LayerNorm), and optional global-norm clipping applied first; then, per entry of
+    ``train.param_lr_scale``, the update of that spec parameter multiplied by its factor (``optax.masked`` of
+    ``optax.scale``: the parameter's learning rate is the schedule's times the factor). Without
+    ``param_lr_scale`` the transformation (and its state, hence the checkpoint format) is exactly AdamW."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(make_schedule(t.schedule, t.steps), weight_decay=t.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(t.clip_grad_norm), adamw) if t.clip_grad_norm else adamw
+    parts = [optax.clip_by_global_norm(t.clip_grad_norm)] if t.clip_grad_norm else []
+    parts.append(adamw)
+    parts += [optax.masked(optax.scale(factor), spec_param_mask(name))
+              for name, factor in sorted(t.param_lr_scale.items())]
+    return optax.chain(*parts) if len(parts) > 1 else adamw
 
 
 def batch_from_states(config: RunConfig, states: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -130,8 +148,14 @@ class Trainer:
                 raise LayerLoadError(f"generated layers changed since the checkpoint: {layer_sha256} -> {found}")
 
     def initial_state(self) -> TrainState:
-        """Fresh model and optimiser state at step 0, replicated over the mesh."""
+        """Fresh model and optimiser state at step 0, replicated over the mesh.
+
+        Raises:
+            LayerLoadError: a layer cannot be loaded, or ``model.param_space`` / ``model.param_init`` /
+                ``train.param_lr_scale`` names a parameter no generated layer of the model has.
+        """
         model = Model(self.config.model, self.config.task.observed_dim, key=self._init_key)
+        check_param_names(model, self.config.train.param_lr_scale, "train.param_lr_scale")
         return self.place(TrainState(model, self.optimizer.init(eqx.filter(model, eqx.is_inexact_array)), 0,
                                      self._data_key))
 
