@@ -52,7 +52,7 @@ def _state(gen_mod, x):
     return gen_mod.State(jnp.asarray(x))
 
 
-@pytest.mark.parametrize("T", [1, 7, 63])
+@pytest.mark.parametrize("T", [1, 7])  # long T: test_parallel_form_survives_decay_underflow, tests/test_chunked.py
 @pytest.mark.parametrize("name", V2)
 def test_outputs_states_and_every_gradient_match_reference(gen, x64, name, T):
     """≤ 1e-10 relative: outputs, final states, and the gradients of q, k, v, every gate / β / γ and the initial
