@@ -96,3 +96,13 @@ def x64():
 def gen():
     """name -> generated JAX module, loaded once per session."""
     return {n: load_generated(n) for n in SHIPPED}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    """Drop JAX's compiled executables after every test module. A long-lived xdist worker otherwise keeps
+    thousands of XLA:CPU executables mapped; two full runs crashed in XLA's compiler (a segmentation fault inside
+    backend_compile_and_load, in test_transforms.py late in a worker's life) that never reproduced with the same
+    tests run alone. Recompiling per module costs little next to that."""
+    yield
+    jax.clear_caches()

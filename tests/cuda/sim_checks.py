@@ -139,7 +139,9 @@ def test_a_missing_barrier_fails_deterministically(name, drop):
     q, k, v, do, beta = data(6, t=3)
     params, inputs = params_inputs(name, beta)
     m = _mutant(name, drop)
-    with pytest.raises(racecheck.RaceError, match="race"):
+    # which check fires first (a race, or threads passing different numbers of barriers) depends on thread
+    # scheduling; either is the detector catching the missing barrier
+    with pytest.raises(racecheck.RaceError, match="race|divergent syncthreads"):
         m.backward(q, k, v, params, do, **inputs)
 
 
