@@ -107,8 +107,11 @@ def _weight(d: "Derivation", vals: list[dict], t: int, i: int, rows: int):
     return w
 
 
-def _exact_full_grad(d: "Derivation", W, toks, vals, t: int):
-    """∇_W of Σ_{i≤t} ω_{t,i} ℓ_i(W) + R(W), from the derived per-term gradient (a per-channel ω scales k_i)."""
+def full_gradient(d: "Derivation", W, toks, vals, t: int):
+    """∇_W of Σ_{i≤t} ω_{t,i} ℓ_i(W) + R(W), evaluated exactly from the derived per-term gradient (a per-channel ω
+    scales k_i). W: a V×K rational matrix; toks / vals: per-token symbols' and inputs' values; t: the last pair.
+    Returns a V×K ImmutableMatrix. Raises KeyError for a value missing from ``vals``. Shared by the gd target and
+    verify's stationarity check."""
     Kd = toks[0]["k"].shape[0]
     total = evaluate(d.grad_reg, {"W": W, **vals[t]}, _dims(toks))
     for i in range(t + 1):
@@ -267,7 +270,7 @@ def _gd_exact(d: "Derivation", toks, vals) -> list:
         eta = vals[t][solver.step_size] if solver.step_size else 1
         W = sp.ImmutableMatrix.zeros(Vd, Kd)
         for _ in range(solver.steps):
-            W = W - eta * _exact_full_grad(d, W, toks, vals, t)
+            W = W - eta * full_gradient(d, W, toks, vals, t)
         outs.append(W * toks[t]["q"])
     return outs
 
