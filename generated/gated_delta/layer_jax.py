@@ -287,8 +287,10 @@ def _check(q, k, v, params, inputs, lead):
     for n in _PARAM_NAMES:
         if n not in params:
             raise ValueError(f"{SPEC_NAME}: missing parameter {n!r} (expected {list(_PARAM_NAMES)})")
-        if jnp.shape(params[n]) != (H,):
-            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape [H] = ({H},), got {jnp.shape(params[n])}")
+        want = (H, q.shape[-1]) if len(PARAMS[n]["shape"]) == 2 else (H,)
+        if jnp.shape(params[n]) != want:
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape {list(PARAMS[n]['shape'])} = {want}, "
+                             f"got {jnp.shape(params[n])}")
         _real_floating(f"parameter {n!r}", params[n])
         _check_domain(f"parameter {n!r}", params[n], PARAMS[n]["domain"])
     unknown = sorted(set(inputs) - set(_INPUT_NAMES))

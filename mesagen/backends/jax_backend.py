@@ -47,6 +47,12 @@ def _prelude(body: list[str], lines: dict[str, str]) -> list[str]:
     return [text for name, text in lines.items() if any(_uses(body, n) for n in name.split(","))]
 
 
+def _param_columns(ir: LayerIR) -> list[str]:
+    """Lines turning every per-key-channel parameter ([K] for one head) into the column the printed programs read."""
+    return [f"    {x.symbol} = {x.symbol}[:, None]  # a per-key-channel parameter, as a column" for x in ir.params
+            if x.channel]
+
+
 def _neutral(x) -> float:
     """The finite stand-in for a non-finite per-token input ``x`` (an :class:`InputDecl`) in the gradient path.
 
@@ -78,8 +84,8 @@ class JaxBackend:
     def emit(self, ir: LayerIR, derivation=None, checks=()) -> str:
         """Return the module text (see the module docstring); deterministic."""
         rec = ir.recurrence
-        spd = rec.backward == "implicit"  # the ridge family: every inverse is of Σ k kᵀ + λI (λ > 0) or its inverse
-        p = ArrayPrinter(spd=spd)
+        spd = ir.linear_solve is not None  # exact solvers: every inverse is of Σ ω β k kᵀ + Λ (Λ > 0) or its inverse
+        p = ArrayPrinter(spd=spd, solve="_cg_solve" if ir.cg else None)
         states = [st.name for st in rec.states]
         pnames = [x.symbol for x in ir.params]
         inames = [x.symbol for x in ir.inputs]
@@ -89,7 +95,8 @@ class JaxBackend:
         L += ["", "from __future__ import annotations", "", "import math", "from typing import NamedTuple", "",
               "import jax", "import jax.numpy as jnp", "from jax import lax", ""]
         L += [f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}"]
-        L += _dict_literal("PARAMS", [f'"{x.name}": {{"shape": ("H",), "init": {x.init!r}, "domain": "{x.domain}"}}'
+        L += _dict_literal("PARAMS", [f'"{x.name}": {{"shape": {_tuple([chr(34) + d + chr(34) for d in x.shape])}, "init": {x.init!r}, '
+                                      f'"domain": "{x.domain}"}}'
                                       for x in ir.params])
         L += _dict_literal("INPUTS", [f'"{x.name}": {{"shape": {x.shape!r}, "space": "{x.space}", '
                                       f'"domain": "{x.domain}", "role": "{x.role}"}}' for x in ir.inputs])
@@ -112,12 +119,15 @@ class JaxBackend:
         L += self._init_params(ir)
         if spd:
             L += fill("jax_layer", "spd_helpers").splitlines()
+        if ir.cg:
+            L += fill("jax_layer", "cg_helpers", max_iterations=repr(ir.cg[0]), tolerance=repr(ir.cg[1])).splitlines()
         L += _FEATURE_MAPS[ir.feature_map] + ["", ""]
         # ---- per-head programs
         L += ["# " + "-" * 100, "# Per-head programs, printed from the verified IR (see DERIVATION.md).", ""]
         sig_p = ", ".join(pnames)
         L += [f"def _init_head(K, V, dtype{', ' + sig_p if pnames else ''}):",
               '    """Default initial state of one head (dims K, V; dtype)."""']
+        L += _param_columns(ir)
         for st in rec.states:
             L += [f"    {st.name} = {p.doprint(st.init)}"]
         L += [f"    return {_tuple(states)}", "", ""]
@@ -131,7 +141,7 @@ class JaxBackend:
               '    """']
         body = _program(p, rec.update + rec.readout)
         L += indent(_prelude(body, {"dtype": "dtype = q.dtype", "K,V": "K, V = k.shape[0], v.shape[0]"}))
-        L += ["    q, k, v = q[:, None], k[:, None], v[:, None]  # columns"]
+        L += ["    q, k, v = q[:, None], k[:, None], v[:, None]  # columns"] + _param_columns(ir)
         L += [f"    {x.symbol} = {x.symbol}[:, None]  # a per-channel input, as a column" for x in ir.inputs if x.channel]
         L += indent(body)
         L += [f"    return {rec.output}[:, 0], {_tuple(list(rec.new_names))}", "", ""]
@@ -187,6 +197,10 @@ class JaxBackend:
             lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
                       "compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward",
                       "is a custom VJP)."]
+        elif ir.cg:
+            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
+                      "compose in any nesting; jvp (forward mode) is not available: the conjugate-gradient solve",
+                      "(_cg_solve) is differentiated implicitly by a custom VJP."]
         else:
             lines += ["Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or",
                       "unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting."]
@@ -202,9 +216,12 @@ class JaxBackend:
         L = ["def init_params(num_heads, d_k, d_v, dtype=jnp.float32):",
              '    """Initial parameters in their constrained space.', "",
              "    Args:", "        num_heads: H.  d_k, d_v: K and V (unused by per-head scalar parameters).",
-             "        dtype: array dtype.", "", "    Returns:", "        dict name -> [H] array.", '    """',
-             "    del d_k, d_v"]
-        items = ", ".join(f'"{x.name}": jnp.full((num_heads,), {x.init!r}, dtype=dtype)' for x in ir.params)
+             "        dtype: array dtype.", "", "    Returns:",
+             "        dict name -> [H] array" + (" ([H, K] for a per-key-channel parameter)." if any(
+                 x.channel for x in ir.params) else "."), '    """',
+             "    del d_v" if any(x.channel for x in ir.params) else "    del d_k, d_v"]
+        items = ", ".join(f'"{x.name}": jnp.full({"(num_heads, d_k)" if x.channel else "(num_heads,)"}, {x.init!r}, '
+                          'dtype=dtype)' for x in ir.params)
         L += [f"    return {{{items}}}", "", ""]
         st = ir.recurrence.states
         pn = [x.symbol for x in ir.params]
@@ -228,6 +245,7 @@ class JaxBackend:
         pn = [x.symbol for x in ir.params]
         L = [f"def _stats_head({', '.join(states + pn)}):",
              '    """Closed form: the statistics (C̄₀ [V, K], Ā₀ [K, K]) that the old state stands for."""']
+        L += _param_columns(ir)
         body = _program(p, kf.stats_from_state)
         L += indent(_prelude(body, {"dtype": f"dtype = {states[0]}.dtype", "K": f"K = {states[0]}.shape[0]"}))
         L += indent(body)
@@ -236,10 +254,11 @@ class JaxBackend:
               '    """Closed form: the preconditioned query x_t = M(Ā_t) q_t [K] for one head and position."""']
         body = _program(p, kf.precondition)
         L += indent(_prelude(body, {"dtype": "dtype = q.dtype", "K": "K = q.shape[0]"}))
-        L += ["    q = q[:, None]"] + indent(body)
+        L += ["    q = q[:, None]"] + _param_columns(ir) + indent(body)
         L += ["    return x[:, 0]", "", ""]
         L += [f"def _final_head(Cbar, Abar{', ' + ', '.join(pn) if pn else ''}):",
               '    """Closed form: the final state from C̄_T [V, K] and Ā_T [K, K]."""']
+        L += _param_columns(ir)
         body = _program(p, kf.state_from_stats)
         L += indent(_prelude(body, {"dtype": "dtype = Cbar.dtype", "K": "K = Cbar.shape[1]"}))
         L += indent(body)

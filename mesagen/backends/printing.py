@@ -61,6 +61,8 @@ class ArrayPrinter(JaxPrinter):
             Ā = Σ k kᵀ + λI with λ > 0, and its inverse P). Solves and inverses are then printed as the module's
             Cholesky helpers ``_spd_solve`` / ``_spd_inv`` (backward-stable, and half the work of LU), never as a
             general inverse.
+        solve: the name of the function printed for ``Inverse(X) @ rest`` instead (the module's conjugate
+            gradient, ``_cg_solve``); explicit inverses stay Cholesky.
     """
 
     _module = "jax.numpy"
@@ -68,11 +70,13 @@ class ArrayPrinter(JaxPrinter):
     _solve = "jnp.linalg.solve"
     _inv = "jnp.linalg.inv"
 
-    def __init__(self, dtype_name: str = "dtype", spd: bool = False) -> None:
+    def __init__(self, dtype_name: str = "dtype", spd: bool = False, solve: str | None = None) -> None:
         super().__init__({"strict": True, "fully_qualified_modules": True})
         self.dtype_name = dtype_name
         if spd:
             self._solve, self._inv = "_spd_solve", "_spd_inv"
+        if solve is not None:  # a solver of the module's own (conjugate gradient) for Inverse(X) @ rest
+            self._solve = solve
 
     def _module_format(self, fqn, register=True):
         out = super()._module_format(fqn, register)

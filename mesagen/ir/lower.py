@@ -32,7 +32,7 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
     w = spec.objective.weights
     gate = w.gate if w.kind == "decayed" else None
     axis = {"batch": "B", "time": "T", "heads": "H", "d_k": "K", "d_v": "V"}
-    params = tuple(ParamDecl(n, p.init, p.domain) for n, p in spec.parameters.items())
+    params = tuple(ParamDecl(n, p.init, p.domain, tuple(axis[a] for a in p.shape)) for n, p in spec.parameters.items())
     inputs = tuple(InputDecl(n, i.space, i.domain, tuple(axis[a] for a in i.shape),
                              "gate" if n == gate else "importance" if n == w.importance else "step_size")
                    for n, i in spec.inputs.items())
@@ -52,7 +52,11 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
     forms = ("recurrent",)
     if kernel is not None:  # the parallel form; chunkwise too where no Gram sums are needed (KernelForm.chunkable)
         forms += ("closed_form", "chunked") if kernel.chunkable else ("closed_form",)
-    return LayerIR(name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
+    solver = spec.solver
+    linear_solve = ("conjugate_gradient" if solver.kind == "conjugate_gradient" else
+                    "cholesky" if solver.kind == "closed_form" else None)
+    cg = (solver.max_iterations, solver.tolerance) if solver.kind == "conjugate_gradient" else None
+    return LayerIR(linear_solve=linear_solve, cg=cg, name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
                    description=" ".join(spec.description.split()), params=params, inputs=inputs,
                    recurrence=rec, kernel=kernel, forms=forms, decay=decay, importance=w.importance,
                    feature_map=spec.objective.model.feature_map, default_scale=spec.readout.scale)

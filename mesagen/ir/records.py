@@ -255,17 +255,29 @@ USER_PREFIX = "u_"
 
 @dataclass(frozen=True)
 class ParamDecl:
-    """A per-head parameter ``[H]`` in its constrained space.
+    """A learned parameter in its constrained space: one per head ``[H]`` or one per head and key channel ``[H, K]``
+    (a per-key-channel ridge coefficient; the per-head programs see it as a K × 1 column).
 
     Attributes:
         name: the spec's name (dictionary key of ``params`` and ``PARAMS``; gradients are ``d<name>``).
         init, domain: from the spec.
+        shape: ``("H",)`` or ``("H", "K")``.
         symbol: the identifier in generated code (``USER_PREFIX + name``).
     """
 
     name: str
     init: float
     domain: str
+    shape: tuple[str, ...] = ("H",)
+
+    def __post_init__(self) -> None:
+        if self.shape not in (("H",), ("H", "K")):
+            raise ValueError(f"parameter {self.name}: shape {self.shape} is not (H,) or (H, K)")
+
+    @property
+    def channel(self) -> bool:
+        """Whether the parameter has one value per key channel."""
+        return len(self.shape) == 2
 
     @property
     def symbol(self) -> str:
@@ -331,6 +343,9 @@ class LayerIR:
         importance: the name of the importance-weight input, or None.
         feature_map: φ applied to q and k by the frame (``identity``, ``l2_normalize``, ``elu_plus_one``).
         default_scale: the query scale when the caller passes none: a float, or ``"inverse_sqrt_dk"``.
+        linear_solve: how the programs' inverses (all of symmetric positive-definite matrices: the exact
+            solvers' Σ ω β k kᵀ + Λ) are computed: ``cholesky``, ``conjugate_gradient``, or None (no exact solver).
+        cg: (max_iterations, tolerance) of ``conjugate_gradient``, else None.
     """
 
     name: str
@@ -347,6 +362,8 @@ class LayerIR:
     importance: str | None = None
     feature_map: str = "identity"
     default_scale: float | str = 1.0
+    linear_solve: str | None = None
+    cg: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.forms or self.forms[0] != "recurrent":
@@ -359,6 +376,10 @@ class LayerIR:
             raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v")
         if set(self.forms) - {"recurrent", "closed_form", "chunked"}:
             raise ValueError(f"unknown forms in {self.forms}")
+        if self.linear_solve not in (None, "cholesky", "conjugate_gradient"):
+            raise ValueError(f"unknown linear solve {self.linear_solve!r}")
+        if (self.cg is not None) != (self.linear_solve == "conjugate_gradient"):
+            raise ValueError("cg settings go with linear_solve 'conjugate_gradient' exactly")
         if self.feature_map not in ("identity", "l2_normalize", "elu_plus_one"):
             raise ValueError(f"unknown feature map {self.feature_map!r}")
         if self.decay is not None and self.decay.source == "input" and self.decay.gate not in {

@@ -389,9 +389,22 @@ def load_spec(path: str | Path) -> Spec:
     return parse_spec(text, path)
 
 
+#: Fields added to the language after specs were hashed with it: left out of the canonical form while they hold
+#: their default, so that every existing spec keeps its hash (and the run folders and configs that pin it).
+_LATER_FIELDS = ((("objective", "regularizer"), "decays_with_data", False),)
+
+
 def canonical_json(spec: Spec) -> str:
-    """The spec re-serialised canonically (sorted keys, defaults filled): comments and layout don't change it."""
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """The spec re-serialised canonically (sorted keys, defaults filled, except the :data:`_LATER_FIELDS` at their
+    default): comments and layout don't change it."""
+    data = spec.model_dump(mode="json")
+    for path, key, default in _LATER_FIELDS:
+        node = data
+        for p in path:
+            node = node[p]
+        if node.get(key) == default:
+            del node[key]
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def spec_sha256(spec: Spec) -> str:

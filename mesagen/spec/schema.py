@@ -66,10 +66,18 @@ class Weights(_Record):
 
 
 class Regularizer(_Record):
-    """R(W): ``none``, or ``ridge`` = ½ λ ‖W‖²_F with λ a positive per-head parameter (``coefficient``)."""
+    """R(W): ``none``, or ``ridge`` = ½ λ ‖W‖²_F with λ a positive parameter (``coefficient``): one per head
+    (shape ``[heads]``) or, v2, one per key channel (shape ``[heads, d_k]``: R = ½ Σ_d λ_d ‖W_{:,d}‖², i.e.
+    Λ = Diag(λ); MesaNet).
+
+    ``decays_with_data`` (v2, decayed weights only): the regulariser is forgotten with the data,
+    R_t(W) = ½ λ ω_{t,0} ‖W‖² with ω_{t,0} = ∏_{j≤t} α_j (exponentially weighted recursive least squares with
+    a forgetting factor). Only then does the exact solution admit a rank-one (Sherman–Morrison) recursion.
+    """
 
     kind: Literal["none", "ridge"]
     coefficient: Identifier | None = None
+    decays_with_data: bool = False
 
 
 class Model(_Record):
@@ -91,10 +99,34 @@ class Objective(_Record):
 
 
 class ClosedFormSolver(_Record):
-    """Exact minimiser, kept recursively by ``sherman_morrison`` (rank-1 inverse updates; recursive least squares)."""
+    """Exact minimiser, kept recursively by ``sherman_morrison`` (rank-1 inverse updates; recursive least squares;
+    with decayed weights only when the regulariser decays with the data) or, v2, by ``cholesky``: the running
+    sums H_t = Σ ω β k kᵀ and G_t = Σ ω β v kᵀ are the state and every position solves (H_t + Λ) x_t = q_t by a
+    Cholesky factorisation (a direct per-position solve; never a general inverse)."""
 
     kind: Literal["closed_form"]
-    recurrence: Literal["sherman_morrison"]
+    recurrence: Literal["sherman_morrison", "cholesky"]
+
+
+class ConjugateGradientSolver(_Record):
+    """v2: the exact minimiser's readout x_t = (H_t + Λ)⁻¹ q_t by conjugate gradient on the running sums
+    (MesaNet, von Oswald et al. 2025): at most ``max_iterations`` iterations, stopped once the residual
+    ‖(H_t + Λ) x − q_t‖₂ ≤ ``tolerance`` · ‖q_t‖₂, started from the Jacobi guess x⁰ = q_t / (diag H_t + λ)."""
+
+    kind: Literal["conjugate_gradient"]
+    max_iterations: Annotated[int, Field(ge=1, le=1000)]
+    tolerance: Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class ImplicitOnlineGDSolver(_Record):
+    """v2: the exact implicit (proximal) online step on the newest pair, step size ``step_size`` β_t:
+    W_t = argmin_W ½‖W − W'‖²_F + β_t ℓ_t(W), W' the (decayed) previous iterate. sympy derives its closed form,
+    W_t = W' + ε_t e_t k_tᵀ with ε_t = β_t / (1 + β_t k_tᵀk_t) (the objective of Longhorn, Liu et al. 2024,
+    solved exactly)."""
+
+    kind: Literal["implicit_online_gd"]
+    step_size: Identifier
+    init: Literal["zero"] = "zero"
 
 
 class GDSolver(_Record):
@@ -116,7 +148,8 @@ class OnlineGDSolver(_Record):
     init: Literal["zero"] = "zero"
 
 
-Solver = Annotated[Union[ClosedFormSolver, GDSolver, OnlineGDSolver], Field(discriminator="kind")]
+Solver = Annotated[Union[ClosedFormSolver, ConjugateGradientSolver, GDSolver, OnlineGDSolver, ImplicitOnlineGDSolver],
+                   Field(discriminator="kind")]
 
 
 class Readout(_Record):
@@ -258,18 +291,43 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             if p.domain != "positive":
                 errs.append((("parameters", reg.coefficient, "domain"),
                              "the ridge coefficient λ must have domain 'positive'"))
-            if p.shape != ("heads",):
+            if p.shape == ("heads", "d_k"):
+                if spec.spec_version < 2:
+                    errs.append((("parameters", reg.coefficient, "shape"), "a per-key-channel ridge coefficient "
+                                 "[heads, d_k] needs spec_version: 2"))
+                elif spec.solver.kind not in ("closed_form", "conjugate_gradient"):
+                    errs.append((("parameters", reg.coefficient, "shape"), "unsupported combination: a per-key-channel "
+                                 "ridge coefficient [heads, d_k] needs an exact solver (closed_form or "
+                                 f"conjugate_gradient), not {spec.solver.kind}; use shape [heads]"))
+            elif p.shape != ("heads",):
                 errs.append((("parameters", reg.coefficient, "shape"),
-                             f"the ridge coefficient is one scalar per head: shape must be [heads], not {list(p.shape)}"))
+                             "the ridge coefficient is one scalar per head, shape [heads], or one per key channel, "
+                             f"shape [heads, d_k]; not {list(p.shape)}"))
     elif reg.coefficient is not None:
         errs.append((("objective", "regularizer", "coefficient"), "regularizer 'none' takes no coefficient"))
+    if reg.decays_with_data:
+        if spec.spec_version < 2:
+            errs.append((("objective", "regularizer", "decays_with_data"), "a regulariser that decays with the data "
+                         "needs spec_version: 2"))
+        elif reg.kind != "ridge" or spec.objective.weights.kind != "decayed":
+            errs.append((("objective", "regularizer", "decays_with_data"), "decays_with_data needs a ridge "
+                         "regularizer and decayed weights (it forgets the regulariser with the data's gate)"))
 
     solver = spec.solver
-    if solver.kind == "closed_form":
-        if reg.kind != "ridge":
-            errs.append((("solver", "kind"), "unsupported combination: the closed_form solver needs a ridge "
-                         "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
-    elif solver.step_size is None:  # only gd may omit it (pydantic requires online_gd's)
+    exact = solver.kind in ("closed_form", "conjugate_gradient")
+    if solver.kind in ("conjugate_gradient", "implicit_online_gd") and spec.spec_version < 2:
+        errs.append((("solver", "kind"), f"the {solver.kind} solver needs spec_version: 2"))
+    if solver.kind == "closed_form" and solver.recurrence == "cholesky" and spec.spec_version < 2:
+        errs.append((("solver", "recurrence"), "the cholesky recurrence needs spec_version: 2"))
+    if exact and reg.kind != "ridge":
+        errs.append((("solver", "kind"), f"unsupported combination: the {solver.kind} solver needs a ridge "
+                     "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
+    if solver.kind == "implicit_online_gd" and reg.kind != "none":
+        errs.append((("objective", "regularizer"), "unsupported combination: the implicit_online_gd solver "
+                     "takes the proximal step on the newest pair's loss alone (regularizer kind: none)"))
+    if exact:  # the exact solvers take no step size
+        pass
+    elif solver.step_size is None:  # only gd may omit it (pydantic requires the online solvers')
         if spec.spec_version < 2:
             errs.append((("solver",), "the gd solver needs a 'step_size' in spec_version 1 (a parameter name); "
                          "omitting it for a step size of 1 needs spec_version: 2"))
@@ -289,7 +347,10 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             if spec.inputs[ss].space != "linear":
                 errs.append((("inputs", ss, "space"), "unsupported combination: a step size is used in linear "
                              "space; a log-space input is only meaningful as a forget gate"))
-            if spec.inputs[ss].shape[3:] == ("d_k",):
+            if solver.kind == "implicit_online_gd" and spec.inputs[ss].shape[3:]:
+                errs.append((("inputs", ss, "shape"), "the implicit_online_gd step size is one scalar per token "
+                             "and head: shape [batch, time, heads]"))
+            elif spec.inputs[ss].shape[3:] == ("d_k",):
                 errs.append((("inputs", ss, "shape"), "a step-size input is [batch, time, heads] (one per token and "
                              "head) or [batch, time, heads, d_v] (one per value channel), not [batch, time, heads, d_k]: "
                              "a per-key-channel shape is only for forget gates"))
@@ -337,10 +398,10 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             unresolved = True
             errs.append((("objective", "weights", "gate"), f"{w.gate!r} is neither a declared parameter nor an input "
                          f"(declared: {sorted(names)})"))
-        if solver.kind == "closed_form":
-            errs.append((("objective", "weights", "kind"), "unsupported combination: the closed_form "
-                         "(Sherman–Morrison) solver keeps uniform weights only (the exponentially weighted "
-                         "ridge is not in this version); use weights {kind: uniform}, or the gd or online_gd solver"))
+        if exact and w.gate in spec.inputs and spec.inputs[w.gate].shape[3:]:
+            errs.append((("inputs", w.gate, "shape"), f"unsupported combination: the {solver.kind} solver weighs "
+                         "each pair's whole loss, so its forget gate is one scalar per token and head [batch, time, "
+                         "heads], not per key channel"))
     roles = [("objective", "weights", "gate", w.gate), ("objective", "weights", "importance", w.importance),
              ("solver", "step_size", getattr(solver, "step_size", None))]
     seen: dict[str, str] = {}
@@ -366,10 +427,10 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
                          f"{w.importance!r} is a parameter; an importance weight β_i is a per-token input [batch, "
                          "time, heads]" if w.importance in spec.parameters else
                          f"{w.importance!r} is not a declared input (declared inputs: {sorted(spec.inputs)})"))
-        if solver.kind != "gd":
+        if solver.kind not in ("gd", "closed_form", "conjugate_gradient"):
             errs.append((("objective", "weights", "importance"), f"unsupported combination: importance weights "
-                         f"need the gd solver, not {solver.kind}" + (" (online GD sees one pair per step: multiply "
-                         "the step size by the weight instead)" if solver.kind == "online_gd" else "")))
+                         f"need the gd, closed_form or conjugate_gradient solver, not {solver.kind} (online GD sees "
+                         "one pair per step: multiply the step size by the weight instead)"))
     if not v2:
         if spec.objective.model.feature_map != "identity":
             errs.append((("objective", "model", "feature_map"), f"the feature map {spec.objective.model.feature_map!r} "

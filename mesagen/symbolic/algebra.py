@@ -103,6 +103,15 @@ def rank_one_factor(M: MatrixExpr) -> sp.MatrixSymbol | None:
     return None
 
 
+def scaled_rank_one(M: MatrixExpr) -> tuple[sp.Expr, sp.MatrixSymbol] | None:
+    """Return (c, u) if M == c·u uᵀ for a column MatrixSymbol u and a scalar c (an importance weight β, or 1),
+    else None (the precondition of a weighted Sherman–Morrison step)."""
+    coeff, mats = _factors(M) if not isinstance(M, sp.MatAdd) else (None, [])
+    if coeff is not None and len(mats) == 2 and isinstance(mats[0], sp.MatrixSymbol) and mats[1] == mats[0].T:
+        return coeff, mats[0]
+    return None
+
+
 def scaled_identity(M: MatrixExpr) -> sp.Expr | None:
     """Return c if M == c·I (c a scalar expression), 0 for a ZeroMatrix, else None."""
     if isinstance(M, sp.ZeroMatrix):

@@ -65,7 +65,8 @@ def _fail(spec: Spec, step: str, reason: str) -> DerivationError:
 def symbols(spec: Spec) -> dict[str, sp.Basic]:
     """The symbol of every parameter and input: a real Symbol, or a column MatrixSymbol for a per-channel input
     (``[batch, time, heads, d_k]`` → K × 1, ``[..., d_v]`` → V × 1)."""
-    out: dict[str, sp.Basic] = {n: sp.Symbol(n, real=True) for n in spec.parameters}
+    out: dict[str, sp.Basic] = {n: mat(n, "K", 1) if tuple(p.shape) == ("heads", "d_k") else sp.Symbol(n, real=True)
+                                for n, p in spec.parameters.items()}
     for n, x in spec.inputs.items():
         out[n] = mat(n, {"d_k": "K", "d_v": "V"}[x.shape[3]], 1) if len(x.shape) == 4 else sp.Symbol(n, real=True)
     return out
@@ -86,8 +87,24 @@ def objective(spec: Spec, tok: Tokens, params: dict[str, sp.Basic]) -> tuple[Mat
     reg = spec.objective.regularizer
     R = sp.Integer(0)
     if reg.kind == "ridge":
-        R = params[reg.coefficient] / 2 * sp.Trace(W.T * W)
+        lam = params[reg.coefficient]
+        # per key channel: ½ Σ_d λ_d ‖W_{:,d}‖² = ½ tr(W Λ Wᵀ), Λ = Diag(λ) (sympy's matrix calculus needs Λ as a
+        # plain symbol: it is differentiated as _LAMBDA and substituted afterwards, see derive)
+        R = sp.Trace(W * _LAMBDA * W.T) / 2 if isinstance(lam, sp.MatrixSymbol) else lam / 2 * sp.Trace(W.T * W)
     return loss, R
+
+
+#: Stand-in for Diag(λ) of a per-key-channel ridge coefficient while sympy differentiates (see objective).
+_LAMBDA = mat("Lambda_", "K", "K")
+
+
+def _diag_coefficient(expr, spec: Spec, params: dict[str, sp.Basic]):
+    """Replace the stand-in Λ by Diag(λ) (a no-op without a per-key-channel ridge coefficient); Λ is diagonal,
+    so Λᵀ = Λ and ½(Λ + Λᵀ) = Λ."""
+    coef = spec.objective.regularizer.coefficient
+    if coef is None or not isinstance(params[coef], sp.MatrixSymbol):
+        return expr
+    return expr.subs(_LAMBDA.T, _LAMBDA).subs(_LAMBDA, sp.DiagMatrix(params[coef])).doit()
 
 
 def derive(spec: Spec) -> Derivation:
@@ -117,15 +134,18 @@ def derive(spec: Spec) -> Derivation:
         raise _fail(spec, "stationarity", str(exc)) from None
     if not isinstance(cross_reg, sp.ZeroMatrix) and cross_reg != sp.ZeroMatrix(*W.shape):
         raise _fail(spec, "stationarity", "the regulariser's gradient has a W-free part; not supported")
+    R, g_reg, gram_reg = (_diag_coefficient(x, spec, params) for x in (R, g_reg, gram_reg))
     A, C = mat("A", "K", "K"), mat("C", "V", "K")
     lam = scaled_identity(gram_reg)
     uniform = spec.objective.weights.kind == "uniform"
-    closed = C * sp.Inverse(A + gram_reg) if lam is not None and lam != 0 and uniform else None
+    exact = spec.solver.kind in ("closed_form", "conjugate_gradient")
+    closed = C * sp.Inverse(A + gram_reg) if exact or (lam is not None and lam != 0 and uniform) else None
     rule = rule_for(spec)
     ss = getattr(spec.solver, "step_size", None)
     gate = spec.objective.weights.gate if not uniform else None
     pieces = Pieces(spec=spec, tok=tok, gram=gram, cross=cross, gram_reg=gram_reg, u=rank_one_factor(gram),
-                    lam=lam, step=params[ss] if ss else sp.Integer(1), gate=params[gate] if gate else None)
+                    lam=lam, step=params[ss] if ss else sp.Integer(1), gate=params[gate] if gate else None,
+                    reg_decays=spec.objective.regularizer.decays_with_data)
     rec, kernel, stored = rule.derive(pieces)
     return Derivation(spec=spec, tokens=tok, loss_term=loss, regularizer=R, grad_term=g_term, grad_reg=g_reg,
                       gram_term=gram, cross_term=cross, gram_reg=gram_reg, closed_form=closed, recurrence=rec,

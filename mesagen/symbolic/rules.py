@@ -30,7 +30,7 @@ from sympy.matrices.expressions.matexpr import MatrixExpr
 from mesagen.errors import DerivationError
 from mesagen.ir.dims import mat
 from mesagen.ir.records import Accumulator, Assign, KernelForm, Recurrence, StateDecl
-from mesagen.symbolic.algebra import Tokens, evaluate
+from mesagen.symbolic.algebra import Tokens, evaluate, scaled_rank_one
 
 if TYPE_CHECKING:
     from mesagen.spec.schema import Spec
@@ -50,6 +50,7 @@ class Pieces:
         step: the step size's symbol (a scalar Symbol, a V×1 MatrixSymbol for a per-value-channel step size),
             or the number 1.
         gate: the forget gate's symbol (a scalar Symbol, or a K×1 MatrixSymbol per key channel), or None.
+        reg_decays: the regulariser is forgotten with the data (R_t = ω_{t,0} R; ``decays_with_data``).
     """
 
     spec: "Spec"
@@ -61,6 +62,7 @@ class Pieces:
     lam: sp.Expr | None
     step: sp.Basic
     gate: sp.Basic | None
+    reg_decays: bool = False
 
     @property
     def channel_gate(self) -> bool:
@@ -113,7 +115,7 @@ def full_gradient(d: "Derivation", W, toks, vals, t: int):
     Returns a V×K ImmutableMatrix. Raises KeyError for a value missing from ``vals``. Shared by the gd target and
     verify's stationarity check."""
     Kd = toks[0]["k"].shape[0]
-    total = evaluate(d.grad_reg, {"W": W, **vals[t]}, _dims(toks))
+    total = _reg_weight(d, vals, t) * evaluate(d.grad_reg, {"W": W, **vals[t]}, _dims(toks))
     for i in range(t + 1):
         w = _weight(d, vals, t, i, Kd)
         tk = dict(toks[i])
@@ -141,31 +143,77 @@ def _float_weight(spec: "Spec", data: dict, t: int, i: int):
 
 # ---------------------------------------------------------------------------------------- Sherman–Morrison
 
-def _sherman_morrison(pc: Pieces):
-    """Recursive least squares: P_t = (A_t + λI)⁻¹ by Sherman–Morrison, W_t = C_t P_t by the RLS update.
+def _prove_rank_one(pc: Pieces) -> None:
+    """Prove that the regularised Gram matrix obeys a rank-one recursion, Ā_t = α_t Ā_{t−1} + c_t u_t u_tᵀ with
+    Ā_t = Σ_{i≤t} ω_{t,i} c_i u_i u_iᵀ + R_t, or refuse with the reason and the solvers that do apply.
 
-        Pk = P k,   s = 1 + kᵀ P k,   P' = P − Pk s⁻¹ Pkᵀ,   e = v − W k,   W' = W + e s⁻¹ Pkᵀ,   o = W' q.
+    The data part obeys it by construction (ω_{t,i} = α_t ω_{t−1,i}); what remains is R_t = α_t R_{t−1}. With
+    the regulariser forgotten with the data, R_t = ω_{t,0} R, and ω_{t,0} = α_t ω_{t−1,0}: sympy confirms
+    ω_{t,0} R − α_t ω_{t−1,0} R = 0. A regulariser that does not decay (R_t = R) would need R = α_t R, false
+    for α_t < 1: Sherman–Morrison cannot keep the exact solution, and the derivation stops.
     """
-    tok, u, lam = pc.tok, pc.u, pc.lam
-    if u is None or pc.cross != tok.v * u.T or lam is None or lam == 0:
-        raise DerivationError(pc.spec.name, "sherman_morrison", "needs ∇ℓ = W u uᵀ − v uᵀ and ∇R = λW with λ > 0")
+    if pc.gate is None:
+        return
+    if pc.channel_gate:
+        raise DerivationError(pc.spec.name, "sherman_morrison", "a per-key-channel gate decays Σ k kᵀ on both sides; "
+                              "no rank-one recursion keeps its inverse")
+    alpha, w_prev = pc.gate, sp.Symbol("omega_prev", positive=True)
+    Rm = pc.gram_reg
+    R_t, R_prev = (alpha * w_prev * Rm, w_prev * Rm) if pc.reg_decays else (Rm, Rm)
+    if sp.simplify((R_t - alpha * R_prev).doit()) != sp.ZeroMatrix(*Rm.shape):
+        raise DerivationError(
+            pc.spec.name, "sherman_morrison",
+            "no rank-one recursion keeps the exact solution: with decayed weights Ā_t = α_t Ā_{t−1} + k_t k_tᵀ needs "
+            "the regulariser to decay with the data (R_t = α_t R_{t−1}), but here R_t = R for every t "
+            "(objective.regularizer.decays_with_data is false). Solvers that apply: solver {kind: closed_form, "
+            "recurrence: cholesky} (running sums and a direct per-position Cholesky solve) or {kind: "
+            "conjugate_gradient, max_iterations: N, tolerance: ε}; or set decays_with_data: true (RLS with a "
+            "forgetting factor)")
+
+
+def _sherman_morrison(pc: Pieces):
+    """Recursive least squares: P_t = Ā_t⁻¹ by Sherman–Morrison, W_t = C_t P_t by the RLS update, where
+    Ā_t = α_t Ā_{t−1} + c k kᵀ (α = 1 without decay; c the importance weight β, or 1) -- see _prove_rank_one:
+
+        Pk = P k,  s = α + c kᵀ P k,  P' = (P − c Pk s⁻¹ Pkᵀ) / α,  e = v − W k,  W' = W + c e s⁻¹ Pkᵀ,  o = W' q.
+
+    (P' k = P k / s, and W' Ā_t = α C_{t−1} + c v kᵀ = C_t.) With α = c = 1 this is the mesa layer's update
+    (von Oswald et al. 2023, Eq. 10 and App.); with a forgetting factor it is exponentially weighted RLS.
+    """
+    tok = pc.tok
+    ro = scaled_rank_one(pc.gram)
+    reg = pc.gram_reg
+    if ro is None or pc.cross != ro[0] * tok.v * ro[1].T or isinstance(reg, sp.ZeroMatrix) or pc.lam == 0:
+        raise DerivationError(pc.spec.name, "sherman_morrison",
+                              "needs ∇ℓ = c (W u uᵀ − v uᵀ) and ∇R = W Λ with Λ = λI or Diag(λ), λ > 0")
+    _prove_rank_one(pc)
+    c, u = ro
+    alpha = pc.gate if pc.gate is not None else sp.Integer(1)
     W, v, q = tok.W, tok.v, tok.q
     P = mat("P", "K", "K")
     Pk, s, e = mat("Pk", "K", 1), mat("s", 1, 1), mat("e", "V", 1)
     update = (
         Assign("Pk", P * u, ("K", 1), "P k"),
-        Assign("s", sp.Identity(1) + u.T * Pk, (1, 1), "1 + kᵀ P k  (Sherman–Morrison denominator)"),
-        Assign("P_new", P - Pk * sp.Inverse(s) * Pk.T, ("K", "K"), "P' = P − P k kᵀ P / s"),
+        Assign("s", alpha * sp.Identity(1) + c * u.T * Pk, (1, 1),
+               "1 + kᵀ P k  (Sherman–Morrison denominator)" if alpha == 1 and c == 1 else
+               "α + c kᵀ P k  (Sherman–Morrison denominator)"),
+        Assign("P_new", (P - c * Pk * sp.Inverse(s) * Pk.T) / alpha, ("K", "K"),
+               "P' = P − P k kᵀ P / s" if alpha == 1 and c == 1 else "P' = (P − c P k kᵀ P / s) / α"),
         Assign("e", v - W * u, ("V", 1), "prediction error v − W k"),
-        Assign("W_new", W + e * sp.Inverse(s) * Pk.T, ("V", "K"), "W' = W + e (P' k)ᵀ, since P' k = P k / s"),
+        Assign("W_new", W + c * e * sp.Inverse(s) * Pk.T, ("V", "K"),
+               "W' = W + e (P' k)ᵀ, since P' k = P k / s" if c == 1 else "W' = W + c e (P' k)ᵀ, since P' k = P k / s"),
     )
     readout = (Assign("o", mat("W_new", "V", "K") * q, ("V", 1), "o = W' q"),)
+    P0 = sp.Identity(P.shape[0]) / pc.lam if pc.lam is not None else sp.Inverse(reg)
     states = (StateDecl("W", ("V", "K"), sp.ZeroMatrix(*W.shape), "W_t = C_t P_t, the ridge solution"),
-              StateDecl("P", ("K", "K"), sp.Identity(P.shape[0]) / lam, "P_t = (Σ k kᵀ + λI)⁻¹"))
+              StateDecl("P", ("K", "K"), P0, "P_t = (Σ k kᵀ + λI)⁻¹" if pc.gate is None and c == 1 else
+                        "P_t = Ā_t⁻¹, Ā_t = Σ ω_{t,i} c_i k_i k_iᵀ + ω_{t,0} Λ"))
     A, C = mat("Abar", "K", "K"), mat("Cbar", "V", "K")
     A0 = mat("A0", "K", "K")
+    decayed = pc.gate is not None
     kernel = KernelForm(
-        accumulators=(Accumulator("Cbar", v * u.T, ("V", "K")), Accumulator("Abar", u * u.T, ("K", "K"))),
+        accumulators=(Accumulator("Cbar", c * v * u.T, ("V", "K"), decayed),
+                      Accumulator("Abar", c * u * u.T, ("K", "K"), decayed)),
         stats_from_state=(Assign("A0", sp.Inverse(P), ("K", "K"), "Ā₀ = P₀⁻¹ (holds λI)"),
                           Assign("C0", W * A0, ("V", "K"), "C̄₀ = W₀ Ā₀")),
         precondition=(Assign("x", sp.Inverse(A) * q, ("K", 1), "x_t = Ā_t⁻¹ q_t (preconditioned query)"),),
@@ -175,24 +223,92 @@ def _sherman_morrison(pc: Pieces):
     return Recurrence(states, update, readout), kernel, {"W": ("S", True), "P": ("P", False)}
 
 
-def _closed_form_exact(d: "Derivation", toks, vals) -> list:
+def _running_sums_solve(pc: Pieces):
+    """The exact solution from running sums: G_t = α_t G_{t−1} + c v kᵀ, H_t = α_t H_{t−1} + c k kᵀ, and per position
+    x_t = (H_t + Λ)⁻¹ q_t, o_t = G_t x_t (W_t = G_t (H_t + Λ)⁻¹). A regulariser that decays with the data lives in
+    H (H₀ = Λ, decayed with it) and the solve reads H_t alone. The solve is printed by the backend as a Cholesky
+    solve (``closed_form`` / ``cholesky``) or as conjugate gradient (``conjugate_gradient``; MesaNet).
+    """
+    tok = pc.tok
+    ro = scaled_rank_one(pc.gram)
+    if ro is None or pc.cross != ro[0] * tok.v * ro[1].T or isinstance(pc.gram_reg, sp.ZeroMatrix):
+        raise DerivationError(pc.spec.name, pc.spec.solver.kind,
+                              "needs ∇ℓ = c (W u uᵀ − v uᵀ) and ∇R = W Λ with Λ = λI or Diag(λ), λ > 0")
+    if pc.channel_gate:
+        raise DerivationError(pc.spec.name, pc.spec.solver.kind, "a per-key-channel gate is not supported")
+    q = tok.q
+    reg = pc.gram_reg
+    C, A = mat("C", "V", "K"), mat("A", "K", "K")
+    An = mat("A_new", "K", "K")
+    system = An if pc.reg_decays else An + reg
+    what = "x = H⁻¹ q (H holds the decayed regulariser)" if pc.reg_decays else "x = (H + Λ)⁻¹ q"
+    update = (Assign("C_new", pc.decay(C) + pc.cross, ("V", "K"), "G' = α G + c v kᵀ (running sum)"),
+              Assign("A_new", pc.decay(A) + pc.gram, ("K", "K"), "H' = α H + c k kᵀ (running sum)"))
+    readout = (Assign("x", sp.Inverse(system) * q, ("K", 1), what + ", a linear solve"),
+               Assign("o", mat("C_new", "V", "K") * mat("x", "K", 1), ("V", 1), "o = G' x"))
+    A0 = reg if pc.reg_decays else sp.ZeroMatrix(*A.shape)
+    states = (StateDecl("C", ("V", "K"), sp.ZeroMatrix(*C.shape), "G_t = Σ_{i≤t} ω_{t,i} c_i v_i k_iᵀ"),
+              StateDecl("A", ("K", "K"), A0, "H_t = Σ_{i≤t} ω_{t,i} c_i k_i k_iᵀ"
+                        + (" + ω_{t,0} Λ" if pc.reg_decays else "")))
+    decayed = pc.gate is not None
+    Ab = mat("Abar", "K", "K")
+    kernel = KernelForm(
+        accumulators=(Accumulator("Cbar", pc.cross, ("V", "K"), decayed),
+                      Accumulator("Abar", pc.gram, ("K", "K"), decayed)),
+        stats_from_state=(Assign("C0", C, ("V", "K"), "C̄₀ = G₀"), Assign("A0", A, ("K", "K"), "Ā₀ = H₀")),
+        precondition=(Assign("x", sp.Inverse(Ab if pc.reg_decays else Ab + reg) * q, ("K", 1), what),),
+        state_from_stats=(Assign("C_new", mat("Cbar", "V", "K"), ("V", "K"), "G_T = C̄_T"),
+                          Assign("A_new", Ab, ("K", "K"), "H_T = Ā_T")),
+    )
+    return Recurrence(states, update, readout), kernel, {"C": ("kv", True), "A": ("kk", False)}
+
+
+def _closed_form(pc: Pieces):
+    """The closed_form solver: Sherman–Morrison (rank-one) or a direct per-position solve (cholesky)."""
+    if pc.spec.solver.recurrence == "cholesky":
+        return _running_sums_solve(pc)
+    return _sherman_morrison(pc)
+
+
+def _reg_weight(d: "Derivation", vals: list[dict], t: int):
+    """ω_{t,0} = ∏_{j≤t} α_j for a regulariser that decays with the data, else 1."""
+    if not d.spec.objective.regularizer.decays_with_data:
+        return sp.Integer(1)
+    return _weight(d, vals, t, -1, 1)
+
+
+def _exact_solution(d: "Derivation", toks, vals) -> list:
+    """o_t = W_t* q_t with W_t* = C_t (A_t + ω_{t,0}^{[decays]} Λ)⁻¹, C_t = Σ ω_{t,i} β_i v_i k_iᵀ, A_t = Σ ω_{t,i} β_i
+    k_i k_iᵀ: the minimiser of the weighted, regularised objective, from its stationarity condition."""
     outs = []
     Kd, Vd = _dims(toks)["K"], _dims(toks)["V"]
+    imp = d.spec.objective.weights.importance
     for t in range(len(toks)):
-        C = sum((tk["v"] * tk["k"].T for tk in toks[: t + 1]), sp.ImmutableMatrix.zeros(Vd, Kd))
-        A = sum((tk["k"] * tk["k"].T for tk in toks[: t + 1]), sp.ImmutableMatrix.zeros(Kd, Kd))
-        W = evaluate(d.closed_form, {"A": A, "C": C, **vals[t]}, _dims(toks))
+        C, A = sp.ImmutableMatrix.zeros(Vd, Kd), sp.ImmutableMatrix.zeros(Kd, Kd)
+        for i in range(t + 1):
+            w = _weight(d, vals, t, i, Kd) * (vals[i][imp] if imp else 1)
+            C, A = C + w * toks[i]["v"] * toks[i]["k"].T, A + w * toks[i]["k"] * toks[i]["k"].T
+        reg = evaluate(d.gram_reg, vals[t], _dims(toks))
+        W = C * (A + _reg_weight(d, vals, t) * reg).inv()
         outs.append(W * toks[t]["q"])
     return outs
 
 
-def _closed_form_float(spec: "Spec", data: dict) -> np.ndarray:
+def _exact_solution_float(spec: "Spec", data: dict) -> np.ndarray:
     ks, vs, qs = data["k"], data["v"], data["q"]
-    lam = float(data[spec.objective.regularizer.coefficient])
+    reg = spec.objective.regularizer
+    lam = np.asarray(data[reg.coefficient], dtype=np.float64)
+    Lam = np.diag(lam) if lam.ndim else float(lam) * np.eye(ks.shape[1])
+    imp = spec.objective.weights.importance
     out = []
     for t in range(len(ks)):
-        A, C = ks[: t + 1].T @ ks[: t + 1], vs[: t + 1].T @ ks[: t + 1]
-        out.append(np.linalg.solve(A + lam * np.eye(ks.shape[1]), C.T).T @ qs[t])
+        A, C = np.zeros((ks.shape[1],) * 2), np.zeros((vs.shape[1], ks.shape[1]))
+        for i in range(t + 1):
+            w = _float_weight(spec, data, t, i) * (float(data[imp][i]) if imp else 1.0)
+            A += w * np.outer(ks[i], ks[i])
+            C += w * np.outer(vs[i], ks[i])
+        r = _float_weight(spec, data, t, -1) if reg.decays_with_data else 1.0
+        out.append(np.linalg.solve(A + r * Lam, C.T).T @ qs[t])
     return np.array(out)
 
 
@@ -368,13 +484,118 @@ def _online_gd_float(spec: "Spec", data: dict) -> np.ndarray:
     return np.array(out)
 
 
+# ------------------------------------------------------------------------------ implicit (proximal) online GD
+
+def proximal_step_size(pc: Pieces) -> sp.Expr:
+    """Derive ε(β, kᵀk) of the exact proximal step W = argmin ½‖W − W'‖²_F + β ℓ(W), ℓ(W) = ½‖v − W k‖², with sympy.
+
+    Ansatz W = W' + ε e kᵀ (e = v − W' k; the stationarity condition (W − W') + β ∇ℓ(W) = 0 says W − W' is a
+    multiple of (v − W k) kᵀ, a matrix of the form a kᵀ). The condition is written out with explicit symbolic
+    entries at d_k = 3, d_v = 2, solved for ε by ``sympy.solve`` (one linear equation), and the solution is
+    identified as a function of n = kᵀk alone by substituting k₀² = n − k₁² − k₂². Every entry of the residual is
+    then proven zero (``simplify``) with that ε. Returns ε as an expression in the symbols β and n.
+
+    Raises:
+        DerivationError: the solve does not give one ε, or ε depends on k other than through kᵀk.
+    """
+    beta, eps, n = sp.Symbol("beta", positive=True), sp.Symbol("epsilon"), sp.Symbol("n", positive=True)
+    k = sp.Matrix(3, 1, sp.symbols("k0:3", real=True))
+    v = sp.Matrix(2, 1, sp.symbols("v0:2", real=True))
+    Wp = sp.Matrix(2, 3, sp.symbols("w0:6", real=True))
+    e = v - Wp * k
+    W = Wp + eps * e * k.T
+    residual = (W - Wp) + beta * (W * k - v) * k.T             # ∇ of ½‖W − W'‖² + β ½‖v − W k‖²
+    sols = sp.solve(residual[0, 0], eps)
+    if len(sols) != 1:
+        raise DerivationError(pc.spec.name, "implicit_online_gd", f"the proximal condition gives {sols} for ε")
+    general = sp.simplify(sols[0].subs(k[0] ** 2, n - k[1] ** 2 - k[2] ** 2))
+    if general.free_symbols - {beta, n}:
+        raise DerivationError(pc.spec.name, "implicit_online_gd", f"ε = {general} depends on more than β and kᵀk")
+    if sp.simplify(residual.subs(eps, general.subs(n, (k.T * k)[0, 0]))) != sp.zeros(2, 3):
+        raise DerivationError(pc.spec.name, "implicit_online_gd", "the derived ε does not zero every entry of "
+                              "the proximal stationarity condition")
+    return general.subs(beta, pc.step) if pc.step is not beta else general
+
+
+def _implicit_online_gd(pc: Pieces):
+    """Wd = decay(W) (decay first), then the exact proximal step W' = Wd + ε e kᵀ, e = v − Wd k, with
+    ε = β / (1 + β kᵀk) derived by :func:`proximal_step_size` (the objective of Longhorn, Liu et al. 2024, solved
+    exactly; with ε in place of β it is the delta rule, so every 0 < β gives a contraction: 0 < ε kᵀk < 1)."""
+    tok, u = pc.tok, pc.u
+    if u is None or pc.cross != tok.v * u.T or isinstance(pc.step, sp.MatrixSymbol):
+        raise DerivationError(pc.spec.name, "implicit_online_gd", "needs ∇ℓ = (W u − v) uᵀ and a scalar step size")
+    eps_expr = proximal_step_size(pc)
+    n_sym = sp.Symbol("n", positive=True)
+    W, v, q = tok.W, tok.v, tok.q
+    e, eps = mat("e", "V", 1), mat("eps", 1, 1)
+    num, den = sp.fraction(sp.together(eps_expr))
+    # ε as a 1 × 1 matrix expression: num · (den(n = kᵀk))⁻¹, den = 1 + β n is affine in n
+    den_m = den.subs(n_sym, 0) * sp.Identity(1) + sp.diff(den, n_sym) * (u.T * u)
+    if sp.simplify(den - den.subs(n_sym, 0) - sp.diff(den, n_sym) * n_sym) != 0:
+        raise DerivationError(pc.spec.name, "implicit_online_gd", f"ε = {eps_expr}: denominator not affine in kᵀk")
+    update: tuple[Assign, ...] = ()
+    Wd = W
+    if pc.gate is not None:
+        Wd = mat("Wd", "V", "K")
+        update += (Assign("Wd", pc.decay(W), ("V", "K"),
+                          "decay first: Wd = W Diag(α)" if pc.channel_gate else "decay first: Wd = α W"),)
+    update += (Assign("den", den_m, (1, 1), "denominator of ε, affine in kᵀk"),
+               Assign("eps", num * sp.Inverse(mat("den", 1, 1)), (1, 1),
+                      f"ε = {sp.sstr(eps_expr.subs(n_sym, sp.Symbol('kᵀk')))} (derived from the proximal objective)"),
+               Assign("e", v - Wd * u, ("V", 1), "prediction error v − Wd k"),
+               Assign("W_new", Wd + e * eps * u.T, ("V", "K"), "W' = Wd + ε e kᵀ (exact proximal step)"))
+    readout = (Assign("o", mat("W_new", "V", "K") * q, ("V", 1), "o = W' q"),)
+    states = (StateDecl("W", ("V", "K"), sp.ZeroMatrix(*W.shape), "W_t, the proximal online-GD iterate"),)
+    return Recurrence(states, update, readout), None, {"W": ("S", True), "Wd": ("Sd", True)}
+
+
+def _implicit_online_gd_exact(d: "Derivation", toks, vals) -> list:
+    """From the definition: W_t = argmin ½‖W − Wd‖² + β ℓ_t(W), i.e. W (I + β k kᵀ) = Wd + β v kᵀ, solved exactly."""
+    gate = d.spec.objective.weights.gate if d.spec.objective.weights.kind == "decayed" else None
+    Kd, Vd = _dims(toks)["K"], _dims(toks)["V"]
+    W = sp.ImmutableMatrix.zeros(Vd, Kd)
+    outs = []
+    for t, tk in enumerate(toks):
+        if gate is not None:
+            a = vals[t][gate]
+            W = W * sp.diag(*a) if isinstance(a, sp.MatrixBase) else a * W
+        beta = vals[t][d.spec.solver.step_size]
+        W = (W + beta * tk["v"] * tk["k"].T) * (sp.eye(Kd) + beta * tk["k"] * tk["k"].T).inv()
+        outs.append(W * tk["q"])
+    return outs
+
+
+def _implicit_online_gd_float(spec: "Spec", data: dict) -> np.ndarray:
+    ks, vs, qs = data["k"], data["v"], data["q"]
+    w = spec.objective.weights
+    W = np.zeros((vs.shape[1], ks.shape[1]))
+    out = []
+    for t in range(len(ks)):
+        if w.kind == "decayed":
+            a = data[w.gate]
+            W = W * (a[t] if np.ndim(a) else float(a))
+        beta = data[spec.solver.step_size]
+        beta = float(beta[t] if spec.solver.step_size in spec.inputs else beta)
+        # the proximal problem's normal equations, solved directly (not through the derived ε)
+        W = np.linalg.solve(np.eye(ks.shape[1]) + beta * np.outer(ks[t], ks[t]), (W + beta * np.outer(vs[t], ks[t])).T).T
+        out.append(W @ qs[t])
+    return np.array(out)
+
+
 RULES: dict[str, SolverRule] = {
-    "closed_form": SolverRule("closed_form", "the exact ridge minimiser, kept by Sherman–Morrison (RLS) updates",
-                              _sherman_morrison, _closed_form_exact, _closed_form_float),
+    "closed_form": SolverRule("closed_form", "the exact (weighted) ridge minimiser, kept by Sherman–Morrison (RLS) "
+                              "updates or by running sums and a per-position Cholesky solve",
+                              _closed_form, _exact_solution, _exact_solution_float),
+    "conjugate_gradient": SolverRule("conjugate_gradient", "running sums and, per position, the exact solution's "
+                                     "linear system solved by conjugate gradient (checked here as the exact solve "
+                                     "it approximates)", _running_sums_solve, _exact_solution, _exact_solution_float),
     "gd": SolverRule("gd", "k full-batch GD steps from W = 0: (decayed) running sums and a Horner readout",
                      _gd, _gd_exact, _gd_float),
     "online_gd": SolverRule("online_gd", "one GD step on the newest pair per token (delta rule), after the decay",
                             _online_gd, _online_gd_exact, _online_gd_float),
+    "implicit_online_gd": SolverRule("implicit_online_gd", "the exact proximal step on the newest pair per token "
+                                     "(ε = β/(1 + β kᵀk) derived), after the decay", _implicit_online_gd,
+                                     _implicit_online_gd_exact, _implicit_online_gd_float),
 }
 """The registry: ``solver.kind`` → :class:`SolverRule`."""
 

@@ -16,7 +16,7 @@ import sympy as sp
 from mesagen.errors import DerivationError
 from mesagen.symbolic.algebra import evaluate, run_program
 from mesagen.symbolic.derive import Derivation
-from mesagen.symbolic.rules import full_gradient, rule_for
+from mesagen.symbolic.rules import _reg_weight, _weight, full_gradient, rule_for
 
 EXACT_DIMS = {"K": 2, "V": 3}
 EXACT_T = 4
@@ -66,8 +66,9 @@ def _scalar_value(rng: random.Random, domain: str) -> sp.Rational:
 def _values(d: Derivation, rng: random.Random, T: int) -> list[dict]:
     """Per-token values of every parameter (constant over t) and input (time-varying, and per channel where
     the input is), exact rationals. A forget gate holds α ∈ (0, 1] (the programs' linear space)."""
-    params = {name: _scalar_value(rng, p.domain) for name, p in d.spec.parameters.items()}
     dims = {"d_k": EXACT_DIMS["K"], "d_v": EXACT_DIMS["V"]}
+    params = {name: sp.ImmutableMatrix(dims[p.shape[1]], 1, [_scalar_value(rng, p.domain) for _ in range(dims[p.shape[1]])])
+              if len(p.shape) == 2 else _scalar_value(rng, p.domain) for name, p in d.spec.parameters.items()}
     per_token = []
     for _ in range(T):
         vals = dict(params)
@@ -94,7 +95,8 @@ def _check_gradient(d: Derivation, rng: random.Random, vals: dict) -> Check:
     env = {"W": sp.ImmutableMatrix(w), **tk, **vals}
     f = evaluate(d.loss_term, env, EXACT_DIMS)[0, 0]
     if d.regularizer != 0:
-        f += d.regularizer.subs({s: vals[s.name] for s in d.regularizer.free_symbols if isinstance(s, sp.Symbol)}
+        f += d.regularizer.subs({s: vals[s.name] for s in d.regularizer.free_symbols
+                                 if isinstance(s, (sp.Symbol, sp.MatrixSymbol)) and s.name in vals}
                                 ).subs(d.tokens.W, sp.ImmutableMatrix(w)).doit()
     elementwise = sp.Matrix(Vd, Kd, lambda i, j: sp.diff(f, w[i, j]))
     derived = evaluate(d.grad_term, env, EXACT_DIMS) + evaluate(d.grad_reg, env, EXACT_DIMS)
@@ -106,12 +108,17 @@ def _check_gradient(d: Derivation, rng: random.Random, vals: dict) -> Check:
 
 
 def _closed_form_at(d: Derivation, toks, vals: list[dict]) -> sp.ImmutableMatrix:
-    """W* from the sums C = Σ β_i v_i k_iᵀ, A = Σ β_i k_i k_iᵀ (β_i the importance weight, 1 without one)."""
+    """W* at the last pair from the sums C = Σ ω β_i v_i k_iᵀ, A = Σ ω β_i k_i k_iᵀ (β_i the importance weight, ω
+    the decayed weight; 1 without them); a regulariser that decays with the data enters as ω_{t,0} Λ."""
     imp = d.spec.objective.weights.importance
-    w = [vv[imp] if imp else 1 for vv in vals]
+    t = len(toks) - 1
+    w = [_weight(d, vals, t, i, EXACT_DIMS["K"]) * (vals[i][imp] if imp else 1) for i in range(len(toks))]
     C = sum((b * tk["v"] * tk["k"].T for b, tk in zip(w, toks)), sp.ImmutableMatrix.zeros(EXACT_DIMS["V"], EXACT_DIMS["K"]))
     A = sum((b * tk["k"] * tk["k"].T for b, tk in zip(w, toks)), sp.ImmutableMatrix.zeros(EXACT_DIMS["K"], EXACT_DIMS["K"]))
-    return evaluate(d.closed_form, {"A": A, "C": C, **vals[0]}, EXACT_DIMS)
+    if d.spec.objective.regularizer.decays_with_data:  # (A + ω_{t,0} Λ) = ω_{t,0} (A/ω_{t,0} + Λ)
+        r = _reg_weight(d, vals, t)
+        return evaluate(d.closed_form, {"A": A / r, "C": C / r, **vals[t]}, EXACT_DIMS)
+    return evaluate(d.closed_form, {"A": A, "C": C, **vals[t]}, EXACT_DIMS)
 
 
 def _check_stationarity(d: Derivation, rng: random.Random, vals: list[dict]) -> list[Check]:
@@ -119,10 +126,13 @@ def _check_stationarity(d: Derivation, rng: random.Random, vals: list[dict]) -> 
     Wstar = _closed_form_at(d, toks, vals)
     if full_gradient(d, Wstar, toks, vals, len(toks) - 1) != sp.zeros(*Wstar.shape):
         raise DerivationError(d.spec.name, "stationarity", "the closed form does not zero the gradient")
-    if _closed_form_at(d, toks[::-1], vals[::-1]) != Wstar:
-        raise DerivationError(d.spec.name, "permutation", "the closed form depends on the order of past pairs")
-    return [Check("stationarity", "exact", f"∇L(W*) = 0 at W* = {sp.sstr(d.closed_form)} (T = {EXACT_T})"),
-            Check("permutation", "exact", "W* is invariant to permuting the past pairs")]
+    checks = [Check("stationarity", "exact", f"∇L(W*) = 0 at W* = {sp.sstr(d.closed_form)} (T = {EXACT_T}"
+                    + (", time-varying decayed weights" if d.spec.objective.weights.kind == "decayed" else "") + ")")]
+    if d.spec.objective.weights.kind == "uniform":
+        if _closed_form_at(d, toks[::-1], vals[::-1]) != Wstar:
+            raise DerivationError(d.spec.name, "permutation", "the closed form depends on the order of past pairs")
+        checks.append(Check("permutation", "exact", "W* is invariant to permuting the past pairs"))
+    return checks
 
 
 def _init_state(d: Derivation, vals: dict) -> dict:
@@ -209,8 +219,9 @@ def _check_float(d: Derivation, seed: int) -> Check:
     dims = {"K": Kd, "V": Vd}
     rec = d.recurrence
     fns = [_lambdified(a, Kd, Vd) for a in rec.update + rec.readout]
-    data: dict = {n: 0.3 + 0.5 * rng.random() for n in d.spec.parameters}
     width = {"d_k": Kd, "d_v": Vd}
+    data: dict = {n: 0.3 + 0.5 * (rng.random(width[p.shape[1]]) if len(p.shape) == 2 else rng.random())
+                  for n, p in d.spec.parameters.items()}
     for n, x in d.spec.inputs.items():  # time-varying; gates in (0.3, 1], the programs' linear space
         shape = (FLOAT_T, width[x.shape[3]]) if len(x.shape) == 4 else (FLOAT_T,)
         data[n] = 0.3 + 0.7 * rng.random(shape)
@@ -222,12 +233,16 @@ def _check_float(d: Derivation, seed: int) -> Check:
         lam_max = np.linalg.eigvalsh(ks.T @ ks)[-1] + (data[coef] if coef else 0.0)
         data[solver.step_size] = float(0.9 / lam_max)
     scal = {n: v for n, v in data.items() if np.ndim(v) == 0}
-    env0 = {st.name: np.asarray(evaluate(st.init, {n: sp.Float(v) for n, v in scal.items()}, dims)
-                                .evalf(), dtype=np.float64) for st in rec.states}
+    vecp = {n: data[n] for n in d.spec.parameters if np.ndim(data[n]) == 1}  # per-channel parameters, constant
+    exact0 = {**{n: sp.Float(v) for n, v in scal.items()},
+              **{n: sp.ImmutableMatrix([sp.Float(x) for x in v]) for n, v in vecp.items()}}
+    env0 = {st.name: np.asarray(evaluate(st.init, exact0, dims).evalf(), dtype=np.float64) for st in rec.states}
     state = env0
     got = []
     for t in range(FLOAT_T):
         env = {**state, "k": ks[t][:, None], "v": vs[t][:, None], "q": qs[t][:, None], **scal}
+        for n, x in vecp.items():
+            env[n], env[f"diag_{n}"] = x[:, None], np.diag(x)
         for n in d.spec.inputs:
             x = data[n][t]
             env[n] = x[:, None] if np.ndim(x) else x

@@ -32,6 +32,7 @@ _step_head = _stats_head = _precondition_head = _final_head = _features = init_s
 __STEP_HEAD_AXES__ = __STEP_BATCH_AXES__ = __STATS_HEAD_AXES__ = __STATS_BATCH_AXES__ = ()
 __USES_GRAM__ = __PER_CHANNEL__ = False
 __IMPORTANCE__ = __GATE_INPUT__ = __GATE_PARAM__ = None
+__MAX_ITERATIONS__ = __TOLERANCE__ = 1
 
 # ==== template body ====
 # ==== section: spd_helpers ====
@@ -58,6 +59,65 @@ def _spd_inv(A):
     return _spd_solve(A, jnp.eye(A.shape[-1], dtype=A.dtype))
 
 
+# ==== section: cg_helpers ====
+_CG_MAX_ITERATIONS = __MAX_ITERATIONS__   # the spec's solver.max_iterations
+_CG_TOLERANCE = __TOLERANCE__        # the spec's solver.tolerance: stop once ‖A x − b‖₂ ≤ tolerance · ‖b‖₂
+
+
+def _cg_iterate(A, b):
+    """Conjugate gradient for A x = b, A [K, K] symmetric positive-definite, b [K, N] (each column its own run).
+
+    Starts from the Jacobi guess x⁰ = b / diag(A); stops a column once ‖r‖₂ ≤ _CG_TOLERANCE · ‖b‖₂ and the loop
+    after _CG_MAX_ITERATIONS iterations at most (lax.while_loop: no cost for iterations never needed). Guarded:
+    b = 0 returns 0 after no iteration, and a zero curvature pᵀAp (a converged column) divides by 1, not 0.
+    Hestenes & Stiefel (1952); MesaNet (von Oswald et al. 2025) solves its readout this way.
+    """
+    x = b / jnp.diagonal(A)[:, None]
+    r = b - A @ x
+    rs = jnp.sum(r * r, axis=0, keepdims=True)
+    stop = (_CG_TOLERANCE * _CG_TOLERANCE) * jnp.sum(b * b, axis=0, keepdims=True)
+
+    def cond(c):
+        i, _, _, _, rs = c
+        return (i < _CG_MAX_ITERATIONS) & jnp.any(rs > stop)
+
+    def body(c):
+        i, x, r, p, rs = c
+        active = rs > stop
+        Ap = A @ p
+        pAp = jnp.sum(p * Ap, axis=0, keepdims=True)
+        a = jnp.where(active, rs / jnp.where(pAp > 0, pAp, 1), 0)
+        x, r = x + a * p, r - a * Ap
+        rs_new = jnp.sum(r * r, axis=0, keepdims=True)
+        p = r + jnp.where(active, rs_new / jnp.where(rs > 0, rs, 1), 0) * p
+        return i + 1, x, r, p, rs_new
+
+    return lax.while_loop(cond, body, (0, x, r, r, rs))[1]
+
+
+@jax.custom_vjp
+def _cg_solve(A, b):
+    """x ≈ A⁻¹ b by conjugate gradient (_cg_iterate), A [K, K] symmetric positive-definite, b [K, N].
+
+    Reverse mode by implicit differentiation, not through the iterations: for x = A⁻¹ b, b̄ = A⁻¹ x̄ (one more
+    conjugate-gradient solve with the cotangent; A is symmetric) and Ā = −b̄ xᵀ. A zero cotangent gives zero
+    gradients (the solve's guard), a tiny one a tiny gradient (the tolerance is relative). Forward mode (jvp)
+    is not defined (custom VJP)."""
+    return _cg_iterate(A, b)
+
+
+def _cg_solve_fwd(A, b):
+    x = _cg_iterate(A, b)
+    return x, (A, x)
+
+
+def _cg_solve_bwd(res, x_bar):
+    A, x = res
+    b_bar = _cg_iterate(A, x_bar)
+    return -b_bar @ x.T, b_bar
+
+
+_cg_solve.defvjp(_cg_solve_fwd, _cg_solve_bwd)
 # ==== section: frame ====
 # ----------------------------------------------------------------------------------------------------
 # Batched frame: vmaps over heads and batch, lax.scan over time.
@@ -572,8 +632,10 @@ def _check(q, k, v, params, inputs, lead):
     for n in _PARAM_NAMES:
         if n not in params:
             raise ValueError(f"{SPEC_NAME}: missing parameter {n!r} (expected {list(_PARAM_NAMES)})")
-        if jnp.shape(params[n]) != (H,):
-            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape [H] = ({H},), got {jnp.shape(params[n])}")
+        want = (H, q.shape[-1]) if len(PARAMS[n]["shape"]) == 2 else (H,)
+        if jnp.shape(params[n]) != want:
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must have shape {list(PARAMS[n]['shape'])} = {want}, "
+                             f"got {jnp.shape(params[n])}")
         _real_floating(f"parameter {n!r}", params[n])
         _check_domain(f"parameter {n!r}", params[n], PARAMS[n]["domain"])
     unknown = sorted(set(inputs) - set(_INPUT_NAMES))
