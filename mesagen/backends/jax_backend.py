@@ -198,9 +198,9 @@ class JaxBackend:
                       "compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward",
                       "is a custom VJP)."]
         elif ir.cg:
-            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
-                      "compose in any nesting; jvp (forward mode) is not available: the conjugate-gradient solve",
-                      "(_cg_solve) is differentiated implicitly by a custom VJP."]
+            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jvp, jax.checkpoint and",
+                      "lax.scan compose in any nesting; the conjugate-gradient solve (_cg_solve) is differentiated",
+                      "implicitly (lax.custom_linear_solve), never through its iterations."]
         else:
             lines += ["Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or",
                       "unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting."]

@@ -95,29 +95,15 @@ def _cg_iterate(A, b):
     return lax.while_loop(cond, body, (0, x, r, r, rs))[1]
 
 
-@jax.custom_vjp
 def _cg_solve(A, b):
     """x ≈ A⁻¹ b by conjugate gradient (_cg_iterate), A [K, K] symmetric positive-definite, b [K, N].
 
-    Reverse mode by implicit differentiation, not through the iterations: for x = A⁻¹ b, b̄ = A⁻¹ x̄ (one more
-    conjugate-gradient solve with the cotangent; A is symmetric) and Ā = −b̄ xᵀ. A zero cotangent gives zero
-    gradients (the solve's guard), a tiny one a tiny gradient (the tolerance is relative). Forward mode (jvp)
-    is not defined (custom VJP)."""
-    return _cg_iterate(A, b)
-
-
-def _cg_solve_fwd(A, b):
-    x = _cg_iterate(A, b)
-    return x, (A, x)
-
-
-def _cg_solve_bwd(res, x_bar):
-    A, x = res
-    b_bar = _cg_iterate(A, x_bar)
-    return -b_bar @ x.T, b_bar
-
-
-_cg_solve.defvjp(_cg_solve_fwd, _cg_solve_bwd)
+    Differentiated implicitly, never through the iterations (lax.custom_linear_solve, symmetric): forward mode
+    is ẋ = A⁻¹(ḃ − Ȧ x), reverse mode b̄ = A⁻¹ x̄ and Ā = −b̄ xᵀ, each one more conjugate-gradient solve. A zero
+    cotangent gives zero gradients (b = 0 returns 0), a tiny one a tiny gradient (the tolerance is relative).
+    jit, vmap, grad, vjp, jvp, checkpoint and scan compose.
+    """
+    return lax.custom_linear_solve(lambda x: A @ x, b, lambda _, r: _cg_iterate(A, r), symmetric=True)
 # ==== section: frame ====
 # ----------------------------------------------------------------------------------------------------
 # Batched frame: vmaps over heads and batch, lax.scan over time.
