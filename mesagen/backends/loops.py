@@ -131,6 +131,29 @@ def _expand(e: sp.Basic) -> list[tuple[sp.Expr, list[sp.Basic]]]:
     return [(sp.Integer(1), [e])]
 
 
+def split_inverse(expr: sp.Basic) -> tuple[MatrixExpr, MatrixExpr] | None:
+    """``(M, b)`` when ``expr`` is ``Inverse(M) · b`` (a linear solve x = M⁻¹ b) with M square and larger than
+    1 × 1 and b a column (scalar coefficients go to b); None when ``expr`` is not a product led by such an inverse.
+
+    The Numba backends print such an assignment as a solve (Cholesky or conjugate gradient, the layer's
+    ``linear_solve``), never as an inverse; an inverse of a larger matrix anywhere else is refused by
+    :func:`terms_of`.
+
+    Raises:
+        NotImplementedError: the inverse is applied to something that is not a column.
+    """
+    if not isinstance(expr, sp.MatMul):
+        return None
+    coef = [a for a in expr.args if not isinstance(a, MatrixExpr)]
+    mats = [a for a in expr.args if isinstance(a, MatrixExpr)]
+    if not mats or not isinstance(mats[0], sp.Inverse) or mats[0].shape[0] == 1:
+        return None
+    rest = sp.MatMul(*coef, *mats[1:]) if len(mats) > 1 else None
+    if rest is None or rest.shape[1] != 1:
+        raise NotImplementedError(f"no loop lowering for {expr}: a linear solve needs a column right-hand side")
+    return mats[0].arg, rest
+
+
 def terms_of(expr: sp.Basic) -> tuple[Term, ...]:
     """Split a matrix expression into :class:`Term` s, products distributed over sums (zero terms dropped).
 
