@@ -539,3 +539,17 @@ def channel_params(api: str, replacements) -> str:
             raise ValueError(f"channel_params: {old[:60]!r} occurs {api.count(old)} times in the API text")
         api = api.replace(old, new)
     return api
+
+
+def divides_by_input(ir: LayerIR, lay: Layout) -> bool:
+    """Whether a coefficient of the per-token program has a negative power of a per-token input (e.g. 1/α in
+    RLS with forgetting), which Numba's default (Python) error model would turn into a ZeroDivisionError at 0."""
+    names = set(lay.inputs)
+    for a in lay.program:
+        if isinstance(a, Solve):
+            continue
+        for t in terms_of(a.expr):
+            for pw in t.coef.atoms(sp.Pow):
+                if pw.exp.is_negative and {s.name for s in pw.base.free_symbols} & names:
+                    return True
+    return False

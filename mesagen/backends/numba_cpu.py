@@ -9,8 +9,8 @@ the numpy API.
 from __future__ import annotations
 
 from mesagen.backends.common import header, indent
-from mesagen.backends.numba_common import (Layout, causal_start, channel_params, constants, features_numpy, layout,
-                                           plain_bodies)
+from mesagen.backends.numba_common import (Layout, causal_start, channel_params, constants, divides_by_input,
+                                           features_numpy, layout, plain_bodies)
 from mesagen.backends.loops import grad_name
 from mesagen.ir.records import LayerIR
 
@@ -77,7 +77,13 @@ class NumbaCpuBackend:
               "from __future__ import annotations", "", "import math", "from functools import lru_cache",
               "from typing import NamedTuple", "", "import numpy as np", "from numba import njit", ""]
         L += constants(ir)
-        L += ["_jit = njit(cache=False)", "", "",
+        if divides_by_input(ir, lay):  # 1/α with α = exp(g) = 0 at g = −inf: IEEE inf/NaN, not ZeroDivisionError
+            L += ["# error_model numpy: a division by a per-token input that is 0 (e.g. the gate α = exp(−inf)) gives",
+                  "# inf / NaN as in IEEE arithmetic (positions after it only), never a ZeroDivisionError",
+                  '_jit = njit(cache=False, error_model="numpy")', "", ""]
+        else:
+            L += ["_jit = njit(cache=False)", "", ""]
+        L += [
               "@_jit", "def _sync():", '    """Barrier between statements: nothing to wait for on one CPU thread."""',
               "    return None", "", ""]
         L += plain_bodies(ir)
