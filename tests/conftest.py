@@ -13,7 +13,8 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda")
+SHIPPED = ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda", "implicit_delta",
+           "rls_forgetting", "mesanet")
 V2 = ("simple_gla", "retention", "gla", "gated_delta", "kda")
 B, T, H, K, V = 2, 7, 2, 3, 5  # small distinct primes; odd length
 
@@ -38,10 +39,18 @@ def make_inputs(seed: int, name: str, b=B, t=T, h=H, k=K, v=V, dtype=np.float64)
     params = {"linear": {"eta": (0.5 + rng.random(h)).astype(dtype)},
               "gd": {"eta": (0.1 + 0.2 * rng.random(h)).astype(dtype)},
               "ridge": {"lam": (0.3 + rng.random(h)).astype(dtype)},
-              "retention": {"gamma": rng.uniform(0.5, 0.99, h).astype(dtype)}}.get(name, {})
+              "retention": {"gamma": rng.uniform(0.5, 0.99, h).astype(dtype)},
+              "rls_forgetting": {"lam": (0.3 + rng.random(h)).astype(dtype)},
+              "mesanet": {"lam": (0.3 + rng.random((h, k))).astype(dtype)}}.get(name, {})
     inputs = {}
     if name in ("delta", "gated_delta", "kda"):
         inputs["beta"] = rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)
+    if name == "implicit_delta":                 # any β > 0 (the exact step is a contraction for every β)
+        inputs["beta"] = rng.uniform(0.1, 3.0, (b, t, h)).astype(dtype)
+    if name == "mesanet":
+        inputs["beta"] = rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)
+    if name in ("rls_forgetting", "mesanet"):   # mild forgetting (RLS with a decaying regulariser winds up when
+        inputs["g"] = -rng.uniform(0.01, 0.3, (b, t, h)).astype(dtype)   # the gates are strong and keys few)
     if name in ("simple_gla", "gated_delta"):   # log-space gates, time-varying (never α ≡ 1)
         inputs["g"] = -rng.uniform(0.01, 1.5, (b, t, h)).astype(dtype)
     if name in ("gla", "kda"):                  # per key channel
@@ -62,6 +71,15 @@ def reference(name, q, k, v, params, inputs, initial_state=None):
         return ref.delta(q, k, v, np.asarray(inputs["beta"], np.float64), initial_state=initial_state)
     if name == "ridge":
         return ref.ridge(q, k, v, np.asarray(params["lam"], np.float64), initial_state=initial_state)
+    if name in ("implicit_delta", "rls_forgetting", "mesanet"):
+        from mesagen.reference import solvers
+
+        f64 = {n: np.asarray(x, np.float64) for n, x in {**params, **inputs}.items()}
+        if name == "implicit_delta":
+            return solvers.implicit_delta(q, k, v, f64["beta"], initial_state=initial_state)
+        if name == "rls_forgetting":
+            return solvers.rls_forgetting(q, k, v, f64["g"], f64["lam"], initial_state=initial_state)
+        return solvers.mesanet(q, k, v, f64["g"], f64["beta"], f64["lam"], initial_state=initial_state)[:2]
     return reference_v2(name, q, k, v, params, inputs, initial_state)
 
 
