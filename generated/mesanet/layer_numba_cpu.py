@@ -367,9 +367,8 @@ def _make_bodies(K, V, ftype, jit):
         return (g_u_g, g_u_beta,)
 
     @jit
-    def _init_adjoint_body(g_kv, g_kk, u_lam, r0, rstep):
-        g_u_lam = ftype(0)
-        return (g_u_lam,)
+    def _init_adjoint_body(g_kv, g_kk, u_lam, g_u_lam, r0, rstep):
+        pass
 
     @jit
     def _copy2(dst, src, r0, rstep):
@@ -401,8 +400,7 @@ def _build(K, V, dtype_name):
     def init_adjoint_all(g_kv_0, g_kk_0, u_lam, out):
         for b in range(out.shape[0]):
             for h in range(out.shape[1]):
-                r = _init_adjoint_body(g_kv_0[b, h], g_kk_0[b, h], u_lam[h], 0, 1)
-                out[b, h, 0] += r[0]
+                _init_adjoint_body(g_kv_0[b, h], g_kk_0[b, h], u_lam[h], out[b, h, 0], 0, 1)
 
     @_jit
     def forward_all(q, k, v, u_lam, u_g, u_beta, kv_0, kk_0, o, kv_T, kk_T):
@@ -771,9 +769,9 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
     backward_all(qf, kf, v, *ps, *fins, *st, do, *gT, dq, dk, dv, *dps, *dins, *g0, L)
     dq, dk, dins = _unframe(q, k, fins, sc, dq, dk, dins)
     if initial_state is None and _PARAM_NAMES:
-        acc = np.zeros((B, H, len(_PARAM_NAMES)), dt)
+        acc = np.zeros((B, H, len(_PARAM_NAMES), K), dt)  # [..., 0] for a per-head parameter
         init_adjoint_all(*g0, *ps, acc)
-        dps = [d + (acc[:, :, n, None] if d.ndim == 3 else acc[:, :, n]) for n, d in enumerate(dps)]
+        dps = [d + (acc[:, :, n] if d.ndim == 3 else acc[:, :, n, 0]) for n, d in enumerate(dps)]
     out = {"dq": dq, "dk": dk, "dv": dv, "dinitial_state": g0}
     out.update({"d" + n: d.sum(axis=0) for n, d in zip(_PARAM_NAMES, dps)})
     out.update({"d" + n: d for n, d in zip(_INPUT_NAMES, dins)})

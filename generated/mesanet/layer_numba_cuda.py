@@ -365,9 +365,8 @@ def _make_bodies(K, V, ftype, jit):
         return (g_u_g, g_u_beta,)
 
     @jit
-    def _init_adjoint_body(g_kv, g_kk, u_lam, r0, rstep):
-        g_u_lam = ftype(0)
-        return (g_u_lam,)
+    def _init_adjoint_body(g_kv, g_kk, u_lam, g_u_lam, r0, rstep):
+        pass
 
     @jit
     def _copy2(dst, src, r0, rstep):
@@ -404,9 +403,7 @@ def _build(K, V, dtype_name):
         H = out.shape[1]
         b = cuda.blockIdx.x // H
         h = cuda.blockIdx.x % H
-        r = _init_adjoint_body(g_kv_0[b, h], g_kk_0[b, h], u_lam[h], cuda.threadIdx.x, cuda.blockDim.x)
-        if cuda.threadIdx.x == 0:
-            out[b, h, 0] = r[0]
+        _init_adjoint_body(g_kv_0[b, h], g_kk_0[b, h], u_lam[h], out[b, h, 0], cuda.threadIdx.x, cuda.blockDim.x)
 
     @cuda.jit
     def forward_kernel(q, k, v, u_lam, u_g, u_beta, kv_0, kk_0, o, kv_T, kk_T):
@@ -592,7 +589,7 @@ def _build(K, V, dtype_name):
             features_adjoint_kernel, exp_kernel, gate_adjoint_kernel)
 
 
-_SIGNATURES = {'init_kernel': ('a2', 'a4', 'a4'), 'init_adjoint_kernel': ('a4', 'a4', 'a2', 'a3'), 'forward_kernel': ('a4', 'a4', 'a4', 'a2', 'a3', 'a3', 'a4', 'a4', 'a4', 'a4', 'a4'), 'backward_kernel': ('a4', 'a4', 'a4', 'a2', 'a3', 'a3', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a3', 'a3', 'a3', 'a4', 'a4', 'i8', 'a4', 'a4', 'a4', 'a4', 'a3', 'a3', 'a3', 'a3', 'a3', 'a3', 'a3', 'a3'), 'features_kernel': ('a4', 'a4', 'f'), 'features_adjoint_kernel': ('a4', 'a4', 'a4', 'f'), 'exp_kernel': ('a1', 'a1'), 'gate_adjoint_kernel': ('a1', 'a1', 'a1')}
+_SIGNATURES = {'init_kernel': ('a2', 'a4', 'a4'), 'init_adjoint_kernel': ('a4', 'a4', 'a2', 'a4'), 'forward_kernel': ('a4', 'a4', 'a4', 'a2', 'a3', 'a3', 'a4', 'a4', 'a4', 'a4', 'a4'), 'backward_kernel': ('a4', 'a4', 'a4', 'a2', 'a3', 'a3', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a4', 'a3', 'a3', 'a3', 'a4', 'a4', 'i8', 'a4', 'a4', 'a4', 'a4', 'a3', 'a3', 'a3', 'a3', 'a3', 'a3', 'a3', 'a3'), 'features_kernel': ('a4', 'a4', 'f'), 'features_adjoint_kernel': ('a4', 'a4', 'a4', 'f'), 'exp_kernel': ('a1', 'a1'), 'gate_adjoint_kernel': ('a1', 'a1', 'a1')}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -875,10 +872,10 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
     dq, dk, dins = _unframe(qd, kd, fins, sc, dq, dk, dins, kernels, dt)
     dps = [d.copy_to_host().sum(axis=0) for d in dps]
     if initial_state is None and _PARAM_NAMES:
-        acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES)), dt))
+        acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES), K), dt))  # [..., 0] for a per-head parameter
         kernels[1][B * H, _threads(K, V)](*g0, *ps, acc)
         acc = acc.copy_to_host()
-        dps = [d + (acc[:, :, n].sum(axis=0)[:, None] if d.ndim == 2 else acc[:, :, n].sum(axis=0))
+        dps = [d + (acc[:, :, n].sum(axis=0) if d.ndim == 2 else acc[:, :, n, 0].sum(axis=0))
                for n, d in enumerate(dps)]
     out = {"dq": dq, "dk": dk, "dv": dv, "dinitial_state": g0}
     out.update({"d" + n: d for n, d in zip(_INPUT_NAMES, dins)})

@@ -364,11 +364,7 @@ def _cg_solve(A, b, x, r, p, Ap, r0, rstep):
 
 
 def plain_bodies(ir: LayerIR) -> list[str]:
-    """The text of ``_make_bodies(K, V, ftype, jit)``, identical in the CPU and CUDA modules.
-
-    Raises:
-        NotImplementedError: a per-key-channel parameter enters a state's default initial value.
-    """
+    """The text of ``_make_bodies(K, V, ftype, jit)``, identical in the CPU and CUDA modules."""
     lay = layout(ir)
     rec = ir.recurrence
     p = ScalarPrinter()
@@ -380,8 +376,6 @@ def plain_bodies(ir: LayerIR) -> list[str]:
     for a in reversed(lay.program):
         adj += _solve_adjoint(a, lay.shapes) if isinstance(a, Solve) else adjoint([a], lay.shapes, scal, {"o": "g_o"})
     init = [Stmt(st.name, lay.shapes[st.name], "=", terms_of(st.init), f"default {st.name}") for st in rec.states]
-    if any(p_ in (s_.name for s_ in st.init.free_symbols) for st in rec.states for p_ in lay.vec_params):
-        raise NotImplementedError("a per-key-channel parameter in a state's default initial value")
     init_adj = adjoint(tuple(Assign(st.name, st.init, st.shape) for st in rec.states), lay.shapes,
                        lay.scalar_params, {})
     zero = ["# zero the cotangents of this step's reads"]
@@ -409,9 +403,12 @@ def plain_bodies(ir: LayerIR) -> list[str]:
     B += _body("_step_body", lay.fwd_args + ("r0", "rstep"), fwd, p)
     # the adjoint body recomputes the step's forward statements, zeroes the cotangents, then pulls back
     B += _body("_adjoint_body", lay.fwd_args + lay.grad_args + ("r0", "rstep"), fwd + [zero] + adj, p, ret)
-    init_ret = ("(" + ", ".join(grad_name(n) for n in lay.params) + ",)") if lay.params else None
-    B += _body("_init_adjoint_body", tuple(grad_name(s) for s in lay.states) + lay.params + ("r0", "rstep"),
-               [[f"{grad_name(n)} = ftype(0)" for n in lay.params]] + init_adj, p, init_ret)
+    # per-key-channel parameters: their cotangents are accumulated into buffers g_<name> [K] (zeroed by the caller)
+    sps = lay.scalar_params
+    init_ret = ("(" + ", ".join(grad_name(n) for n in sps) + ",)") if sps else None
+    B += _body("_init_adjoint_body", tuple(grad_name(s) for s in lay.states) + lay.params
+               + tuple(grad_name(n) for n in lay.vec_params) + ("r0", "rstep"),
+               [[f"{grad_name(n)} = ftype(0)" for n in sps]] + init_adj, p, init_ret)
     B += ["@jit", "def _copy2(dst, src, r0, rstep):",
           "    for i in range(r0, dst.shape[0], rstep):",
           "        for j in range(dst.shape[1]):",

@@ -128,6 +128,14 @@ class NumbaCpuBackend:
               f"            r = _init_adjoint_body({', '.join([g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps])}, 0, 1)"
               if ps else "            r = ()",
               *[f"            out[b, h, {n}] += r[{n}]" for n in range(len(ps))], ""]
+        if lay.vec_params:  # out [B, H, n, K]: a per-key-channel parameter's row is its buffer, a scalar's is [..., 0]
+            idx = {p: n for n, p in enumerate(ps)}
+            args0 = [g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps] + [f"out[b, h, {idx[p]}]"
+                                                                                   for p in lay.vec_params]
+            D[-(4 + len(ps)):] = [f"    for b in range(out.shape[0]):", f"        for h in range(out.shape[1]):",
+                      "            " + ("r = " if lay.scalar_params else "")
+                      + f"_init_adjoint_body({', '.join(args0)}, 0, 1)",
+                      *[f"            out[b, h, {idx[p]}, 0] += r[{j}]" for j, p in enumerate(lay.scalar_params)], ""]
         if implicit:
             return F + indent(D + self._implicit(lay, alloc)) + ["", ""]
         args = ["q", "k", "v"] + ps + ins + [s + "_0" for s in S]
@@ -198,8 +206,10 @@ _CHANNEL_API = (
                              f"= {want}")"""),
     ("""    dps = [np.zeros((B, H), dt) for _ in _PARAM_NAMES]""",
      """    dps = [np.zeros((B, H) + ((K,) if PARAMS[n]["shape"] == ("H", "K") else ()), dt) for n in _PARAM_NAMES]"""),
+    ("""        acc = np.zeros((B, H, len(_PARAM_NAMES)), dt)""",
+     """        acc = np.zeros((B, H, len(_PARAM_NAMES), K), dt)  # [..., 0] for a per-head parameter"""),
     ("""        dps = [d + acc[:, :, n] for n, d in enumerate(dps)]""",
-     """        dps = [d + (acc[:, :, n, None] if d.ndim == 3 else acc[:, :, n]) for n, d in enumerate(dps)]"""),
+     """        dps = [d + (acc[:, :, n] if d.ndim == 3 else acc[:, :, n, 0]) for n, d in enumerate(dps)]"""),
     ("""d<param> [H] (including""", """d<param> [H] or [H, K] (including"""),
 )
 

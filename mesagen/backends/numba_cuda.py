@@ -58,7 +58,7 @@ class NumbaCudaBackend:
         fwd = ("a4",) * 3 + pa + ins + ("a4",) * len(S)
         return {
             "init_kernel": pa + ("a4",) * len(S),
-            "init_adjoint_kernel": ("a4",) * len(S) + pa + ("a3",),
+            "init_adjoint_kernel": ("a4",) * len(S) + pa + (("a4",) if lay.vec_params else ("a3",)),
             "forward_kernel": fwd + ("a4",) + ("a4",) * len(S),
             "backward_kernel": fwd + ("a4",) * (1 + len(S) + 3) + tuple("a3" if p in lay.vec_params else "a2" for p in ps)
             + ins
@@ -98,6 +98,15 @@ class NumbaCudaBackend:
             D += [f"    r = _init_adjoint_body({', '.join([g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps])}"
                   ", cuda.threadIdx.x, cuda.blockDim.x)", "    if cuda.threadIdx.x == 0:"]
             D += [f"        out[b, h, {n}] = r[{n}]" for n in range(len(ps))]
+        if lay.vec_params:  # out [B, H, n, K]: a per-key-channel parameter's row is its buffer, a scalar's is [..., 0]
+            idx = {p: n for n, p in enumerate(ps)}
+            args0 = [g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps] + [f"out[b, h, {idx[p]}]"
+                                                                                   for p in lay.vec_params]
+            D = D[:-(2 + len(ps))] + ["    " + ("r = " if lay.scalar_params else "")
+                                      + f"_init_adjoint_body({', '.join(args0)}, cuda.threadIdx.x, cuda.blockDim.x)"]
+            if lay.scalar_params:
+                D += ["    if cuda.threadIdx.x == 0:"]
+                D += [f"        out[b, h, {idx[p]}, 0] = r[{j}]" for j, p in enumerate(lay.scalar_params)]
         D += [""]
         args = ["q", "k", "v"] + ps + ins + st0
         D += ["@cuda.jit", f"def forward_kernel({', '.join(args + ['o'] + [s + '_T' for s in S])}):",
@@ -232,8 +241,10 @@ _CHANNEL_API = (
                              f"= {want}")"""),
     ("""    dps = [_nan((B, H), dt) for _ in _PARAM_NAMES]""",
      """    dps = [_nan((B, H) + ((K,) if PARAMS[n]["shape"] == ("H", "K") else ()), dt) for n in _PARAM_NAMES]"""),
+    ("""        acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES)), dt))""",
+     """        acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES), K), dt))  # [..., 0] for a per-head parameter"""),
     ("""        dps = [d + acc[:, :, n].sum(axis=0) for n, d in enumerate(dps)]""",
-     """        dps = [d + (acc[:, :, n].sum(axis=0)[:, None] if d.ndim == 2 else acc[:, :, n].sum(axis=0))
+     """        dps = [d + (acc[:, :, n].sum(axis=0) if d.ndim == 2 else acc[:, :, n, 0].sum(axis=0))
                for n, d in enumerate(dps)]"""),
     ("""d<param> [H], d<input>""", """d<param> [H] or [H, K], d<input>"""),
 )
