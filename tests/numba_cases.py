@@ -5,7 +5,10 @@ Imported by the in-process CPU tests and by the CUDA checks that run in their ow
 
 The v1 layers are checked against mesagen.reference (forward) and JAX autodiff (backward); the v2 layers of
 contract v2 (``simple_gla`` ... ``kda``) against the independent float64 references of
-mesagen.reference.gated, forwards and hand-derived VJPs alike (:func:`reference_vjp`).
+mesagen.reference.gated, forwards and hand-derived VJPs alike (:func:`reference_vjp`); the layers of the exact and
+implicit solvers (``implicit_delta``, ``rls_forgetting``, ``mesanet``: SOLVER_LAYERS) against
+mesagen.reference.solvers (forward; mesanet with the same conjugate-gradient settings as its spec) and JAX
+autodiff of the generated JAX module (backward).
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import importlib
 import numpy as np
 
 from mesagen import reference as ref
-from mesagen.reference import gated
+from mesagen.reference import gated, solvers
 
 B, T, H, K, V = 2, 7, 2, 3, 5
 V1_LAYERS = ("linear", "gd", "delta", "ridge")
 V2_LAYERS = ("simple_gla", "retention", "gla", "gated_delta", "kda")
-LAYERS = V1_LAYERS + V2_LAYERS
+SOLVER_LAYERS = ("implicit_delta", "rls_forgetting", "mesanet")
+CORE_LAYERS = V1_LAYERS + V2_LAYERS
+LAYERS = CORE_LAYERS + SOLVER_LAYERS
+#: mesanet's conjugate-gradient settings (specs/mesanet.yaml): max_iterations, tolerance.
+MESANET_CG = (30, 1e-6)
 
 
 def module(name: str, backend: str):
@@ -49,10 +56,14 @@ def params_inputs(name: str, beta, h=H, k=K):
     params = {"linear": {"eta": np.array([0.31, 0.77, 0.5, 0.2])[:h]},
               "gd": {"eta": np.array([0.11, 0.23, 0.17, 0.05])[:h]},
               "ridge": {"lam": np.array([0.7, 1.9, 1.3, 0.4])[:h]},
-              "retention": {"gamma": np.array([0.96875, 0.8, 0.9, 0.6])[:h]}}.get(name, {})
+              "retention": {"gamma": np.array([0.96875, 0.8, 0.9, 0.6])[:h]},
+              "rls_forgetting": {"lam": np.array([0.7, 1.9, 1.3, 0.4])[:h]},
+              "mesanet": {"lam": 0.3 + 1.7 * ((0.37 * np.arange(1, h * k + 1)) % 1.0).reshape(h, k)}}.get(name, {})
     g_head, g_chan = gates(beta, k)
     inputs = {"delta": {"beta": beta}, "simple_gla": {"g": g_head}, "gla": {"g": g_chan},
-              "gated_delta": {"g": g_head, "beta": beta}, "kda": {"g": g_chan, "beta": beta}}.get(name, {})
+              "gated_delta": {"g": g_head, "beta": beta}, "kda": {"g": g_chan, "beta": beta},
+              "implicit_delta": {"beta": beta}, "rls_forgetting": {"g": g_head},
+              "mesanet": {"g": g_head, "beta": beta}}.get(name, {})
     return params, inputs
 
 
@@ -67,6 +78,13 @@ def reference(name: str, q, k, v, params, inputs, initial_state=None, scale=None
     if name in V2_LAYERS:
         st = None if initial_state is None else dict(initial_state)
         return getattr(gated, name)(q, k, v, *_gated_args(name, params, inputs), scale=scale, initial_state=st)
+    if name == "implicit_delta":
+        return solvers.implicit_delta(q, k, v, inputs["beta"], initial_state=initial_state)
+    if name == "rls_forgetting":
+        return solvers.rls_forgetting(q, k, v, inputs["g"], params["lam"], initial_state=initial_state)
+    if name == "mesanet":
+        return solvers.mesanet(q, k, v, inputs["g"], inputs["beta"], params["lam"], initial_state=initial_state,
+                               solve="cg", max_iterations=MESANET_CG[0], tolerance=MESANET_CG[1])[:2]
     if name == "linear":
         return ref.linear(q, k, v, params["eta"], initial_state)
     if name == "gd":

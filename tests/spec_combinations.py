@@ -75,6 +75,30 @@ def _doc(reg: str, solver: dict, parameters: dict, inputs: dict) -> dict:
             "parameters": parameters, "inputs": inputs}
 
 
+#: Values for the required solver fields that are not a vocabulary (``Literal``): conjugate gradient's settings.
+#: The tolerance is tight enough that at d_k = 3 the iteration runs to the exact solution (the combination tests
+#: compare against the exact solve at 1e-10); the shipped mesanet spec's own settings are tested in
+#: tests/test_numba_cpu.py.
+REPRESENTATIVE = {"max_iterations": 30, "tolerance": 1e-12}
+
+
+def _solver_variants(model) -> list[dict]:
+    """The solver documents of a model without a step size: every value of each required vocabulary field (e.g.
+    closed_form's recurrence: sherman_morrison, cholesky), REPRESENTATIVE values for the other required fields.
+
+    Raises:
+        KeyError: a required field that is neither a vocabulary nor in REPRESENTATIVE.
+    """
+    kind = _literals(model, "kind")[0]
+    docs = [{"kind": kind}]
+    for f, info in model.model_fields.items():
+        if f == "kind" or not info.is_required():
+            continue
+        values = _literals(model, f) if typing.get_origin(info.annotation) is typing.Literal else (REPRESENTATIVE[f],)
+        docs = [d | {f: x} for d in docs for x in values]
+    return docs
+
+
 def candidates() -> list[Combination]:
     """Every combination built from the schema's vocabularies, admitted or not."""
     out = []
@@ -82,9 +106,10 @@ def candidates() -> list[Combination]:
         for model in SOLVER_MODELS:
             kind = _literals(model, "kind")[0]
             if "step_size" not in model.model_fields:
-                extra = {f: _literals(model, f)[0] for f in model.model_fields
-                         if f != "kind" and model.model_fields[f].is_required()}
-                out.append(Combination(reg, kind, None, None, None, _doc(reg, {"kind": kind, **extra}, {}, {})))
+                for solver in _solver_variants(model):
+                    out.append(Combination(reg, kind + ("-" + solver["recurrence"] if "recurrence" in solver and
+                                                        solver["recurrence"] != "sherman_morrison" else ""),
+                                           None, None, None, _doc(reg, solver, {}, {})))
                 continue
             for steps in (STEPS if "steps" in model.model_fields else (None,)):
                 solver = {"kind": kind, "step_size": "eta"} | ({"steps": steps} if steps is not None else {})
@@ -126,9 +151,18 @@ def _gate(doc, shape=None, space="log", parameter=False):
                                   "domain": "nonpositive" if space == "log" else "positive_unit_interval"}
 
 
+def _v2_only(c: Combination) -> Combination:
+    """``c`` as a spec_version 2 document and nothing else (for the solvers that need spec_version 2)."""
+    def v2(d):
+        pass
+    return _v2(c, "spec_version=2", v2)
+
+
 def v2_candidates() -> list[Combination]:
-    """The v2 options over every v1 base (admitted or not; see the module docstring)."""
+    """The v2 options over every v1 base (admitted or not; see the module docstring), and over the bases that
+    only spec_version 2 admits (conjugate_gradient, implicit_online_gd, closed_form with a cholesky recurrence)."""
     bases = [c for c in candidates() if admitted(c)]
+    bases += [c2 for c in candidates() if not admitted(c) for c2 in [_v2_only(c)] if admitted(c2)]
     out = []
     for c in bases:  # forget gates of every shape and space, and a per-head parameter
         for shape in _input_shapes():
@@ -161,6 +195,11 @@ def v2_candidates() -> list[Combination]:
             cc = _v2(c, f"step={ch[-1].upper()}", per_channel)
             out.append(cc)
             out.append(_v2(cc, "gate=input-K-log", lambda d: _gate(d, ["batch", "time", "heads", "d_k"])))
+    for c in bases:  # a ridge coefficient per key channel, λ [heads, d_k] (the exact solvers; refused otherwise)
+        if c.regularizer == "ridge":
+            def per_key(d):
+                d["parameters"]["lam"]["shape"] = ["heads", "d_k"]
+            out.append(_v2(c, "lam=K", per_key))
     for c in bases:  # the default step size of 1 (v2: no step_size)
         if c.step_size == "parameter":
             def default_step(d):

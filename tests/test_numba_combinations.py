@@ -152,6 +152,9 @@ def tiny_v2(c, seed=5, b=1, t=5, h=2, k=3, v=2):
     q, kk, vv, do = (rng.standard_normal((b, t, h, d)) for d in (k, k, v, v))
     per_head = {"lam": np.array([0.8, 1.7]), "eta": np.array([0.3, 0.45]), "alpha": np.array([0.9, 0.75])}
     params = {n: per_head[n][:h] for n in c.doc["parameters"]}
+    for n, x in c.doc["parameters"].items():  # a ridge coefficient per key channel [H, K]
+        if x["shape"] == ["heads", "d_k"]:
+            params[n] = params[n][:, None] * (0.6 + 0.35 * np.arange(k))
     inputs = {}
     width = {"d_k": k, "d_v": v}
     for n, x in c.doc["inputs"].items():
@@ -182,7 +185,7 @@ def float_reference(c, q, k, v, params, inputs):
     for b in range(B):
         for h in range(H):
             data = {"q": qf[b, :, h], "k": kf[b, :, h], "v": v[b, :, h]}
-            data.update({n: float(x[h]) for n, x in params.items()})
+            data.update({n: float(x[h]) if np.ndim(x[h]) == 0 else x[h] for n, x in params.items()})
             data.update({n: x[b, :, h] for n, x in lin.items()})
             o[b, :, h] = rule_for(spec).float_target(spec, data)
     return o

@@ -66,7 +66,9 @@ def init_params(num_heads, d_k, d_v, dtype=np.float32):
     return {"lam": np.full((num_heads,), 1.0, dtype=dtype)}
 
 
-_jit = njit(cache=False)
+# error_model numpy: a division by a per-token input that is 0 (e.g. the gate α = exp(−inf)) gives
+# inf / NaN as in IEEE arithmetic (positions after it only), never a ZeroDivisionError
+_jit = njit(cache=False, error_model="numpy")
 
 
 @_jit

@@ -15,6 +15,7 @@ The adjoint of ``t = c · F₁ ⋯ Fₙ`` with cotangent ``G`` (the same shape a
 * for ``F_p = Xᵀ``:               the transpose of that;
 * for ``F_p = X⁻¹`` (1 × 1):       ``Ḡ_X += −c · (…)ᵀ G (…)ᵀ · X⁻¹ · X⁻¹``;
 * for ``F_p = Diag(x)``:          ``ḡ_x += diag(c · (F₁⋯F_{p−1})ᵀ G (F_{p+1}⋯Fₙ)ᵀ)`` (the diagonal of the chain);
+* for ``F_p = Diag(x)⁻¹``:        the same times ``−1/x²`` elementwise;
 * for each symbol ``σ`` in ``c``:  ``ḡ_σ += (∂c/∂σ) · ⟨G, F₁⋯Fₙ⟩`` (a full contraction).
 
 Terms are handled one at a time, so the sympy ``diff``-of-a-sum pitfall (docs/family.md §10) cannot arise; the
@@ -44,7 +45,7 @@ class Factor:
         name: the symbol's name (``""`` for ``eye``; the vector's name for ``diag``).
         shape: stored (rows, cols) as sympy dims (``K``, ``V`` or 1); (n, n) for the diagonal of an n × 1 vector.
         t: transposed.
-        inv: inverted (only for 1 × 1 symbols).
+        inv: inverted (1 × 1 symbols, and diagonals: Diag(x)⁻¹ = Diag(1/x)).
     """
 
     kind: str
@@ -102,6 +103,8 @@ def _atom(e: sp.Basic) -> Factor:
         return Factor("diag", x.name, (x.shape[0], x.shape[0]))
     if isinstance(e, sp.Transpose):
         return _atom(e.arg).T()
+    if isinstance(e, sp.Inverse) and isinstance(e.arg, sp.DiagMatrix):  # Diag(x)⁻¹ = Diag(1/x)
+        return replace(_atom(e.arg), inv=True)
     if isinstance(e, sp.Inverse) and e.shape == (1, 1):
         f = _atom(e.arg)
         if f.kind != "sym" or f.inv:
@@ -129,6 +132,29 @@ def _expand(e: sp.Basic) -> list[tuple[sp.Expr, list[sp.Basic]]]:
     if isinstance(e, sp.Transpose) and isinstance(e.arg, (sp.MatAdd, sp.MatMul, sp.Transpose)):
         return [(c, [sp.Transpose(f) for f in reversed(fs)]) for c, fs in _expand(e.arg)]
     return [(sp.Integer(1), [e])]
+
+
+def split_inverse(expr: sp.Basic) -> tuple[MatrixExpr, MatrixExpr] | None:
+    """``(M, b)`` when ``expr`` is ``Inverse(M) · b`` (a linear solve x = M⁻¹ b) with M square and larger than
+    1 × 1 and b a column (scalar coefficients go to b); None when ``expr`` is not a product led by such an inverse.
+
+    The Numba backends print such an assignment as a solve (Cholesky or conjugate gradient, the layer's
+    ``linear_solve``), never as an inverse; an inverse of a larger matrix anywhere else is refused by
+    :func:`terms_of`.
+
+    Raises:
+        NotImplementedError: the inverse is applied to something that is not a column.
+    """
+    if not isinstance(expr, sp.MatMul):
+        return None
+    coef = [a for a in expr.args if not isinstance(a, MatrixExpr)]
+    mats = [a for a in expr.args if isinstance(a, MatrixExpr)]
+    if not mats or not isinstance(mats[0], sp.Inverse) or mats[0].shape[0] == 1:
+        return None
+    rest = sp.MatMul(*coef, *mats[1:]) if len(mats) > 1 else None
+    if rest is None or rest.shape[1] != 1:
+        raise NotImplementedError(f"no loop lowering for {expr}: a linear solve needs a column right-hand side")
+    return mats[0].arg, rest
 
 
 def terms_of(expr: sp.Basic) -> tuple[Term, ...]:
@@ -178,7 +204,10 @@ def adjoint(assigns, shapes: dict[str, tuple], scalars: tuple[str, ...], given: 
                     continue
                 chain = [g.T() for g in reversed(fs[:p])] + [G] + [g.T() for g in reversed(fs[p + 1:])]
                 coef = term.coef
-                if f.kind == "diag":  # ḡ_x = diag of the pulled-back chain
+                if f.kind == "diag":  # ḡ_x = diag of the pulled-back chain (times −1/x² for Diag(x)⁻¹)
+                    if f.inv:
+                        chain += [f, f]
+                        coef = -coef
                     groups.setdefault(f.name, []).append(Term(coef, tuple(chain), diag=True))
                     continue
                 if f.inv:
@@ -327,7 +356,10 @@ def element(term: Term, ri, ci, fresh) -> tuple[list, sp.Expr]:
             deltas.append((a, b))
     for f, a, b in zip(mats, idx, idx[1:]):
         a, b = find(a), find(b)
-        value *= sp.IndexedBase(f.name)[a] if f.kind == "diag" else _access(f, a, b)
+        if f.kind == "diag":
+            value *= sp.IndexedBase(f.name)[a] ** (-1 if f.inv else 1)
+        else:
+            value *= _access(f, a, b)
     for a, b in deltas:
         value *= sp.KroneckerDelta(a, b)
     value = value.xreplace({x: find(x) for x in sub})  # also in the contracted cotangent's access

@@ -11,10 +11,70 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy as sp
+
 from mesagen.backends.common import CODEGEN_FORMAT, indent
-from mesagen.backends.loops import ScalarPrinter, Stmt, adjoint, forward_stmts, grad_name, print_stmt, terms_of
+from mesagen.backends.loops import (Factor, ScalarPrinter, Stmt, Term, adjoint, forward_stmts, grad_name, print_stmt,
+                                    split_inverse, terms_of)
 from mesagen.ir.records import Assign, LayerIR
 from mesagen.ir.dims import DIMS
+
+
+@dataclass(frozen=True)
+class Solve:
+    """``target = matrix⁻¹ rhs`` for a symmetric positive-definite ``matrix`` [K, K] and a column ``rhs`` [K, 1]
+    (both buffers assigned just before), printed as a call of ``_chol_solve`` or ``_cg_solve``.
+
+    Attributes:
+        target, matrix, rhs: buffer names.
+        method: ``cholesky`` (the factor overwrites ``matrix``'s lower triangle) or ``conjugate_gradient``.
+        work: the conjugate-gradient vectors (r, p, A p) [K, 1]; () for Cholesky.
+        doc: the original assignment's comment.
+    """
+
+    target: str
+    matrix: str
+    rhs: str
+    method: str
+    work: tuple[str, ...]
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Block:
+    """Raw lines of a body that write the buffers ``writes`` (and end with a barrier)."""
+
+    lines: tuple[str, ...]
+    writes: frozenset
+
+
+def program(ir: LayerIR) -> tuple:
+    """The per-token program (update, then readout) with every linear solve ``x = M⁻¹ b`` split into
+    ``x_M = M``, ``x_b = b`` and a :class:`Solve` (so M and b are ordinary assignments with ordinary adjoints).
+
+    Raises:
+        NotImplementedError: a solve without the layer's ``linear_solve``, of a shape other than
+            [K, K] · [K, 1], or whose helper names are already used.
+    """
+    rec = ir.recurrence
+    items: list = []
+    for a in rec.update + rec.readout:
+        split = split_inverse(a.expr)
+        if split is None:
+            items.append(a)
+            continue
+        M, rhs = split
+        n = a.target
+        if ir.linear_solve is None or tuple(a.shape) != ("K", 1) or M.shape != (DIMS["K"], DIMS["K"]):
+            raise NotImplementedError(f"{n}: a linear solve needs linear_solve and shapes [K, K] · [K, 1]")
+        work = (f"{n}_r", f"{n}_p", f"{n}_Ap") if ir.linear_solve == "conjugate_gradient" else ()
+        used = {b.target for b in rec.update + rec.readout} | {s.name for s in rec.states}
+        if used & {f"{n}_M", f"{n}_b", *work}:
+            raise NotImplementedError(f"{n}: the solve's buffer names clash with {sorted(used)}")
+        items += [Assign(f"{n}_M", M, ("K", "K"), f"the system matrix of {n} (symmetric positive-definite)"),
+                  Assign(f"{n}_b", rhs, ("K", 1), f"the right-hand side of {n}"),
+                  Solve(n, f"{n}_M", f"{n}_b", ir.linear_solve, work, a.doc)]
+    return tuple(items)
 
 
 @dataclass(frozen=True)
@@ -29,6 +89,9 @@ class Layout:
             bodies read their elements and write their cotangents into a buffer argument ``g_<name>``).
         shapes: name → stored shape in sympy dims.
         dims: name → ("K"|"V"|"1", ...) text dims.
+        vec_params: the per-key-channel parameters among ``params`` ([H, K]: a column K × 1 per head; the
+            adjoint body accumulates their cotangents over the tokens into a buffer argument ``g_<name>``).
+        program: the per-token program of :func:`program` (assignments and solves).
     """
 
     states: tuple[str, ...]
@@ -40,6 +103,8 @@ class Layout:
     vec_inputs: tuple[str, ...]
     shapes: dict
     dims: dict
+    vec_params: tuple[str, ...] = ()
+    program: tuple = ()
 
     @property
     def scalar_inputs(self) -> tuple[str, ...]:
@@ -47,9 +112,14 @@ class Layout:
         return tuple(n for n in self.inputs if n not in self.vec_inputs)
 
     @property
+    def scalar_params(self) -> tuple[str, ...]:
+        """The parameters that are one scalar per head."""
+        return tuple(n for n in self.params if n not in self.vec_params)
+
+    @property
     def scalars(self) -> tuple[str, ...]:
-        """Parameters and scalar inputs: the 1 × 1 symbols whose gradients the adjoint body returns."""
-        return self.params + self.scalar_inputs
+        """Scalar parameters and scalar inputs: the 1 × 1 symbols whose gradients the adjoint body returns."""
+        return self.scalar_params + self.scalar_inputs
 
     @property
     def fwd_args(self) -> tuple[str, ...]:
@@ -61,7 +131,8 @@ class Layout:
         """Cotangent arguments of ``_adjoint_body`` after the forward ones."""
         g = grad_name
         return (("g_o",) + tuple(g(s) for s in self.new_states) + tuple(g(s) for s in self.states)
-                + tuple(g(s) for s in self.temps) + ("g_q", "g_k", "g_v") + tuple(g(s) for s in self.vec_inputs))
+                + tuple(g(s) for s in self.temps) + ("g_q", "g_k", "g_v") + tuple(g(s) for s in self.vec_inputs)
+                + tuple(g(s) for s in self.vec_params))
 
     def alloc_shape(self, name: str) -> str:
         """``(K, V)`` / ``(K,)`` text for the stored shape of ``name`` (``g_<x>`` is shaped like ``x``)."""
@@ -86,17 +157,31 @@ def layout(ir: LayerIR) -> Layout:
     for i in ir.inputs:
         if i.channel is not None:
             dims[i.symbol] = (i.channel, "1")
-    for a in rec.update + rec.readout:
-        dims[a.target] = tuple(text[d] for d in a.shape)
+    vec_params = tuple(p.symbol for p in ir.params if p.channel)
+    for p in vec_params:
+        dims[p] = ("K", "1")
+    prog = program(ir)
+    written = []
+    for a in prog:
+        if isinstance(a, Solve):
+            dims[a.target] = ("K", "1")
+            written.append(a.target)
+            for w in a.work:
+                dims[w] = ("K", "1")
+        else:
+            dims[a.target] = tuple(text[d] for d in a.shape)
+            written.append(a.target)
+    work = [w for a in prog if isinstance(a, Solve) for w in a.work]
     new = tuple(f"{s.name}_new" for s in rec.states)
-    written = [a.target for a in rec.update + rec.readout if a.target not in new and a.target != "o"]
-    temps = tuple(n for n in written if dims[n] != ("1", "1"))
+    written = [n for n in written if n not in new and n != "o"]
+    temps = tuple(n for n in written if dims[n] != ("1", "1")) + tuple(work)
     scalars = tuple(n for n in written if dims[n] == ("1", "1"))
     shapes = {n: tuple(DIMS[int(x)] if x == "1" else DIMS[x] for x in d) for n, d in dims.items()}
-    for n in ("g_o",) + tuple(grad_name(x) for x in new + vec):
+    for n in ("g_o",) + tuple(grad_name(x) for x in new + vec + vec_params):
         shapes[n] = shapes[n[2:]]
     return Layout(tuple(s.name for s in rec.states), new, temps, scalars,
-                  tuple(p.symbol for p in ir.params), tuple(i.symbol for i in ir.inputs), vec, shapes, dims)
+                  tuple(p.symbol for p in ir.params), tuple(i.symbol for i in ir.inputs), vec, shapes, dims,
+                  vec_params, prog)
 
 
 def _reads(st: Stmt) -> set[str]:
@@ -118,6 +203,12 @@ def _body(name: str, args, items: list, printer, ret: str | None = None) -> list
     inner: list[str] = []
     pending: set[str] = set()  # buffers read by 1 × 1 statements since the last barrier
     for st in items:
+        if isinstance(st, Block):  # a solve: its helper ends with a barrier
+            if pending & st.writes:
+                inner.append("_sync()  # a 1 × 1 statement above read a buffer this solve writes")
+            inner += st.lines
+            pending = set()
+            continue
         if not isinstance(st, Stmt):
             inner += st
             pending = set() if st and st[-1] == "_sync()" else pending
@@ -138,16 +229,155 @@ def _body(name: str, args, items: list, printer, ret: str | None = None) -> list
     return L + indent(inner or ["pass"]) + [""]
 
 
+def _solve_call(s: Solve, rhs: str, out: str) -> str:
+    """The helper call of a solve ``out = s.matrix⁻¹ rhs`` (the Cholesky factor is already in s.matrix)."""
+    if s.method == "cholesky":
+        return f"_chol_solve({s.matrix}, {rhs}, {out}, r0, rstep)"
+    return f"_cg_solve({s.matrix}, {rhs}, {out}, {', '.join(s.work)}, r0, rstep)"
+
+
+def _solve_forward(s: Solve) -> Block:
+    """``x = M⁻¹ b``: factorise M in place and substitute (Cholesky), or conjugate gradient."""
+    lines = [f"# {s.doc}" if s.doc else f"# {s.target}"]
+    if s.method == "cholesky":
+        lines.append(f"_chol_factor({s.matrix}, r0, rstep)")
+    lines.append(_solve_call(s, s.rhs, s.target))
+    return Block(tuple(lines), frozenset({s.target, s.matrix, *s.work}))
+
+
+def _solve_adjoint(s: Solve, shapes: dict) -> list:
+    """The pullback of ``x = M⁻¹ b`` by implicit differentiation: b̄ = M⁻¹ x̄ (one more solve with the cotangent,
+    M symmetric; zero when x̄ is zero, never 0/0), M̄ += −b̄ xᵀ (the adjoint of a linear solve, e.g. Giles 2008,
+    "Collected matrix derivative results", §2.2.3)."""
+    gx, gb, gm = grad_name(s.target), grad_name(s.rhs), grad_name(s.matrix)
+    block = Block((f"# pull back {s.target} -> {s.rhs}: b̄ = M⁻¹ x̄ (implicit differentiation)",
+                   _solve_call(s, gx, gb)), frozenset({gb, *s.work}))
+    term = Term(sp.Integer(-1), (Factor("sym", gb, shapes[s.rhs]), Factor("sym", s.target, shapes[s.target], t=True)))
+    return [block, Stmt(gm, shapes[s.matrix], "+=", (term,), f"pull back {s.target} -> {s.matrix}: −b̄ xᵀ")]
+
+
+def _solve_helpers(ir: LayerIR, methods: set) -> list[str]:
+    """The text of the solve helpers the program calls (inside ``_make_bodies``; rows ``range(r0, K, rstep)``)."""
+    L: list[str] = []
+    if "cholesky" in methods:
+        L += _CHOLESKY.splitlines()
+    if "conjugate_gradient" in methods:
+        maxit, tol = ir.cg
+        L += _CG.replace("__MAXIT__", str(int(maxit))).replace("__TOL__", repr(float(tol))).splitlines()
+    return L
+
+
+_CHOLESKY = '''@jit
+def _chol_factor(A, r0, rstep):
+    """In place: the lower triangle of A [K, K] becomes the Cholesky factor L of sym(A) = (A + Aᵀ)/2 = L Lᵀ (the
+    upper triangle is kept). Thread r0 = 0 factorises (K is small), then the block meets. A non-positive pivot
+    (A not numerically positive-definite, or non-finite) makes the factor NaN, never an exception."""
+    if r0 == 0:
+        for j in range(K):
+            for i in range(j, K):
+                acc = A[i, j] if i == j else ftype(0.5) * (A[i, j] + A[j, i])
+                for m in range(j):
+                    acc -= A[i, m] * A[j, m]
+                if i == j:
+                    A[j, j] = math.sqrt(acc) if acc > ftype(0) else math.sqrt(-abs(acc) - ftype(1))  # NaN
+                else:
+                    A[i, j] = acc / A[j, j]
+    _sync()
+
+@jit
+def _chol_solve(L, b, x, r0, rstep):
+    """x = (L Lᵀ)⁻¹ b [K] by forward and back substitution with the factor in L's lower triangle (thread r0 = 0);
+    b = 0 gives x = 0 exactly (never 0/0 or 0 · NaN: a zero cotangent pulls back to zero)."""
+    if r0 == 0:
+        zero = True
+        for i in range(K):
+            if b[i] != ftype(0):
+                zero = False
+        for i in range(K):
+            acc = b[i]
+            for m in range(i):
+                acc -= L[i, m] * x[m]
+            x[i] = ftype(0) if zero else acc / L[i, i]
+        for i in range(K - 1, -1, -1):
+            acc = x[i]
+            for m in range(i + 1, K):
+                acc -= L[m, i] * x[m]
+            x[i] = ftype(0) if zero else acc / L[i, i]
+    _sync()
+'''
+
+_CG = '''@jit
+def _cg_solve(A, b, x, r, p, Ap, r0, rstep):
+    """x ≈ A⁻¹ b [K] by conjugate gradient (Hestenes & Stiefel 1952) for a symmetric positive-definite A [K, K],
+    as layer_jax.py's _cg_iterate: from the Jacobi guess x⁰ = b / diag(A), at most __MAXIT__ iterations, stopped
+    once ‖r‖₂ ≤ __TOL__ · ‖b‖₂; a zero curvature pᵀAp divides by 1. b = 0 gives x = 0 exactly (no iteration,
+    never 0/0). r, p, Ap [K] are workspace. Threads split the rows of every vector update; every thread
+    computes the dot products (the same sums in the same order, so all take the same branches)."""
+    bb = ftype(0)
+    for m in range(K):
+        bb += b[m] * b[m]
+    if bb == ftype(0):
+        for i in range(r0, K, rstep):
+            x[i] = ftype(0)
+        _sync()
+        return
+    for i in range(r0, K, rstep):
+        x[i] = b[i] / A[i, i]
+    _sync()
+    for i in range(r0, K, rstep):
+        acc = b[i]
+        for m in range(K):
+            acc -= A[i, m] * x[m]
+        r[i] = acc
+        p[i] = acc
+    _sync()
+    rs = ftype(0)
+    for m in range(K):
+        rs += r[m] * r[m]
+    stop = ftype(__TOL__) * ftype(__TOL__) * bb
+    it = 0
+    while it < __MAXIT__ and rs > stop:
+        for i in range(r0, K, rstep):
+            acc = ftype(0)
+            for m in range(K):
+                acc += A[i, m] * p[m]
+            Ap[i] = acc
+        _sync()
+        pAp = ftype(0)
+        for m in range(K):
+            pAp += p[m] * Ap[m]
+        a = rs / (pAp if pAp > ftype(0) else ftype(1))
+        for i in range(r0, K, rstep):
+            x[i] += a * p[i]
+            r[i] -= a * Ap[i]
+        _sync()
+        rs_new = ftype(0)
+        for m in range(K):
+            rs_new += r[m] * r[m]
+        c = rs_new / (rs if rs > ftype(0) else ftype(1))
+        for i in range(r0, K, rstep):
+            p[i] = r[i] + c * p[i]
+        _sync()
+        rs = rs_new
+        it += 1
+'''
+
+
 def plain_bodies(ir: LayerIR) -> list[str]:
     """The text of ``_make_bodies(K, V, ftype, jit)``, identical in the CPU and CUDA modules."""
     lay = layout(ir)
     rec = ir.recurrence
     p = ScalarPrinter()
     scal = lay.scalars
-    fwd = forward_stmts(rec.update + rec.readout, lay.shapes)
-    adj = adjoint(rec.update + rec.readout, lay.shapes, scal, {"o": "g_o"})
+    fwd: list = []
+    for a in lay.program:
+        fwd += [_solve_forward(a)] if isinstance(a, Solve) else forward_stmts([a], lay.shapes)
+    adj: list = []
+    for a in reversed(lay.program):
+        adj += _solve_adjoint(a, lay.shapes) if isinstance(a, Solve) else adjoint([a], lay.shapes, scal, {"o": "g_o"})
     init = [Stmt(st.name, lay.shapes[st.name], "=", terms_of(st.init), f"default {st.name}") for st in rec.states]
-    init_adj = adjoint(tuple(Assign(st.name, st.init, st.shape) for st in rec.states), lay.shapes, lay.params, {})
+    init_adj = adjoint(tuple(Assign(st.name, st.init, st.shape) for st in rec.states), lay.shapes,
+                       lay.scalar_params, {})
     zero = ["# zero the cotangents of this step's reads"]
     for n in lay.states + lay.temps + ("q", "k", "v") + lay.vec_inputs:
         d = lay.dims[n]
@@ -168,14 +398,17 @@ def plain_bodies(ir: LayerIR) -> list[str]:
          "    the gradients of the parameters and scalar inputs). Returns",
          "    (_init_body, _step_body, _adjoint_body, _init_adjoint_body, _copy2, _copy1).",
          '    """']
-    B = []
+    B = _solve_helpers(ir, {a.method for a in lay.program if isinstance(a, Solve)})
     B += _body("_init_body", lay.states + lay.params + ("r0", "rstep"), init, p)
     B += _body("_step_body", lay.fwd_args + ("r0", "rstep"), fwd, p)
     # the adjoint body recomputes the step's forward statements, zeroes the cotangents, then pulls back
     B += _body("_adjoint_body", lay.fwd_args + lay.grad_args + ("r0", "rstep"), fwd + [zero] + adj, p, ret)
-    init_ret = ("(" + ", ".join(grad_name(n) for n in lay.params) + ",)") if lay.params else None
-    B += _body("_init_adjoint_body", tuple(grad_name(s) for s in lay.states) + lay.params + ("r0", "rstep"),
-               [[f"{grad_name(n)} = ftype(0)" for n in lay.params]] + init_adj, p, init_ret)
+    # per-key-channel parameters: their cotangents are accumulated into buffers g_<name> [K] (zeroed by the caller)
+    sps = lay.scalar_params
+    init_ret = ("(" + ", ".join(grad_name(n) for n in sps) + ",)") if sps else None
+    B += _body("_init_adjoint_body", tuple(grad_name(s) for s in lay.states) + lay.params
+               + tuple(grad_name(n) for n in lay.vec_params) + ("r0", "rstep"),
+               [[f"{grad_name(n)} = ftype(0)" for n in sps]] + init_adj, p, init_ret)
     B += ["@jit", "def _copy2(dst, src, r0, rstep):",
           "    for i in range(r0, dst.shape[0], rstep):",
           "        for j in range(dst.shape[1]):",
@@ -191,7 +424,8 @@ def constants(ir: LayerIR) -> list[str]:
     """SPEC_NAME ... _LOG_GATE lines (the module constants of docs/contract.md §6, as in the JAX module)."""
     L = [f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}",
          "PARAMS = {"]
-    L += [f'    "{x.name}": {{"shape": ("H",), "init": {x.init!r}, "domain": "{x.domain}"}},' for x in ir.params]
+    shape = lambda x: "(" + ", ".join(f'"{d}"' for d in x.shape) + ("," if len(x.shape) == 1 else "") + ")"  # noqa: E731
+    L += [f'    "{x.name}": {{"shape": {shape(x)}, "init": {x.init!r}, "domain": "{x.domain}"}},' for x in ir.params]
     L += ["}", "INPUTS = {"]
     L += [f'    "{x.name}": {{"shape": {x.shape!r}, "space": "{x.space}", "domain": "{x.domain}", "role": "{x.role}"}},'
           for x in ir.inputs]
@@ -208,7 +442,13 @@ def constants(ir: LayerIR) -> list[str]:
     L += ["class State(NamedTuple):", '    """Recurrent state of every (batch, head); fla layout, d_k leading.', ""]
     L += [f"    {st.name}: [B, H, {', '.join(map(str, st.shape))}] -- {st.doc}." for st in ir.recurrence.states]
     L += ['    """', ""] + [f"    {st.name}: object" for st in ir.recurrence.states] + ["", ""]
-    items = ", ".join(f'"{x.name}": np.full((num_heads,), {x.init!r}, dtype=dtype)' for x in ir.params)
+    items = ", ".join(f'"{x.name}": np.full({"(num_heads, d_k)" if x.channel else "(num_heads,)"}, {x.init!r}, '
+                      'dtype=dtype)' for x in ir.params)
+    if any(x.channel for x in ir.params):
+        L += ["def init_params(num_heads, d_k, d_v, dtype=np.float32):",
+              '    """Initial parameters in their constrained space: dict name -> numpy array of ``dtype``, [H] or',
+              '    [H, K] as PARAMS states."""', "    del d_v", f"    return {{{items}}}", "", ""]
+        return L
     L += ["def init_params(num_heads, d_k, d_v, dtype=np.float32):",
           '    """Initial parameters in their constrained space: dict name -> [H] numpy array of ``dtype``."""',
           "    del d_k, d_v", f"    return {{{items}}}", "", ""]
@@ -283,3 +523,30 @@ def features_numpy(feature_map: str) -> list[str]:
         KeyError: an unknown feature map.
     """
     return list(_PHI_NUMPY[feature_map])
+
+
+def channel_params(api: str, replacements) -> str:
+    """``api`` with each (old, new) of ``replacements`` applied: the [H, K]-parameter variant of a module's API text.
+
+    Raises:
+        ValueError: an ``old`` text does not occur exactly once (the API template changed under it).
+    """
+    for old, new in replacements:
+        if api.count(old) != 1:
+            raise ValueError(f"channel_params: {old[:60]!r} occurs {api.count(old)} times in the API text")
+        api = api.replace(old, new)
+    return api
+
+
+def divides_by_input(ir: LayerIR, lay: Layout) -> bool:
+    """Whether a coefficient of the per-token program has a negative power of a per-token input (e.g. 1/α in
+    RLS with forgetting), which Numba's default (Python) error model would turn into a ZeroDivisionError at 0."""
+    names = set(lay.inputs)
+    for a in lay.program:
+        if isinstance(a, Solve):
+            continue
+        for t in terms_of(a.expr):
+            for pw in t.coef.atoms(sp.Pow):
+                if pw.exp.is_negative and {s.name for s in pw.base.free_symbols} & names:
+                    return True
+    return False

@@ -9,7 +9,8 @@ the numpy API.
 from __future__ import annotations
 
 from mesagen.backends.common import header, indent
-from mesagen.backends.numba_common import Layout, causal_start, constants, features_numpy, layout, plain_bodies
+from mesagen.backends.numba_common import (Layout, causal_start, channel_params, constants, divides_by_input,
+                                           features_numpy, layout, plain_bodies)
 from mesagen.backends.loops import grad_name
 from mesagen.ir.records import LayerIR
 
@@ -76,15 +77,22 @@ class NumbaCpuBackend:
               "from __future__ import annotations", "", "import math", "from functools import lru_cache",
               "from typing import NamedTuple", "", "import numpy as np", "from numba import njit", ""]
         L += constants(ir)
-        L += ["_jit = njit(cache=False)", "", "",
+        if divides_by_input(ir, lay):  # 1/α with α = exp(g) = 0 at g = −inf: IEEE inf/NaN, not ZeroDivisionError
+            L += ["# error_model numpy: a division by a per-token input that is 0 (e.g. the gate α = exp(−inf)) gives",
+                  "# inf / NaN as in IEEE arithmetic (positions after it only), never a ZeroDivisionError",
+                  '_jit = njit(cache=False, error_model="numpy")', "", ""]
+        else:
+            L += ["_jit = njit(cache=False)", "", ""]
+        L += [
               "@_jit", "def _sync():", '    """Barrier between statements: nothing to wait for on one CPU thread."""',
               "    return None", "", ""]
         L += plain_bodies(ir)
         L += self._build(lay, implicit)
         how = ("implicit differentiation, max(⌈√T⌉, 64)-step segments recomputed" if implicit
                else "the adjoint recurrence, checkpointed every ⌈√T⌉ steps")
-        L += _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states), how=how,
-                         features="\n".join(features_numpy(ir.feature_map))).splitlines()
+        api = _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states), how=how,
+                          features="\n".join(features_numpy(ir.feature_map)))
+        L += (channel_params(api, _CHANNEL_API) if lay.vec_params else api).splitlines()
         return "\n".join(L).rstrip("\n") + "\n"
 
     def _implicit(self, lay: Layout, alloc: list[str]) -> list[str]:
@@ -120,6 +128,14 @@ class NumbaCpuBackend:
               f"            r = _init_adjoint_body({', '.join([g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps])}, 0, 1)"
               if ps else "            r = ()",
               *[f"            out[b, h, {n}] += r[{n}]" for n in range(len(ps))], ""]
+        if lay.vec_params:  # out [B, H, n, K]: a per-key-channel parameter's row is its buffer, a scalar's is [..., 0]
+            idx = {p: n for n, p in enumerate(ps)}
+            args0 = [g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps] + [f"out[b, h, {idx[p]}]"
+                                                                                   for p in lay.vec_params]
+            D[-(4 + len(ps)):] = [f"    for b in range(out.shape[0]):", f"        for h in range(out.shape[1]):",
+                      "            " + ("r = " if lay.scalar_params else "")
+                      + f"_init_adjoint_body({', '.join(args0)}, 0, 1)",
+                      *[f"            out[b, h, {idx[p]}, 0] += r[{j}]" for j, p in enumerate(lay.scalar_params)], ""]
         if implicit:
             return F + indent(D + self._implicit(lay, alloc)) + ["", ""]
         args = ["q", "k", "v"] + ps + ins + [s + "_0" for s in S]
@@ -154,7 +170,10 @@ class NumbaCpuBackend:
         D += ["                " + step_call(lay, "_step_body", S, [])]
         D += indent(advance, 16)
         D += indent([f"_copy2({g(s)}_new, {g(s)}_T[b, h], 0, 1)" for s in S], 12)
-        D += indent([f"acc_{p} = ftype(0)" for p in ps], 12)
+        sps, vps = list(lay.scalar_params), list(lay.vec_params)
+        D += indent([f"acc_{p} = ftype(0)" for p in sps], 12)
+        D += indent([line for p in vps for line in (f"for i in range(d{p}.shape[2]):  # accumulated by the adjoint steps",
+                                                      f"    d{p}[b, h, i] = ftype(0)")], 12)
         D += ["            for c in range((tl + L) // L - 1, -1, -1):", "                t0 = c * L",
               "                t1 = min(tl + 1, t0 + L)"]
         D += indent([f"_copy2({s}, ck_{s}[c], 0, 1)" for s in S], 16)
@@ -165,15 +184,34 @@ class NumbaCpuBackend:
         D += ["                for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first"]
         call = step_call(lay, "_adjoint_body", [f"seg_{s}[t - t0]" for s in S],
                          ["do[b, t, h]"] + gN + gS + gT + ["dq[b, t, h]", "dk[b, t, h]", "dv[b, t, h]"]
-                         + [f"d{i}[b, t, h]" for i in lay.vec_inputs])
+                         + [f"d{i}[b, t, h]" for i in lay.vec_inputs] + [f"d{p}[b, h]" for p in vps])
         D += ["                    " + ("r = " if lay.scalars else "") + call]
-        D += [f"                    acc_{p} += r[{n}]" for n, p in enumerate(ps)]
-        D += [f"                    d{i}[b, t, h] = r[{len(ps) + n}]" for n, i in enumerate(lay.scalar_inputs)]
+        D += [f"                    acc_{p} += r[{n}]" for n, p in enumerate(sps)]
+        D += [f"                    d{i}[b, t, h] = r[{len(sps) + n}]" for n, i in enumerate(lay.scalar_inputs)]
         D += indent([f"_copy2({g(s)}_new, {g(s)}, 0, 1)" for s in S], 20)
         D += indent([f"_copy2({g(s)}_0[b, h], {g(s)}_new, 0, 1)" for s in S], 12)
-        D += indent([f"d{p}[b, h] = acc_{p}" for p in ps], 12) + [""]
+        D += indent([f"d{p}[b, h] = acc_{p}" for p in sps], 12) + [""]
         D += ["return init_all, init_adjoint_all, forward_all, backward_all"]
         return F + indent(D) + ["", ""]
+
+
+# Per-key-channel parameters ([H, K], e.g. MesaNet's ridge coefficient λ): the API lines that assume [H] parameters,
+# replaced only in modules that have such a parameter (the other modules' text is unchanged).
+_CHANNEL_API = (
+    ("""        if n not in params or np.shape(params[n]) != (H,):
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [H] = ({H},)")""",
+     """        want = (H,) + ((q.shape[-1],) if PARAMS[n]["shape"] == ("H", "K") else ())
+        if n not in params or np.shape(params[n]) != want:
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [{', '.join(PARAMS[n]['shape'])}] "
+                             f"= {want}")"""),
+    ("""    dps = [np.zeros((B, H), dt) for _ in _PARAM_NAMES]""",
+     """    dps = [np.zeros((B, H) + ((K,) if PARAMS[n]["shape"] == ("H", "K") else ()), dt) for n in _PARAM_NAMES]"""),
+    ("""        acc = np.zeros((B, H, len(_PARAM_NAMES)), dt)""",
+     """        acc = np.zeros((B, H, len(_PARAM_NAMES), K), dt)  # [..., 0] for a per-head parameter"""),
+    ("""        dps = [d + acc[:, :, n] for n, d in enumerate(dps)]""",
+     """        dps = [d + (acc[:, :, n] if d.ndim == 3 else acc[:, :, n, 0]) for n, d in enumerate(dps)]"""),
+    ("""d<param> [H] (including""", """d<param> [H] or [H, K] (including"""),
+)
 
 
 _API = '''

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from mesagen.backends.common import header, indent
 from mesagen.backends.loops import grad_name
-from mesagen.backends.numba_common import Layout, causal_start, constants, layout, plain_bodies
+from mesagen.backends.numba_common import Layout, causal_start, channel_params, constants, layout, plain_bodies
 from mesagen.backends.numba_cpu import step_call
 from mesagen.ir.records import LayerIR
 
@@ -48,18 +48,20 @@ class NumbaCudaBackend:
         L += plain_bodies(ir)
         L += self._build(lay, ir.feature_map)
         L += [f"_SIGNATURES = {self._signatures(lay)!r}", "", ""]
-        L += _API.splitlines()
+        L += (channel_params(_API, _CHANNEL_API) if lay.vec_params else _API).splitlines()
         return "\n".join(L).rstrip("\n") + "\n"
 
     def _signatures(self, lay: Layout) -> dict:
         S, ps = lay.states, lay.params
         ins = tuple("a4" if i in lay.vec_inputs else "a3" for i in lay.inputs)
-        fwd = ("a4",) * 3 + ("a1",) * len(ps) + ins + ("a4",) * len(S)
+        pa = tuple("a2" if p in lay.vec_params else "a1" for p in ps)
+        fwd = ("a4",) * 3 + pa + ins + ("a4",) * len(S)
         return {
-            "init_kernel": ("a1",) * len(ps) + ("a4",) * len(S),
-            "init_adjoint_kernel": ("a4",) * len(S) + ("a1",) * len(ps) + ("a3",),
+            "init_kernel": pa + ("a4",) * len(S),
+            "init_adjoint_kernel": ("a4",) * len(S) + pa + (("a4",) if lay.vec_params else ("a3",)),
             "forward_kernel": fwd + ("a4",) + ("a4",) * len(S),
-            "backward_kernel": fwd + ("a4",) * (1 + len(S) + 3) + ("a2",) * len(ps) + ins
+            "backward_kernel": fwd + ("a4",) * (1 + len(S) + 3) + tuple("a3" if p in lay.vec_params else "a2" for p in ps)
+            + ins
             + ("a4",) * len(S) + ("i8",) + ("a4",) * (2 * len(S)) + ("a3",) * (4 * len(S)),
             "features_kernel": ("a4", "a4", "f"),
             "features_adjoint_kernel": ("a4", "a4", "a4", "f"),
@@ -96,6 +98,15 @@ class NumbaCudaBackend:
             D += [f"    r = _init_adjoint_body({', '.join([g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps])}"
                   ", cuda.threadIdx.x, cuda.blockDim.x)", "    if cuda.threadIdx.x == 0:"]
             D += [f"        out[b, h, {n}] = r[{n}]" for n in range(len(ps))]
+        if lay.vec_params:  # out [B, H, n, K]: a per-key-channel parameter's row is its buffer, a scalar's is [..., 0]
+            idx = {p: n for n, p in enumerate(ps)}
+            args0 = [g(s) + '_0[b, h]' for s in S] + [p + '[h]' for p in ps] + [f"out[b, h, {idx[p]}]"
+                                                                                   for p in lay.vec_params]
+            D = D[:-(2 + len(ps))] + ["    " + ("r = " if lay.scalar_params else "")
+                                      + f"_init_adjoint_body({', '.join(args0)}, cuda.threadIdx.x, cuda.blockDim.x)"]
+            if lay.scalar_params:
+                D += ["    if cuda.threadIdx.x == 0:"]
+                D += [f"        out[b, h, {idx[p]}, 0] = r[{j}]" for j, p in enumerate(lay.scalar_params)]
         D += [""]
         args = ["q", "k", "v"] + ps + ins + st0
         D += ["@cuda.jit", f"def forward_kernel({', '.join(args + ['o'] + [s + '_T' for s in S])}):",
@@ -120,7 +131,10 @@ class NumbaCudaBackend:
               "        if t % L == 0:"] + indent([f"_copy2(ck_{s}[bh, t // L], {s}, r0, rs)" for s in S], 12)
         D += ["        " + step_call(lay, "_step_body", S, [], r="r0, rs")] + indent(advance, 8)
         D += indent([f"_copy2({g(s)}_new, {g(s)}_T[b, h], r0, rs)" for s in S] + ["_sync()"])
-        D += indent([f"acc_{p} = ftype(0)" for p in ps])
+        sps, vps = list(lay.scalar_params), list(lay.vec_params)
+        D += indent([f"acc_{p} = ftype(0)" for p in sps])
+        D += indent([line for p in vps for line in (f"for i in range(r0, K, rs):  # accumulated by the adjoint steps",
+                                                      f"    d{p}[b, h, i] = ftype(0)")])
         D += ["    for c in range((tl + L) // L - 1, -1, -1):", "        t0 = c * L", "        t1 = min(tl + 1, t0 + L)"]
         D += indent([f"_copy2({s}, ck_{s}[bh, c], r0, rs)" for s in S] + ["_sync()"], 8)
         D += ["        for t in range(t0, t1):  # recompute the segment's states"]
@@ -129,16 +143,16 @@ class NumbaCudaBackend:
         D += ["        for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first"]
         call = step_call(lay, "_adjoint_body", [f"seg_{s}[bh, t - t0]" for s in S],
                          ["do[b, t, h]"] + gN + gS + gT + ["dq[b, t, h]", "dk[b, t, h]", "dv[b, t, h]"]
-                         + [f"d{i}[b, t, h]" for i in lay.vec_inputs], r="r0, rs")
+                         + [f"d{i}[b, t, h]" for i in lay.vec_inputs] + [f"d{p}[b, h]" for p in vps], r="r0, rs")
         D += ["            " + ("r = " if lay.scalars else "") + call]
-        D += [f"            acc_{p} += r[{n}]" for n, p in enumerate(ps)]
+        D += [f"            acc_{p} += r[{n}]" for n, p in enumerate(sps)]
         if lay.scalar_inputs:
-            D += ["            if r0 == 0:"] + [f"                d{i}[b, t, h] = r[{len(ps) + n}]"
+            D += ["            if r0 == 0:"] + [f"                d{i}[b, t, h] = r[{len(sps) + n}]"
                                                   for n, i in enumerate(lay.scalar_inputs)]
         D += indent([f"_copy2({g(s)}_new, {g(s)}, r0, rs)" for s in S] + ["_sync()"], 12)
         D += indent([f"_copy2({g(s)}_0[b, h], {g(s)}_new, r0, rs)" for s in S])
-        if ps:
-            D += ["    if r0 == 0:"] + [f"        d{p}[b, h] = acc_{p}" for p in ps]
+        if sps:
+            D += ["    if r0 == 0:"] + [f"        d{p}[b, h] = acc_{p}" for p in sps]
         D += [""] + _FRAME_KERNELS[self_fm].splitlines() + _GATE_KERNELS.splitlines()
         D += ["", "return (init_kernel, init_adjoint_kernel, forward_kernel, backward_kernel, features_kernel,",
               "        features_adjoint_kernel, exp_kernel, gate_adjoint_kernel)"]
@@ -214,6 +228,26 @@ def gate_adjoint_kernel(da, a, dg):
     for i in range(cuda.grid(1), da.shape[0], cuda.gridsize(1)):
         dg[i] = ftype(0) if da[i] == ftype(0) else da[i] * a[i]
 """
+
+
+# Per-key-channel parameters ([H, K]): the API lines that assume [H] parameters, replaced only in modules that have
+# such a parameter (the other modules' text is unchanged).
+_CHANNEL_API = (
+    ("""        if n not in params or tuple(np.shape(params[n])) != (H,):
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [H] = ({H},)")""",
+     """        want = (H,) + ((q.shape[3],) if PARAMS[n]["shape"] == ("H", "K") else ())
+        if n not in params or tuple(np.shape(params[n])) != want:
+            raise ValueError(f"{SPEC_NAME}: parameter {n!r} must be given with shape [{', '.join(PARAMS[n]['shape'])}] "
+                             f"= {want}")"""),
+    ("""    dps = [_nan((B, H), dt) for _ in _PARAM_NAMES]""",
+     """    dps = [_nan((B, H) + ((K,) if PARAMS[n]["shape"] == ("H", "K") else ()), dt) for n in _PARAM_NAMES]"""),
+    ("""        acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES)), dt))""",
+     """        acc = cuda.to_device(np.zeros((B, H, len(_PARAM_NAMES), K), dt))  # [..., 0] for a per-head parameter"""),
+    ("""        dps = [d + acc[:, :, n].sum(axis=0) for n, d in enumerate(dps)]""",
+     """        dps = [d + (acc[:, :, n].sum(axis=0) if d.ndim == 2 else acc[:, :, n, 0].sum(axis=0))
+               for n, d in enumerate(dps)]"""),
+    ("""d<param> [H], d<input>""", """d<param> [H] or [H, K], d<input>"""),
+)
 
 
 _API = '''# ----------------------------------------------------------------------------------------------------

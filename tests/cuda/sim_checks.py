@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import racecheck  # noqa: E402  (patches the simulator before any kernel runs)
-from numba_cases import (LAYERS, V2_LAYERS, B, H, K, T, V, close, data, module, params_inputs, reference,  # noqa: E402
-                         reference_vjp)
+from numba_cases import (CORE_LAYERS, SOLVER_LAYERS, V2_LAYERS, B, H, K, T, V, close, data, module,  # noqa: E402
+                         params_inputs, reference, reference_vjp)
 
 
 def test_simulator_is_active():
@@ -48,7 +48,7 @@ def close_grads(name, g, gc):
             close(a, b)
 
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", CORE_LAYERS)
 def test_forward_and_backward(name):
     q, k, v, do, beta = data(6)
     params, inputs = params_inputs(name, beta)
@@ -63,7 +63,7 @@ def test_forward_and_backward(name):
     close_grads(name, g, gc)
 
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", CORE_LAYERS)
 def test_given_state_step_and_device_arrays(name):
     q, k, v, do, beta = data(7)
     params, inputs = params_inputs(name, beta)
@@ -94,7 +94,7 @@ def test_two_widths_in_one_process():
     assert (B, T, H, K, V) == (2, 7, 2, 3, 5)
 
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", CORE_LAYERS)
 def test_random_launch_shapes_are_race_free(name, monkeypatch):
     """Random grids, lengths and block sizes (1 … rows + 3 threads) under the race detector, against the CPU."""
     rng = np.random.default_rng(sum(map(ord, name)))
@@ -170,7 +170,7 @@ def test_shared_array_is_one_per_call_site_even_when_allocation_is_slow(monkeypa
     assert out[0] == 36.0
 
 
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", CORE_LAYERS)
 def test_dtype_policy(name):
     """q float32 / float64 is the compute dtype (others: ValueError); k, v, params, inputs are cast to it."""
     q, k, v, do, beta = data(8, t=3)
@@ -192,7 +192,7 @@ def test_dtype_policy(name):
 
 @pytest.mark.filterwarnings("ignore:.*invalid value encountered:RuntimeWarning")  # inf - inf in the simulator
 @pytest.mark.filterwarnings("ignore:.*overflow encountered:RuntimeWarning")
-@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("name", CORE_LAYERS)
 def test_non_finite_input_does_not_reach_earlier_positions(name):
     """Issue 7 item 4 on the CUDA modules: NaN / inf at t = 3, loss on t < 3 (B = H = 1, T = 6, K = 3, V = 4)."""
     rng = np.random.default_rng(11)
@@ -265,3 +265,33 @@ def test_v2_against_reference_vjp(name, t):
         if n != "dinitial_state":
             assert g32[n].dtype == np.float32
             close(g32[n], rg[n], rtol=2e-6, floor=1e-3)
+
+
+@pytest.mark.parametrize("name", SOLVER_LAYERS)
+def test_exact_and_implicit_solver_layers(name, monkeypatch):
+    """One small case per layer of the exact / implicit solvers (implicit_delta, rls_forgetting, mesanet: its
+    conjugate-gradient solve and per-key-channel λ) under the race detector, with 2 threads per block (fewer than
+    the rows): forward and final state equal the float64 reference (mesagen.reference.solvers) to 1e-10, every
+    gradient (initial state and final-state cotangent given) equals the Numba CPU backward to 1e-10."""
+    q, k, v, do, beta = data(60, b=1, t=4)
+    params, inputs = params_inputs(name, beta)
+    m, c = module(name, "numba_cuda"), module(name, "numba_cpu")
+    monkeypatch.setattr(m, "_threads", lambda K_, V_: 2)
+    st0 = c.forward(q[:, :2], k[:, :2], v[:, :2], params, output_final_state=True,
+                    **{n: x[:, :2] for n, x in inputs.items()})[1]
+    before = racecheck.stats["accesses"]
+    o, st = m.forward(q, k, v, params, initial_state=st0, output_final_state=True, **inputs)
+    ro, rst = reference(name, q, k, v, params, inputs, initial_state=st0._asdict())
+    close(o, ro)
+    for n in m.State._fields:
+        close(getattr(st, n), rst[n])
+    rng = np.random.default_rng(61)
+    dfin = m.State(*(rng.standard_normal(x.shape) for x in st))
+    g = m.backward(q, k, v, params, do, initial_state=st0, dfinal_state=dfin, **inputs)
+    gc = c.backward(q, k, v, params, do, initial_state=st0, dfinal_state=dfin, **inputs)
+    assert sorted(g) == sorted(gc)
+    for n in gc:
+        for a, b in (zip(g[n], gc[n]) if n == "dinitial_state" else [(g[n], gc[n])]):
+            close(a, b)
+    assert racecheck.stats["accesses"] > before
+
