@@ -19,7 +19,7 @@ from conftest import SHIPPED, load_generated, make_inputs
 from test_family_v2 import compile_text
 
 CHUNKED = [n for n in SHIPPED if "chunked" in load_generated(n).FORMS]
-DELTA = ["delta", "gated_delta", "kda"]  # the WY form of the delta rule
+DELTA = ["delta", "gated_delta", "kda", "implicit_delta"]  # the WY form of the delta rule (implicit_delta: ε = β/(1 + β kᵀk))
 B, H, K, V = 2, 2, 3, 5
 RTOL = 1e-12
 
@@ -65,7 +65,7 @@ def assert_close(got, want, what, rtol=RTOL):
 def test_forms_come_from_the_ir():
     """chunked where the kernel form reads no Gram sums (not gd: x = p(Ā) q; not ridge), and for the delta-rule
     family (online GD: the WY form, a DeltaChunkForm in the IR)."""
-    assert CHUNKED == ["linear", "delta", "simple_gla", "retention", "gla", "gated_delta", "kda"]
+    assert CHUNKED == ["linear", "delta", "simple_gla", "retention", "gla", "gated_delta", "kda", "implicit_delta"]
     assert [n for n in CHUNKED if hasattr(load_generated(n), "_delta_chunk_step")] == DELTA
     for n in SHIPPED:
         forms = load_generated(n).FORMS
