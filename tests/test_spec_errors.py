@@ -43,7 +43,7 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "beta_init_out_of_unit_interval.yaml": (14, 5, "parameters.beta.init", "init 2.0 is outside the domain 'unit_interval'"),
     "nan_init.yaml": (12, 25, "parameters.eta.init", "init must be a finite number, not nan"),
     "inf_init.yaml": (12, 25, "parameters.lam.init", "init must be a finite number, not inf"),
-    "lambda_shape_heads_dk.yaml": (12, 9, "parameters.lam.shape", "shape must be [heads], not ['heads', 'd_k']"),
+    "lambda_shape_heads_dk.yaml": (12, 9, "parameters.lam.shape", "a per-key-channel ridge coefficient [heads, d_k] needs spec_version: 2"),
     "step_size_shape_heads_dk.yaml": (12, 9, "parameters.eta.shape", "a step size is one scalar per head"),
     "closed_form_without_ridge.yaml": (9, 10, "solver.kind", "unsupported combination: the closed_form solver needs a ridge"),
     "gd_step_size_input.yaml": (9, 30, "solver.step_size", "must be a parameter, not a per-token input"),
@@ -87,10 +87,10 @@ EXPECTED: dict[str, tuple[int | None, int | None, str | None, str]] = {
     "channel_gate_gd_steps.yaml": (14, 7, "inputs.g.shape", "unsupported combination: a per-key-channel gate"),
     "gate_parameter_domain.yaml": (14, 42, "parameters.gamma.domain", "domain must be 'positive_unit_interval' ((0, 1]), not 'unit_interval'"),
     "gate_parameter_shape.yaml": (14, 11, "parameters.gamma.shape", "a forget-gate parameter is one scalar per head: shape must be [heads], not ['heads', 'd_k']"),
-    "decayed_closed_form.yaml": (8, 13, "objective.weights.kind", "unsupported combination: the closed_form (Sherman–Morrison) solver keeps uniform weights only"),
+    "decayed_closed_form.yaml": (11, 29, "solver.recurrence", "no rank-one recursion keeps the exact solution: with decayed weights Sherman–Morrison needs the regulariser to decay with the data"),
     "importance_not_input.yaml": (8, 37, "objective.weights.importance", "'w' is a parameter; an importance weight β_i is a per-token input [batch, time, heads]"),
     "importance_shape_dk.yaml": (15, 3, "inputs.w", "must be an input [batch, time, heads] in linear space with domain 'positive' or 'unit_interval', not [batch, time, heads, d_k]"),
-    "importance_online_gd.yaml": (8, 37, "objective.weights.importance", "unsupported combination: importance weights need the gd solver, not online_gd"),
+    "importance_online_gd.yaml": (8, 37, "objective.weights.importance", "unsupported combination: importance weights need the gd, closed_form or conjugate_gradient solver, not online_gd"),
     "uniform_weights_with_gate.yaml": (8, 28, "objective.weights.gate", "uniform weights take no gate (use kind: decayed)"),
     "online_gd_without_step_size.yaml": (11, 1, "solver.step_size", "required field is missing"),
     "step_size_input_dk.yaml": (15, 10, "inputs.beta.shape", "not [batch, time, heads, d_k]: a per-key-channel shape is only for forget gates"),
@@ -106,7 +106,7 @@ MULTI: dict[str, list[tuple[int | None, int | None, str | None, str]]] = {
     ],
     "several_rule_violations.yaml": [
         (4, 1, "description", "may not contain backslashes, double quotes or control characters"),
-        (13, 9, "parameters.lam.shape", "shape must be [heads], not ['heads', 'd_k']"),
+        (13, 9, "parameters.lam.shape", "a per-key-channel ridge coefficient [heads, d_k] needs spec_version: 2"),
         (13, 42, "parameters.lam.domain", "must have domain 'positive'"),
     ],
     # v2: v2 keys in a v1 file, broken v2 cross-field rules, and misspelled v2 values, each all in one run
@@ -120,7 +120,7 @@ MULTI: dict[str, list[tuple[int | None, int | None, str | None, str]]] = {
         (13, 53, "inputs.g.domain", "the domain 'nonpositive' needs spec_version: 2"),
     ],
     "several_v2_rule_violations.yaml": [
-        (7, 37, "objective.weights.importance", "importance weights need the gd solver, not online_gd"),
+        (7, 37, "objective.weights.importance", "importance weights need the gd, closed_form or conjugate_gradient solver, not online_gd"),
         (13, 7, "inputs.g.shape", "not per value channel [batch, time, heads, d_v]"),
         (13, 53, "inputs.g.domain", "must have domain 'nonpositive', not 'unit_interval'"),
         (14, 10, "inputs.beta.shape", "a per-key-channel shape is only for forget gates"),
@@ -289,14 +289,6 @@ INLINE = {
                        "x.yaml:15:48: inputs.g.domain: ", "'nonpositive' or 'positive_unit_interval' (got 'negative')"),
     "importance_undeclared": (SIMPLE_GLA.replace("gate: g}", "gate: g, importance: w}"),
                               "x.yaml:9:37: objective.weights.importance: ", "'w' is not a declared input (declared inputs: ['g'])"),
-    "importance_closed_form": (GATED_DELTA.replace("{kind: decayed, gate: g}", "{kind: uniform, importance: w}")
-                               .replace("{kind: none}", "{kind: ridge, coefficient: lam}")
-                               .replace("{kind: online_gd, step_size: beta, init: zero}",
-                                        "{kind: closed_form, recurrence: sherman_morrison}")
-                               .replace("  g: {shape: [batch, time, heads], space: log, domain: nonpositive}\n  beta:",
-                                        "  w:") + "parameters:\n  lam: {shape: [heads], init: 1.0, domain: positive}\n",
-                               "x.yaml:10:28: objective.weights.importance: ",
-                               "importance weights need the gd solver, not closed_form"),
     "alias_bomb": ("a: &a [x, x, x, x, x, x, x, x, x, x]\n"
                    + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
                              for p, c in zip("abcdef", "bcdefg")),

@@ -398,6 +398,13 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             unresolved = True
             errs.append((("objective", "weights", "gate"), f"{w.gate!r} is neither a declared parameter nor an input "
                          f"(declared: {sorted(names)})"))
+        if (solver.kind == "closed_form" and solver.recurrence == "sherman_morrison" and reg.kind == "ridge"
+                and not reg.decays_with_data):
+            errs.append((("solver", "recurrence"), "no rank-one recursion keeps the exact solution: with decayed "
+                         "weights Sherman–Morrison needs the regulariser to decay with the data "
+                         "(objective.regularizer.decays_with_data: true, RLS with a forgetting factor); with a "
+                         "regulariser that does not decay use recurrence: cholesky (a direct per-position solve) or "
+                         "solver {kind: conjugate_gradient, max_iterations: N, tolerance: ε}"))
         if exact and w.gate in spec.inputs and spec.inputs[w.gate].shape[3:]:
             errs.append((("inputs", w.gate, "shape"), f"unsupported combination: the {solver.kind} solver weighs "
                          "each pair's whole loss, so its forget gate is one scalar per token and head [batch, time, "
