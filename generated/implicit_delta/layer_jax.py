@@ -161,15 +161,33 @@ def _step_batched(state, q_t, k_t, v_t, ps, inputs_t):
     return o_t, State(*new)
 
 
-def _scan(ps, state, xs):
-    """Scan the step over time-major xs = (q, k, v, *inputs), each [T, B, H, ...]; returns (final, o [T, B, H, V])."""
+def _scan(ps, state, xs, live=None):
+    """Scan the step over time-major xs = (q, k, v, *inputs), each [T, B, H, ...]; returns (final, o [T, B, H, V]).
+
+    ``live`` ([T, B] bool, or None for all live): a token that is not live (cu_seqlens padding, see _varlen_pack)
+    leaves the state exactly as it was, whatever the step would do (e.g. a constant per-head decay γ).
+    """
 
     def body(carry, x):
+        x, live_t = x
         q_t, k_t, v_t = x[0], x[1], x[2]
         o_t, new = _step_batched(carry, q_t, k_t, v_t, ps, x[3:])
+        if live_t is not None:
+            new = State(*(jnp.where(live_t.reshape((-1,) + (1,) * (n.ndim - 1)), n, c) for n, c in zip(new, carry)))
         return new, o_t
 
-    return lax.scan(body, state, xs)
+    return lax.scan(body, state, (xs, live))
+
+
+def _featurise(q, k, scale, live):
+    """What the per-head programs read: scale · φ(q) and φ(k), [B, T, H, K]. With ``live`` ([B, T] bool, the
+    cu_seqlens padding mask, see _varlen_pack) the keys of padding tokens are set to 0 *after* φ (φ(0) need not
+    be 0: elu(0) + 1 = 1), so that a padding token adds nothing to any running sum (k = v = 0, docs/contract.md
+    §10)."""
+    q, k = scale * _features(q), _features(k)
+    if live is not None:
+        k = jnp.where(live[:, :, None, None], k, 0)
+    return q, k
 
 
 def _segment_length(T):
@@ -187,17 +205,17 @@ def _split_segments(xs, T):
     return head, tail, n, L
 
 
-def _scan_recurrent(ps, state, xs):
+def _scan_recurrent(ps, state, xs, live=None):
     """lax.scan of the step in two levels: an outer scan over max(⌈√T⌉, 64)-token segments whose body is rematerialised
     (``jax.checkpoint``), so reverse mode keeps only the state entering each segment and recomputes one segment
     at a time. Plain JAX transformations throughout (no custom VJP), so jit, vmap (batched or unbatched
     parameters), grad, vjp, jvp, checkpoint and scan all compose. No inverse is ever reconstructed backwards.
     """
     T = xs[0].shape[0]
-    head, tail, n, L = _split_segments(xs, T)
-    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, seg))
+    head, tail, n, L = _split_segments((xs, live), T)                 # live: [T, B] mask or None (see _scan)
+    segment = jax.checkpoint(lambda carry, seg: _scan(ps, carry, *seg))
     mid, o_head = lax.scan(segment, state, head)
-    final, o_tail = _scan(ps, mid, tail)
+    final, o_tail = _scan(ps, mid, *tail)
     o = jnp.concatenate([o_head.reshape((n * L,) + o_head.shape[2:]), o_tail], axis=0)
     return final, o
 
@@ -211,10 +229,10 @@ def _recurrent_inputs(inputs):
 
 
 @jax.jit
-def _forward_recurrent(q, k, v, ps, state, inputs, scale):
-    q, k = scale * _features(q), _features(k)
+def _forward_recurrent(q, k, v, ps, state, inputs, scale, live=None):
+    q, k = _featurise(q, k, scale, live)
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
-    final, o = _scan_recurrent(tuple(ps), state, xs)
+    final, o = _scan_recurrent(tuple(ps), state, xs, None if live is None else jnp.swapaxes(live, 0, 1))
     return jnp.swapaxes(o, 0, 1), final
 
 
@@ -225,10 +243,12 @@ _delta_steps = jax.vmap(jax.vmap(jax.vmap(_delta_step_head, in_axes=(0, 0)),
                                  in_axes=(0, 0)), in_axes=(0, 0))
 
 
-def _delta_log_gates(ps, inputs, B, T, H):
-    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None without a gate."""
+def _delta_log_gates(ps, inputs, B, T, H, live=None):
+    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None without a gate.
+    A token that is not live (``live`` [B, T], cu_seqlens padding) decays nothing (log α = 0)."""
     if _GATE_PARAM is not None:                                          # a constant decay γ per head
-        return jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
+        g = jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
+        return g if live is None else jnp.where(live[:, :, None], g, 0)
     if _GATE_INPUT is None:
         return None
     g = inputs[_GATE_INPUT]
@@ -308,7 +328,7 @@ def _delta_chunk_step(S, chunk):
     return S_kept + jnp.einsum("bihk,bhiv->bhkv", k_end, U), o
 
 
-def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size):
+def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size, live=None):
     """Chunkwise-parallel form of the delta rule (the WY / UT representation; see _delta_chunk_step).
 
     The sequence is cut into ⌈T/C⌉ chunks of C = min(chunk_size, T) tokens; the tail is padded with neutral
@@ -320,12 +340,12 @@ def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size):
     entering each chunk — ⌈T/C⌉ · B·H·K·V numbers, besides the inputs — and recomputes one chunk at a time:
     O(B·H·C·(C·K + K + V)) work arrays with a per-channel gate, O(B·H·C·(C + K + V)) otherwise.
     """
-    q, k = scale * _features(q), _features(k)
+    q, k = _featurise(q, k, scale, live)                               # padding tokens: k = 0, add nothing
     B, T, H, K = q.shape
     if T == 0:                                                          # nothing to absorb
         return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
     eps = _delta_steps(k, *ps, *_recurrent_inputs(inputs))              # [B, T, H]
-    g = _delta_log_gates(ps, inputs, B, T, H)
+    g = _delta_log_gates(ps, inputs, B, T, H, live)
     C = min(chunk_size, T)
     n = -(-T // C)
 
@@ -345,15 +365,17 @@ _CHUNKED_IMPLS = {}
 
 def _chunked_impl(chunk_size):
     """The chunked form with a fixed chunk size as an ``impl`` of _causal_forward, (q, k, v, ps, state, inputs,
-    scale) → (o, State), jitted; one function per size, kept, so that _causal_forward_jit's cache keys on it."""
+    scale, live=None) → (o, State), jitted; one function per size, kept, so that _causal_forward_jit's cache keys on it."""
     if chunk_size not in _CHUNKED_IMPLS:
         _CHUNKED_IMPLS[chunk_size] = jax.jit(
-            lambda q, k, v, ps, state, inputs, scale: _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size))
+            lambda q, k, v, ps, state, inputs, scale, live=None: _forward_chunked(q, k, v, ps, state, inputs, scale,
+                                                                                  chunk_size, live))
     return _CHUNKED_IMPLS[chunk_size]
 
 
-def _causal_forward(impl, q, k, v, ps, state, inputs, scale):
-    """``impl(q, k, v, ps, state, inputs, scale)`` whose outputs and gradients stay causal for non-finite inputs.
+def _causal_forward(impl, q, k, v, ps, state, inputs, scale, live=None):
+    """``impl(q, k, v, ps, state, inputs, scale, live)`` whose outputs and gradients stay causal for non-finite
+    inputs. ``live`` ([B, T] bool or None) marks the real tokens of a cu_seqlens batch (see _varlen_pack).
 
     Plain autodiff multiplies the zero cotangents of positions after the loss by the primal values there, so
     one NaN or inf at position s made every gradient NaN (0·NaN). Here the gradient path runs ``impl`` on the
@@ -369,10 +391,10 @@ def _causal_forward(impl, q, k, v, ps, state, inputs, scale):
     xs = (q, k, v) + tuple(inputs)
     stand_in = (0.0, 0.0, 0.0) + _INPUT_NEUTRAL
     clean = [jnp.where(jnp.isfinite(x), x, jnp.asarray(c, x.dtype)) for x, c in zip(xs, stand_in)]
-    o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]), scale)
+    o_c, final_c = impl(clean[0], clean[1], clean[2], ps, state, tuple(clean[3:]), scale, live)
     all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
     given = lax.stop_gradient((q, k, v, tuple(ps), state, tuple(inputs), scale))
-    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given))
+    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given, live))
     pick = lambda a, c: jnp.where(jnp.isfinite(a), c, a)  # noqa: E731
     return pick(o_a, o_c), jax.tree.map(pick, final_a, final_c)
 
@@ -380,11 +402,11 @@ def _causal_forward(impl, q, k, v, ps, state, inputs, scale):
 _causal_forward_jit = jax.jit(_causal_forward, static_argnums=0)
 
 
-def _values(q, k, v, ps, state, inputs, scale):
+def _values(q, k, v, ps, state, inputs, scale, live=None):
     """The plain token-by-token recurrence (values only): (o [B, T, H, V], final State)."""
-    q, k = scale * _features(q), _features(k)
+    q, k = _featurise(q, k, scale, live)
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
-    final, o = _scan(tuple(ps), state, xs)
+    final, o = _scan(tuple(ps), state, xs, None if live is None else jnp.swapaxes(live, 0, 1))
     return jnp.swapaxes(o, 0, 1), final
 
 
@@ -465,7 +487,7 @@ def _check(q, k, v, params, inputs, lead):
         _check_domain(f"input {n!r}", inputs[n], INPUTS[n]["domain"])
 
 
-def _state_in(state, B, H, K, V, dtype):
+def _state_in(state, B, H, K, V, dtype, note=""):
     """The caller's initial state as a State of ``dtype`` arrays, after checking its fields and shapes."""
     if not isinstance(state, (tuple, list)):
         raise ValueError(f"{SPEC_NAME}: initial_state must be a State{State._fields} (a NamedTuple of arrays, e.g. "
@@ -478,7 +500,7 @@ def _state_in(state, B, H, K, V, dtype):
         x = jnp.asarray(x)
         want = (B, H) + tuple(size[d] for d in dims)
         if x.shape != want:
-            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want}, got {x.shape}")
+            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want}, got {x.shape}{note}")
         _real_floating(f"initial_state.{name}", x)
         out.append(x.astype(dtype))
     return State(*out)
@@ -517,8 +539,72 @@ def _chunk_size(form, chunk_size):
     return size
 
 
+def _varlen_lengths(cu_seqlens, B, T, max_seqlen):
+    """Check cu_seqlens (fla's convention) and return (cu int32 [N + 1], N, T_pad).
+
+    T_pad, the static padded length of every sequence, is ``max_seqlen`` (a positive Python int) or T. Concrete
+    offsets are checked (0 = cu[0] < cu[1] < … < cu[N] = T, every length ≤ T_pad); traced ones cannot be and
+    must satisfy the same (a sequence longer than T_pad would be cut).
+
+    Raises:
+        ValueError: B ≠ 1; cu_seqlens not a 1-D integer array of at least two entries; concrete offsets that do
+            not start at 0, end at T or increase strictly; max_seqlen not a positive int, or below a length.
+    """
+    if B != 1:
+        raise ValueError(f"{SPEC_NAME}: with cu_seqlens the batch must hold one packed row (B = 1, q [1, T, H, K]); "
+                         f"got B = {B}")
+    cu = jnp.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.shape[0] < 2 or not jnp.issubdtype(cu.dtype, jnp.integer):
+        raise ValueError(f"{SPEC_NAME}: cu_seqlens must be a 1-D integer array [N + 1] of sequence offsets "
+                         f"(N ≥ 1), got shape {cu.shape} and dtype {cu.dtype}")
+    if max_seqlen is None:
+        T_pad = T
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"{SPEC_NAME}: max_seqlen must be a positive Python int (static) or None, got {max_seqlen!r}")
+    else:
+        T_pad = max_seqlen
+    try:
+        offsets = [int(x) for x in jax.device_get(cu)]
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        offsets = None                                                  # traced: cannot be checked
+    if offsets is not None:
+        if offsets[0] != 0 or offsets[-1] != T:
+            raise ValueError(f"{SPEC_NAME}: cu_seqlens must start at 0 and end at T = {T}; got {offsets[0]} … "
+                             f"{offsets[-1]}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if min(lengths) < 1:
+            raise ValueError(f"{SPEC_NAME}: cu_seqlens must increase strictly (no empty sequence); got {offsets}")
+        if max(lengths) > T_pad:
+            raise ValueError(f"{SPEC_NAME}: max_seqlen = {T_pad} is below the longest sequence ({max(lengths)} tokens)")
+    return cu.astype(jnp.int32), cu.shape[0] - 1, T_pad
+
+
+def _varlen_pack(cu, T_pad, arrays, fills):
+    """Scatter the packed tokens into a padded batch: each [1, T, ...] array → [N, T_pad, ...], sequence n in row
+    n from position 0, the rest filled with ``fills`` (neutral tokens: q = k = v = 0, a gate of 1, a step size
+    or importance of 0). Returns (padded arrays, live [N, T_pad] bool: the real tokens). The impls also zero
+    the padding keys after the feature map and neutralise a per-head decay there (``live``), so the state after
+    the padding is the state after each sequence's last token."""
+    T = arrays[0].shape[1]
+    j = jnp.arange(T_pad)
+    live = j[None, :] < (cu[1:] - cu[:-1])[:, None]                    # [N, T_pad]
+    src = jnp.clip(cu[:-1, None] + j[None, :], 0, T - 1)                # [N, T_pad] packed position of each slot
+    out = []
+    for x, fill in zip(arrays, fills):
+        x = x[0][src]                                                   # [N, T_pad, ...]
+        out.append(jnp.where(live.reshape(live.shape + (1,) * (x.ndim - 2)), x, jnp.asarray(fill, x.dtype)))
+    return out, live
+
+
+def _varlen_unpack(cu, o, T):
+    """Gather the padded outputs o [N, T_pad, H, V] back to the packed layout [1, T, H, V] (T = cu[N])."""
+    t = jnp.arange(T)
+    seq = jnp.searchsorted(cu, t, side="right") - 1                    # [T]: the sequence of each packed token
+    return o[seq, t - cu[seq]][None]
+
+
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
-            chunk_size=None, **inputs):
+            chunk_size=None, cu_seqlens=None, max_seqlen=None, **inputs):
     """Run the layer over a sequence.
 
     Args:
@@ -534,6 +620,13 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         chunk_size: tokens per chunk of form "chunked" (a positive Python int, static; None for 64; a chunk
             size above T means one chunk of T tokens). Only form "chunked" takes it: with another form it
             must stay None.
+        cu_seqlens: None, or int offsets [N + 1] (fla's convention, 0 = cu[0] < … < cu[N] = T; may be traced)
+            of N sequences packed into one row (B = 1). Each sequence starts from its own initial state
+            (initial_state then has leading axis N instead of B; None: the default for each) and the final
+            state has leading axis N; outputs, final states and gradients equal N separate calls, and no
+            sequence sees another (docs/contract.md §10). Computed as a padded batch [N, max_seqlen, ...].
+        max_seqlen: with cu_seqlens, a static bound (positive Python int) on every sequence's length, the
+            padded length; None for T.
         **inputs: per-token inputs (see INPUTS), each [B, T, H] or per channel [B, T, H, K] / [B, T, H, V],
             real floating; cast to q's dtype. A forget gate is in the space INPUTS states (log: g ≤ 0).
 
@@ -549,7 +642,9 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
             "chunked"; q not float32/float64 (float16, bfloat16, integer, bool, complex: cast with
             q.astype(jnp.float32)); k, v, a parameter, an input or a state field not real floating;
             inconsistent shapes; missing or unknown parameters or inputs; an initial state of the wrong fields
-            or shapes.
+            or shapes (with cu_seqlens: leading axis N); with cu_seqlens: B ≠ 1, offsets not a 1-D integer array
+            or (when concrete) not 0 = cu[0] < … < cu[N] = T, a max_seqlen that is not a positive int or is
+            below a sequence's length.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this layer offers {FORMS}")
@@ -561,12 +656,23 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     dtype = q.dtype
     ps = [jnp.asarray(params[n], dtype) for n in _PARAM_NAMES]
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
-    state = init_state(B, H, K, V, params, dtype) if initial_state is None else         _state_in(initial_state, B, H, K, V, dtype)
     impl = (_forward_recurrent if form == "recurrent" else _chunked_impl(size) if form == "chunked"
             else _forward_closed_form)
-    o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), ps, state, ins,
-                                   _query_scale(scale, K, dtype))
-    return o, (final if output_final_state else None)
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError(f"{SPEC_NAME}: max_seqlen applies with cu_seqlens only; got max_seqlen={max_seqlen!r}")
+        state = init_state(B, H, K, V, params, dtype) if initial_state is None else \
+            _state_in(initial_state, B, H, K, V, dtype)
+        o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), ps, state, ins,
+                                       _query_scale(scale, K, dtype))
+        return o, (final if output_final_state else None)
+    cu, N, T_pad = _varlen_lengths(cu_seqlens, B, T, max_seqlen)
+    state = init_state(N, H, K, V, params, dtype) if initial_state is None else \
+        _state_in(initial_state, N, H, K, V, dtype, " (with cu_seqlens the leading axis is N, one per sequence)")
+    (q, k, v, *ins), live = _varlen_pack(cu, T_pad, [q, k.astype(dtype), v.astype(dtype)] + ins,
+                                         (0.0, 0.0, 0.0) + _INPUT_NEUTRAL)
+    o, final = _causal_forward_jit(impl, q, k, v, ps, state, ins, _query_scale(scale, K, dtype), live)
+    return _varlen_unpack(cu, o, T), (final if output_final_state else None)
 
 
 def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):

@@ -525,7 +525,7 @@ def _initial(initial_state, B, H, K, V, params, dt):
 
 
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
-            **inputs):
+            cu_seqlens=None, **inputs):
     """Run the layer over a sequence (recurrent form).
 
     Args:
@@ -538,16 +538,23 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
             DEFAULT_SCALE ("inverse_sqrt_dk" = K ** -0.5).
         **inputs: per-token inputs, each [B, T, H], [B, T, H, K] or [B, T, H, V] (see INPUTS), in the space
             INPUTS states (a log-space gate holds g = log α ≤ 0).
+        cu_seqlens: None, or integer offsets [N + 1] (fla's convention, 0 = cu[0] < … < cu[N] = T) of N
+            sequences packed into one row (B = 1): each starts from its own initial state (initial_state with
+            leading axis N; None: the default for each), the final state has leading axis N, and the result
+            is exactly that of N separate calls (the kernels run once per sequence).
 
     Returns:
         (o [B, T, H, V], final State or None), numpy arrays of q's dtype.
 
     Raises:
         ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, values outside
-            their domain, a bad scale, q not float32 / float64, or another array not real floating.
+            their domain, a bad scale, q not float32 / float64, or another array not real floating; with
+            cu_seqlens: B ≠ 1, offsets not 0 = cu[0] < … < cu[N] = T, an initial_state without leading axis N.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
+    if cu_seqlens is not None:
+        return _varlen_forward(q, k, v, params, initial_state, output_final_state, form, scale, cu_seqlens, inputs)
     q, k, v, ps, ins, dt = _prepare(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -568,12 +575,15 @@ def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
     return o[:, 0], final
 
 
-def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, **inputs):
+def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, cu_seqlens=None,
+             **inputs):
     """Vector-Jacobian product of :func:`forward` (the adjoint recurrence, checkpointed every ⌈√T⌉ steps).
 
     Args:
         q, k, v, params, initial_state, scale, **inputs: as for :func:`forward`.
         do: [B, T, H, V] cotangent of o.  dfinal_state: a State of cotangents of the final state, or None (zeros).
+        cu_seqlens: as for :func:`forward` (dfinal_state and dinitial_state then have leading axis N; d<param>
+            sums over the sequences).
 
     Returns:
         dict with dq, dk [B, T, H, K], dv [B, T, H, V], d<param> [H] (including the path through the default
@@ -584,6 +594,8 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
         ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
             another array (do and dfinal_state included) not real floating.
     """
+    if cu_seqlens is not None:
+        return _varlen_backward(q, k, v, params, do, initial_state, dfinal_state, scale, cu_seqlens, inputs)
     q, k, v, ps, ins, dt = _prepare(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -609,4 +621,100 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
     out = {"dq": dq, "dk": dk, "dv": dv, "dinitial_state": g0}
     out.update({"d" + n: d.sum(axis=0) for n, d in zip(_PARAM_NAMES, dps)})
     out.update({"d" + n: d for n, d in zip(_INPUT_NAMES, dins)})
+    return out
+
+
+def _varlen_host(x):
+    """``x`` as a numpy array (the cu_seqlens helpers below)."""
+    return np.asarray(x)
+
+
+def _varlen_out(x, device):
+    """A numpy result of the cu_seqlens helpers, returned as it is (this module computes on numpy arrays)."""
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Variable-length batches (cu_seqlens, fla's convention; docs/contract.md §11): the kernels run once per sequence.
+
+
+def _varlen_spans(cu_seqlens, q, initial_state):
+    """The (start, end) token range of each of the N sequences packed into q [1, T, H, K].
+
+    Raises:
+        ValueError: B ≠ 1; cu_seqlens not a 1-D integer array [N + 1] (N ≥ 1) with 0 = cu[0] < … < cu[N] = T;
+            an initial_state field whose leading axis is not N.
+    """
+    shape = tuple(q.shape) if hasattr(q, "shape") else np.shape(q)
+    if len(shape) != 4 or shape[0] != 1:
+        raise ValueError(f"{SPEC_NAME}: with cu_seqlens the batch must hold one packed row (B = 1, q [1, T, H, K]); "
+                         f"got q of shape {shape}")
+    cu = _varlen_host(cu_seqlens)
+    if cu.ndim != 1 or cu.shape[0] < 2 or cu.dtype.kind not in "iu":
+        raise ValueError(f"{SPEC_NAME}: cu_seqlens must be a 1-D integer array [N + 1] of sequence offsets (N ≥ 1), "
+                         f"got shape {cu.shape} and dtype {cu.dtype}")
+    offsets = [int(x) for x in cu]
+    T = shape[1]
+    if offsets[0] != 0 or offsets[-1] != T:
+        raise ValueError(f"{SPEC_NAME}: cu_seqlens must start at 0 and end at T = {T}; got {offsets[0]} … {offsets[-1]}")
+    if any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{SPEC_NAME}: cu_seqlens must increase strictly (no empty sequence); got {offsets}")
+    N = len(offsets) - 1
+    if initial_state is not None:
+        for n, x in zip(State._fields, initial_state):
+            lead = (tuple(x.shape) if hasattr(x, "shape") else np.shape(x))[:1]
+            if lead != (N,):
+                raise ValueError(f"{SPEC_NAME}: with cu_seqlens the leading axis of initial_state.{n} is N = {N} "
+                                 f"(one state per sequence), got shape {np.shape(x) if not hasattr(x, 'shape') else tuple(x.shape)}")
+    return list(zip(offsets, offsets[1:]))
+
+
+def _varlen_split(spans, arrays, states):
+    """Per sequence n: the arrays [1, T, ...] cut to its tokens, and row n of each state (or None)."""
+    arrays = [_varlen_host(x) for x in arrays]
+    states = [None if st is None else State(*(_varlen_host(x) for x in st)) for st in states]
+    for n, (s, e) in enumerate(spans):
+        yield ([x[:, s:e] for x in arrays],
+               [None if st is None else State(*(x[n:n + 1] for x in st)) for st in states])
+
+
+def _varlen_forward(q, k, v, params, initial_state, output_final_state, form, scale, cu_seqlens, inputs):
+    """forward over N packed sequences: one call per sequence, outputs concatenated along T, final states
+    along the leading axis N."""
+    spans = _varlen_spans(cu_seqlens, q, initial_state)
+    device = hasattr(q, "__cuda_array_interface__")
+    names = list(inputs)
+    os, finals = [], []
+    for (qs, ks, vs, *ins), (st,) in _varlen_split(spans, [q, k, v] + [inputs[n] for n in names], [initial_state]):
+        o, final = forward(qs, ks, vs, params, initial_state=st, output_final_state=True, form=form, scale=scale,
+                           **dict(zip(names, ins)))
+        os.append(o)
+        finals.append(final)
+    o = _varlen_out(np.concatenate(os, axis=1), device)
+    final = State(*(_varlen_out(np.concatenate(f, axis=0), device) for f in zip(*finals)))
+    return o, (final if output_final_state else None)
+
+
+def _varlen_backward(q, k, v, params, do, initial_state, dfinal_state, scale, cu_seqlens, inputs):
+    """backward over N packed sequences: one call per sequence; token gradients concatenated along T, the
+    initial states' along N, the parameters' summed."""
+    spans = _varlen_spans(cu_seqlens, q, initial_state)
+    if dfinal_state is not None:
+        _varlen_spans(cu_seqlens, q, dfinal_state)
+    device = hasattr(q, "__cuda_array_interface__")
+    names = list(inputs)
+    parts = []
+    for (qs, ks, vs, dos, *ins), (st, dst) in _varlen_split(spans, [q, k, v, do] + [inputs[n] for n in names],
+                                                            [initial_state, dfinal_state]):
+        parts.append(backward(qs, ks, vs, params, dos, initial_state=st, dfinal_state=dst, scale=scale,
+                              **dict(zip(names, ins))))
+    out = {}
+    for key in parts[0]:
+        if key == "dinitial_state":
+            out[key] = State(*(_varlen_out(np.concatenate(f, axis=0), device)
+                               for f in zip(*(p[key] for p in parts))))
+        elif key[1:] in _PARAM_NAMES:
+            out[key] = _varlen_out(sum(_varlen_host(p[key]) for p in parts), device)
+        else:
+            out[key] = _varlen_out(np.concatenate([_varlen_host(p[key]) for p in parts], axis=1), device)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from mesagen.backends.common import header, indent
 from mesagen.backends.numba_common import (Layout, causal_start, channel_params, constants, divides_by_input,
-                                           features_numpy, layout, plain_bodies)
+                                           features_numpy, layout, plain_bodies, VARLEN_API)
 from mesagen.backends.loops import grad_name
 from mesagen.ir.records import LayerIR
 
@@ -93,6 +93,7 @@ class NumbaCpuBackend:
         api = _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states), how=how,
                           features="\n".join(features_numpy(ir.feature_map)))
         L += (channel_params(api, _CHANNEL_API) if lay.vec_params else api).splitlines()
+        L += (_VARLEN_IO + VARLEN_API).splitlines()
         return "\n".join(L).rstrip("\n") + "\n"
 
     def _implicit(self, lay: Layout, alloc: list[str]) -> list[str]:
@@ -368,7 +369,7 @@ def _initial(initial_state, B, H, K, V, params, dt):
 
 
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
-            **inputs):
+            cu_seqlens=None, **inputs):
     """Run the layer over a sequence (recurrent form).
 
     Args:
@@ -381,16 +382,23 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
             DEFAULT_SCALE ("inverse_sqrt_dk" = K ** -0.5).
         **inputs: per-token inputs, each [B, T, H], [B, T, H, K] or [B, T, H, V] (see INPUTS), in the space
             INPUTS states (a log-space gate holds g = log α ≤ 0).
+        cu_seqlens: None, or integer offsets [N + 1] (fla's convention, 0 = cu[0] < … < cu[N] = T) of N
+            sequences packed into one row (B = 1): each starts from its own initial state (initial_state with
+            leading axis N; None: the default for each), the final state has leading axis N, and the result
+            is exactly that of N separate calls (the kernels run once per sequence).
 
     Returns:
         (o [B, T, H, V], final State or None), numpy arrays of q's dtype.
 
     Raises:
         ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, values outside
-            their domain, a bad scale, q not float32 / float64, or another array not real floating.
+            their domain, a bad scale, q not float32 / float64, or another array not real floating; with
+            cu_seqlens: B ≠ 1, offsets not 0 = cu[0] < … < cu[N] = T, an initial_state without leading axis N.
     """
     if form not in FORMS:
         raise ValueError(f"{{SPEC_NAME}}: unknown form {{form!r}}; this backend offers {{FORMS}}")
+    if cu_seqlens is not None:
+        return _varlen_forward(q, k, v, params, initial_state, output_final_state, form, scale, cu_seqlens, inputs)
     q, k, v, ps, ins, dt = _prepare(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -411,12 +419,15 @@ def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
     return o[:, 0], final
 
 
-def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, **inputs):
+def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, cu_seqlens=None,
+             **inputs):
     """Vector-Jacobian product of :func:`forward` ({how}).
 
     Args:
         q, k, v, params, initial_state, scale, **inputs: as for :func:`forward`.
         do: [B, T, H, V] cotangent of o.  dfinal_state: a State of cotangents of the final state, or None (zeros).
+        cu_seqlens: as for :func:`forward` (dfinal_state and dinitial_state then have leading axis N; d<param>
+            sums over the sequences).
 
     Returns:
         dict with dq, dk [B, T, H, K], dv [B, T, H, V], d<param> [H] (including the path through the default
@@ -427,6 +438,8 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
         ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
             another array (do and dfinal_state included) not real floating.
     """
+    if cu_seqlens is not None:
+        return _varlen_backward(q, k, v, params, do, initial_state, dfinal_state, scale, cu_seqlens, inputs)
     q, k, v, ps, ins, dt = _prepare(q, k, v, params, inputs, 3)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -747,3 +760,17 @@ def backward_all(q, k, v, {params}{S}_0, {P}_0, do, g_{S}_T, g_{P}_T, dq, dk, dv
             _sandwich(A0, G, A0, W2, g_{P}_0[b, h], ftype(-1))
 
 return init_all, init_adjoint_all, forward_all, backward_all'''
+
+
+# The array conversions of the shared cu_seqlens helpers (numba_common.VARLEN_API).
+_VARLEN_IO = '''
+
+def _varlen_host(x):
+    """``x`` as a numpy array (the cu_seqlens helpers below)."""
+    return np.asarray(x)
+
+
+def _varlen_out(x, device):
+    """A numpy result of the cu_seqlens helpers, returned as it is (this module computes on numpy arrays)."""
+    return x
+'''

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from mesagen.backends.common import header, indent
 from mesagen.backends.loops import grad_name
-from mesagen.backends.numba_common import Layout, causal_start, channel_params, constants, layout, plain_bodies
+from mesagen.backends.numba_common import (VARLEN_API, Layout, causal_start, channel_params, constants, layout,
+                                           plain_bodies)
 from mesagen.backends.numba_cpu import step_call
 from mesagen.ir.records import LayerIR
 
@@ -49,6 +50,7 @@ class NumbaCudaBackend:
         L += self._build(lay, ir.feature_map)
         L += [f"_SIGNATURES = {self._signatures(lay)!r}", "", ""]
         L += (channel_params(_API, _CHANNEL_API) if lay.vec_params else _API).splitlines()
+        L += (_VARLEN_IO + VARLEN_API).splitlines()
         return "\n".join(L).rstrip("\n") + "\n"
 
     def _signatures(self, lay: Layout) -> dict:
@@ -450,13 +452,15 @@ def _initial(initial_state, B, H, K, V, ps, dt):
 
 
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
-            **inputs):
+            cu_seqlens=None, **inputs):
     """Run the layer over a sequence on the GPU (recurrent form); same arguments and results as the CPU module.
 
     Args:
         q, k [B, T, H, K]; v [B, T, H, V]; params: dict name -> [H]; initial_state: a State or None;
         output_final_state: also return the final state; form: "recurrent"; scale: the query scale (None:
-        DEFAULT_SCALE); **inputs: as INPUTS states ([B, T, H], [B, T, H, K] or [B, T, H, V], in their space).
+        DEFAULT_SCALE); **inputs: as INPUTS states ([B, T, H], [B, T, H, K] or [B, T, H, V], in their space);
+        cu_seqlens: None or offsets [N + 1] of N sequences packed into one row, as in the CPU module (the
+        kernels run once per sequence, on host copies of device inputs; results come back as the inputs came).
 
     Returns:
         (o [B, T, H, V], final State or None): numpy when q is numpy, else device arrays.
@@ -464,10 +468,13 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     Raises:
         ValueError: unknown form, inconsistent shapes, missing or unknown parameters or inputs, values outside
             their domain, a bad scale, q not float32 / float64 (q's dtype is the compute dtype), or another array
-            not real floating.
+            not real floating; with cu_seqlens: B ≠ 1, offsets not 0 = cu[0] < … < cu[N] = T, an initial_state
+            without leading axis N.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this backend offers {FORMS}")
+    if cu_seqlens is not None:
+        return _varlen_forward(q, k, v, params, initial_state, output_final_state, form, scale, cu_seqlens, inputs)
     qd, kd, vd, ps, ins, dt, host = _prepare(q, k, v, params, inputs)
     B, T, H, K = qd.shape
     V = vd.shape[3]
@@ -492,7 +499,8 @@ def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):
     return o[:, 0], final
 
 
-def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, **inputs):
+def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scale=None, cu_seqlens=None,
+             **inputs):
     """Vector-Jacobian product of :func:`forward` (checkpointed adjoint recurrence); as in the CPU module.
 
     Returns:
@@ -503,6 +511,8 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
         ValueError: inconsistent shapes, missing or unknown parameters or inputs, q not float32 / float64, or
             another array (do and dfinal_state included) not real floating.
     """
+    if cu_seqlens is not None:
+        return _varlen_backward(q, k, v, params, do, initial_state, dfinal_state, scale, cu_seqlens, inputs)
     qd, kd, vd, ps, ins, dt, host = _prepare(q, k, v, params, inputs)
     B, T, H, K = qd.shape
     V = vd.shape[3]
@@ -540,4 +550,22 @@ def backward(q, k, v, params, do, *, initial_state=None, dfinal_state=None, scal
                for n, d in out.items()}
     out.update({"d" + n: (d if host else cuda.to_device(d)) for n, d in zip(_PARAM_NAMES, dps)})
     return out
+'''
+
+
+# The array conversions of the shared cu_seqlens helpers (numba_common.VARLEN_API).
+_VARLEN_IO = '''
+
+def _varlen_host(x):
+    """``x`` as a numpy array: device arrays are copied to the host (the cu_seqlens helpers below)."""
+    if hasattr(x, "copy_to_host"):
+        return x.copy_to_host()
+    if hasattr(x, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(x).copy_to_host()
+    return np.asarray(x)
+
+
+def _varlen_out(x, device):
+    """A numpy result of the cu_seqlens helpers as the caller's kind of array (a device array for device inputs)."""
+    return cuda.to_device(x) if device else x
 '''

@@ -1,0 +1,196 @@
+"""Variable-length batches (``cu_seqlens``, fla's convention; docs/contract.md §10, §11).
+
+N sequences packed into one row (B = 1) must give what N separate calls give: outputs, final states and
+gradients (the initial state's included), in every form of the JAX module and in the Numba CPU module (CUDA
+under the simulator: tests/cuda). Changing one sequence leaves the others' outputs bit-identical. A
+representative spec per solver kind and gate type: uniform (linear), ridge, per-key-channel gate (gla),
+gated delta rule, MesaNet (conjugate gradient, importance), RLS with forgetting, implicit delta, and retention
+(a constant per-head decay γ: the padding must be neutralised inside the impl, not by its inputs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import H, K, V, load_generated, make_inputs
+
+SPECS = ("linear", "ridge", "gla", "gated_delta", "mesanet", "rls_forgetting", "implicit_delta", "retention")
+CU = (0, 2, 7, 8)          # three sequences of lengths 2, 5, 1 (T = 8)
+CU_EVEN = (0, 4, 8)        # two of length 4, padded to T = 8 (the gradient test: one compiled length for both)
+T = CU[-1]
+TOL = 1e-10                # float64: packed and separate differ by round-off only (other chunk / segment splits)
+
+
+def _packed_case(name, seed=0):
+    """q, k, v, params, inputs for one packed row [1, T, ...], and a random initial state [N, H, ...]."""
+    q, k, v, params, inputs = make_inputs(seed, name, b=1, t=T)
+    return q, k, v, params, inputs
+
+
+def _random_state(m, n, seed):
+    """A valid random initial state of N rows: the final state of a short random prefix (so ridge's P stays SPD)."""
+    q, k, v, params, inputs = make_inputs(seed + 100, m.SPEC_NAME, b=n, t=3)
+    _, st = m.forward(q, k, v, params, output_final_state=True, **inputs)
+    return st
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(1.0, float(np.max(np.abs(b)))))
+
+
+# ---------------------------------------------------------------------------------------------------- JAX
+
+
+@pytest.fixture(scope="module", params=SPECS)
+def jmod(request):
+    return load_generated(request.param, "jax")
+
+
+def _separate_jax(m, form, q, k, v, params, inputs, st, cu=CU):
+    os, finals = [], []
+    for n, (s, e) in enumerate(zip(cu, cu[1:])):
+        st_n = None if st is None else type(st)(*(x[n:n + 1] for x in st))
+        o, f = m.forward(q[:, s:e], k[:, s:e], v[:, s:e], params, initial_state=st_n, output_final_state=True,
+                         form=form, **{i: x[:, s:e] for i, x in inputs.items()})
+        os.append(o)
+        finals.append(f)
+    return jnp.concatenate(os, axis=1), type(finals[0])(*(jnp.concatenate(f, axis=0) for f in zip(*finals)))
+
+
+def test_jax_packed_equals_separate_all_forms(jmod, x64):
+    m = jmod
+    q, k, v, params, inputs = _packed_case(m.SPEC_NAME)
+    st = _random_state(m, len(CU_EVEN) - 1, 1)
+    cu = jnp.asarray(CU_EVEN, jnp.int32)
+    w = np.random.default_rng(3).standard_normal((1, T, H, V))
+    ws = [np.random.default_rng(4 + i).standard_normal(x.shape) for i, x in enumerate(st)]
+
+    def loss(packed, form, q, k, v, params, inputs, st):
+        if packed:
+            o, f = m.forward(q, k, v, params, initial_state=st, output_final_state=True, form=form, cu_seqlens=cu,
+                             **inputs)
+        else:
+            o, f = _separate_jax(m, form, q, k, v, params, inputs, st, CU_EVEN)
+        return jnp.sum(o * w) + sum(jnp.sum(a * b) for a, b in zip(f, ws)), (o, f)
+
+    for form in m.FORMS:
+        (lp, (op, fp)), gp = jax.value_and_grad(loss, argnums=(2, 3, 4, 5, 6, 7), has_aux=True)(
+            True, form, q, k, v, params, inputs, st)
+        (ls, (os_, fs)), gs = jax.value_and_grad(loss, argnums=(2, 3, 4, 5, 6, 7), has_aux=True)(
+            False, form, q, k, v, params, inputs, st)
+        assert op.shape == (1, T, H, V) and fp[0].shape[0] == len(CU_EVEN) - 1
+        assert _rel(op, os_) < TOL, (form, _rel(op, os_))
+        for a, b in zip(fp, fs):
+            assert _rel(a, b) < TOL, form
+        for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gs)):
+            assert a.shape == b.shape and _rel(a, b) < TOL, (form, _rel(a, b))
+
+
+def test_jax_sequences_isolated_bitwise(jmod, x64):
+    m = jmod
+    q, k, v, params, inputs = _packed_case(m.SPEC_NAME, seed=5)
+    cu = np.asarray(CU)
+    q2, v2 = np.array(q), np.array(v)
+    q2[:, 2:7] += 1.0                                                 # change sequence 1 only
+    v2[:, 2:7] *= -3.0
+    for form in m.FORMS:
+        o1, f1 = m.forward(q, k, v, params, form=form, cu_seqlens=cu, output_final_state=True, **inputs)
+        o2, f2 = m.forward(q2, k, v2, params, form=form, cu_seqlens=cu, output_final_state=True, **inputs)
+        for s, e in ((0, 2), (7, 8)):
+            np.testing.assert_array_equal(np.asarray(o1[:, s:e]), np.asarray(o2[:, s:e]))
+        assert not np.allclose(np.asarray(o1[:, 2:7]), np.asarray(o2[:, 2:7]))
+        for a, b in zip(f1, f2):
+            np.testing.assert_array_equal(np.asarray(a)[[0, 2]], np.asarray(b)[[0, 2]])
+
+
+def test_jax_unequal_lengths_traced_offsets_max_seqlen(x64):
+    """Unequal lengths (2, 5, 1), the default initial state, offsets traced under jit, and max_seqlen."""
+    m = load_generated("retention", "jax")
+    q, k, v, params, inputs = _packed_case("retention")
+    o_sep, f_sep = _separate_jax(m, "recurrent", q, k, v, params, inputs, None)
+    run = jax.jit(lambda c: m.forward(q, k, v, params, output_final_state=True, cu_seqlens=c))
+    o_jit, f_jit = run(jnp.asarray(CU))
+    o_pad, f_pad = m.forward(q, k, v, params, cu_seqlens=np.asarray(CU), max_seqlen=5, form="chunked", chunk_size=2,
+                             output_final_state=True)
+    for o, f in ((o_jit, f_jit), (o_pad, f_pad)):
+        assert _rel(o, o_sep) < TOL and all(_rel(a, b) < TOL for a, b in zip(f, f_sep))
+
+
+def test_jax_errors(x64):
+    m = load_generated("retention", "jax")
+    q, k, v, params, inputs = _packed_case("retention")
+    bad = {"not increasing": (0, 5, 5, 8), "wrong end": (0, 2, 7), "wrong start": (1, 2, 8)}
+    for what, cu in bad.items():
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            m.forward(q, k, v, params, cu_seqlens=np.asarray(cu))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m.forward(q, k, v, params, cu_seqlens=np.asarray(CU, np.float32))
+    with pytest.raises(ValueError, match="B = 1"):
+        m.forward(np.concatenate([q, q]), np.concatenate([k, k]), np.concatenate([v, v]), params,
+                  cu_seqlens=np.asarray(CU))
+    st = m.init_state(2, H, K, V, params, jnp.float64)                 # B rows, not N = 3
+    with pytest.raises(ValueError, match="leading axis is N"):
+        m.forward(q, k, v, params, initial_state=st, cu_seqlens=np.asarray(CU))
+    with pytest.raises(ValueError, match="max_seqlen"):
+        m.forward(q, k, v, params, cu_seqlens=np.asarray(CU), max_seqlen=4)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        m.forward(q, k, v, params, max_seqlen=4)
+
+
+# ---------------------------------------------------------------------------------------------------- Numba CPU
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_numba_cpu_packed_equals_separate(name, x64):
+    m = load_generated(name, "numba_cpu")
+    q, k, v, params, inputs = _packed_case(name, seed=7)
+    jm = load_generated(name, "jax")
+    st = m.State(*(np.asarray(x) for x in _random_state(jm, len(CU) - 1, 2)))
+    cu = np.asarray(CU, np.int64)
+    o, f = m.forward(q, k, v, params, initial_state=st, output_final_state=True, cu_seqlens=cu, **inputs)
+    rng = np.random.default_rng(9)
+    do = rng.standard_normal(o.shape)
+    dfin = m.State(*(rng.standard_normal(x.shape) for x in f))
+    g = m.backward(q, k, v, params, do, initial_state=st, dfinal_state=dfin, cu_seqlens=cu, **inputs)
+    dparams = {n: 0.0 for n in params}
+    for n, (s, e) in enumerate(zip(CU, CU[1:])):
+        st_n = m.State(*(x[n:n + 1] for x in st))
+        sl = {i: x[:, s:e] for i, x in inputs.items()}
+        o_n, f_n = m.forward(q[:, s:e], k[:, s:e], v[:, s:e], params, initial_state=st_n, output_final_state=True,
+                             **sl)
+        np.testing.assert_array_equal(o[:, s:e], o_n)               # the same kernel on the same tokens
+        for a, b in zip(f, f_n):
+            np.testing.assert_array_equal(a[n:n + 1], b)
+        g_n = m.backward(q[:, s:e], k[:, s:e], v[:, s:e], params, do[:, s:e], initial_state=st_n,
+                         dfinal_state=m.State(*(x[n:n + 1] for x in dfin)), **sl)
+        for key in ("dq", "dk", "dv") + tuple("d" + i for i in inputs):
+            np.testing.assert_array_equal(g[key][:, s:e], g_n[key])
+        for a, b in zip(g["dinitial_state"], g_n["dinitial_state"]):
+            np.testing.assert_array_equal(a[n:n + 1], b)
+        for p in params:
+            dparams[p] = dparams[p] + g_n["d" + p]
+    for p in params:
+        assert _rel(g["d" + p], dparams[p]) < TOL
+    # and the JAX module's recurrent form agrees on the packed call
+    oj, fj = jm.forward(q, k, v, params, initial_state=st, output_final_state=True, cu_seqlens=cu, **inputs)
+    assert _rel(o, oj) < 1e-9 and all(_rel(a, b) < 1e-9 for a, b in zip(f, fj))
+
+
+def test_numba_cpu_errors():
+    m = load_generated("gated_delta", "numba_cpu")
+    q, k, v, params, inputs = _packed_case("gated_delta")
+    for cu in ((0, 5, 5, 8), (0, 2, 7), (1, 2, 8)):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            m.forward(q, k, v, params, cu_seqlens=np.asarray(cu), **inputs)
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            m.backward(q, k, v, params, np.zeros((1, T, H, V)), cu_seqlens=np.asarray(cu), **inputs)
+    with pytest.raises(ValueError, match="B = 1"):
+        m.forward(*(np.concatenate([x, x]) for x in (q, k, v)), params, cu_seqlens=np.asarray(CU),
+                  **{n: np.concatenate([x, x]) for n, x in inputs.items()})
+    st = m.init_state(2, H, K, V, params, np.float64)
+    with pytest.raises(ValueError, match="leading axis"):
+        m.forward(q, k, v, params, initial_state=st, cu_seqlens=np.asarray(CU), **inputs)
