@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 SPEC_NAME = "gated_delta"
 SPEC_SHA256 = "1ef9640dd400fcb5c2d0100d7826fdd1fea1fa24e4d8a4817d03bd34f8c7285e"
@@ -65,6 +65,7 @@ def init_params(num_heads, d_k, d_v, dtype=np.float32):
 
 
 _jit = njit(cache=False)
+_pjit = njit(cache=False, parallel=True)  # the drivers: prange over (batch, head)
 
 
 @_jit
@@ -284,85 +285,87 @@ def _build(K, V, dtype_name):
             for h in range(out.shape[1]):
                 r = ()
 
-    @_jit
+    @_pjit
     def forward_all(q, k, v, u_g, u_beta, S_0, o, S_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
-        S = np.empty((K, V), dt)
-        S_new = np.empty((K, V), dt)
-        Sd = np.empty((K, V), dt)
-        e = np.empty((V,), dt)
-        o_t = np.empty((V,), dt)
-        for b in range(B):
-            for h in range(H):
-                _copy2(S, S_0[b, h], 0, 1)
-                for t in range(T):
-                    _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, 0, 1)
-                    _copy1(o[b, t, h], o_t, 0, 1)
-                    _copy2(S, S_new, 0, 1)
-                _copy2(S_T[b, h], S, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            S = np.empty((K, V), dt)
+            S_new = np.empty((K, V), dt)
+            Sd = np.empty((K, V), dt)
+            e = np.empty((V,), dt)
+            o_t = np.empty((V,), dt)
+            _copy2(S, S_0[b, h], 0, 1)
+            for t in range(T):
+                _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, 0, 1)
+                _copy1(o[b, t, h], o_t, 0, 1)
+                _copy2(S, S_new, 0, 1)
+            _copy2(S_T[b, h], S, 0, 1)
 
-    @_jit
+    @_pjit
     def backward_all(q, k, v, u_g, u_beta, S_0, do, g_S_T, dq, dk, dv, du_g, du_beta, g_S_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         nseg = (T + L - 1) // L
-        S = np.empty((K, V), dt)
-        S_new = np.empty((K, V), dt)
-        Sd = np.empty((K, V), dt)
-        e = np.empty((V,), dt)
-        o_t = np.empty((V,), dt)
-        g_S_new = np.empty((K, V), dt)
-        g_S = np.empty((K, V), dt)
-        g_Sd = np.empty((K, V), dt)
-        g_e = np.empty((V,), dt)
-        ck_S = np.empty((nseg,) + (K, V), dt)
-        seg_S = np.empty((L,) + (K, V), dt)
-        for b in range(B):
-            for h in range(H):
-                # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
-                # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
-                # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
-                tl = -1
-                for t in range(T):
-                    for j in range(do.shape[3]):
-                        if do[b, t, h, j] != 0:
-                            tl = t
-                for i in range(g_S_T.shape[2]):
-                    for j in range(g_S_T.shape[3]):
-                        if g_S_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for t in range(tl + 1, T):
-                    for i in range(0, dq.shape[3], 1):
-                        dq[b, t, h, i] = ftype(0)
-                    for i in range(0, dk.shape[3], 1):
-                        dk[b, t, h, i] = ftype(0)
-                    for i in range(0, dv.shape[3], 1):
-                        dv[b, t, h, i] = ftype(0)
-                    du_g[b, t, h] = ftype(0)
-                    du_beta[b, t, h] = ftype(0)
-                _copy2(S, S_0[b, h], 0, 1)
-                for t in range(tl + 1):  # forward sweep: keep the state entering every segment
-                    if t % L == 0:
-                        _copy2(ck_S[t // L], S, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            S = np.empty((K, V), dt)
+            S_new = np.empty((K, V), dt)
+            Sd = np.empty((K, V), dt)
+            e = np.empty((V,), dt)
+            o_t = np.empty((V,), dt)
+            g_S_new = np.empty((K, V), dt)
+            g_S = np.empty((K, V), dt)
+            g_Sd = np.empty((K, V), dt)
+            g_e = np.empty((V,), dt)
+            ck_S = np.empty((nseg,) + (K, V), dt)
+            seg_S = np.empty((L,) + (K, V), dt)
+            # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+            # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+            # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+            tl = -1
+            for t in range(T):
+                for j in range(do.shape[3]):
+                    if do[b, t, h, j] != 0:
+                        tl = t
+            for i in range(g_S_T.shape[2]):
+                for j in range(g_S_T.shape[3]):
+                    if g_S_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for t in range(tl + 1, T):
+                for i in range(0, dq.shape[3], 1):
+                    dq[b, t, h, i] = ftype(0)
+                for i in range(0, dk.shape[3], 1):
+                    dk[b, t, h, i] = ftype(0)
+                for i in range(0, dv.shape[3], 1):
+                    dv[b, t, h, i] = ftype(0)
+                du_g[b, t, h] = ftype(0)
+                du_beta[b, t, h] = ftype(0)
+            _copy2(S, S_0[b, h], 0, 1)
+            for t in range(tl + 1):  # forward sweep: keep the state entering every segment
+                if t % L == 0:
+                    _copy2(ck_S[t // L], S, 0, 1)
+                _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, 0, 1)
+                _copy2(S, S_new, 0, 1)
+            _copy2(g_S_new, g_S_T[b, h], 0, 1)
+            for c in range((tl + L) // L - 1, -1, -1):
+                t0 = c * L
+                t1 = min(tl + 1, t0 + L)
+                _copy2(S, ck_S[c], 0, 1)
+                for t in range(t0, t1):  # recompute the segment's states
+                    _copy2(seg_S[t - t0], S, 0, 1)
                     _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
-                _copy2(g_S_new, g_S_T[b, h], 0, 1)
-                for c in range((tl + L) // L - 1, -1, -1):
-                    t0 = c * L
-                    t1 = min(tl + 1, t0 + L)
-                    _copy2(S, ck_S[c], 0, 1)
-                    for t in range(t0, t1):  # recompute the segment's states
-                        _copy2(seg_S[t - t0], S, 0, 1)
-                        _step_body(S, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, 0, 1)
-                        _copy2(S, S_new, 0, 1)
-                    for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_S[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, do[b, t, h], g_S_new, g_S, g_Sd, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
-                        du_g[b, t, h] = r[0]
-                        du_beta[b, t, h] = r[1]
-                        _copy2(g_S_new, g_S, 0, 1)
-                _copy2(g_S_0[b, h], g_S_new, 0, 1)
+                for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
+                    r = _adjoint_body(seg_S[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], u_beta[b, t, h], S_new, Sd, e, o_t, do[b, t, h], g_S_new, g_S, g_Sd, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
+                    du_g[b, t, h] = r[0]
+                    du_beta[b, t, h] = r[1]
+                    _copy2(g_S_new, g_S, 0, 1)
+            _copy2(g_S_0[b, h], g_S_new, 0, 1)
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 SPEC_NAME = "gla"
 SPEC_SHA256 = "20762a85736116c9d4828d004262f30f76cd1e9d1fbb3c695b4805d7134a7193"
@@ -64,6 +64,7 @@ def init_params(num_heads, d_k, d_v, dtype=np.float32):
 
 
 _jit = njit(cache=False)
+_pjit = njit(cache=False, parallel=True)  # the drivers: prange over (batch, head)
 
 
 @_jit
@@ -238,80 +239,82 @@ def _build(K, V, dtype_name):
             for h in range(out.shape[1]):
                 r = ()
 
-    @_jit
+    @_pjit
     def forward_all(q, k, v, u_g, kv_0, o, kv_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
-        kv = np.empty((K, V), dt)
-        kv_new = np.empty((K, V), dt)
-        x = np.empty((K,), dt)
-        o_t = np.empty((V,), dt)
-        for b in range(B):
-            for h in range(H):
-                _copy2(kv, kv_0[b, h], 0, 1)
-                for t in range(T):
-                    _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, 0, 1)
-                    _copy1(o[b, t, h], o_t, 0, 1)
-                    _copy2(kv, kv_new, 0, 1)
-                _copy2(kv_T[b, h], kv, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            kv = np.empty((K, V), dt)
+            kv_new = np.empty((K, V), dt)
+            x = np.empty((K,), dt)
+            o_t = np.empty((V,), dt)
+            _copy2(kv, kv_0[b, h], 0, 1)
+            for t in range(T):
+                _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, 0, 1)
+                _copy1(o[b, t, h], o_t, 0, 1)
+                _copy2(kv, kv_new, 0, 1)
+            _copy2(kv_T[b, h], kv, 0, 1)
 
-    @_jit
+    @_pjit
     def backward_all(q, k, v, u_g, kv_0, do, g_kv_T, dq, dk, dv, du_g, g_kv_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         nseg = (T + L - 1) // L
-        kv = np.empty((K, V), dt)
-        kv_new = np.empty((K, V), dt)
-        x = np.empty((K,), dt)
-        o_t = np.empty((V,), dt)
-        g_kv_new = np.empty((K, V), dt)
-        g_kv = np.empty((K, V), dt)
-        g_x = np.empty((K,), dt)
-        ck_kv = np.empty((nseg,) + (K, V), dt)
-        seg_kv = np.empty((L,) + (K, V), dt)
-        for b in range(B):
-            for h in range(H):
-                # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
-                # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
-                # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
-                tl = -1
-                for t in range(T):
-                    for j in range(do.shape[3]):
-                        if do[b, t, h, j] != 0:
-                            tl = t
-                for i in range(g_kv_T.shape[2]):
-                    for j in range(g_kv_T.shape[3]):
-                        if g_kv_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for t in range(tl + 1, T):
-                    for i in range(0, dq.shape[3], 1):
-                        dq[b, t, h, i] = ftype(0)
-                    for i in range(0, dk.shape[3], 1):
-                        dk[b, t, h, i] = ftype(0)
-                    for i in range(0, dv.shape[3], 1):
-                        dv[b, t, h, i] = ftype(0)
-                    for i in range(0, du_g.shape[3], 1):
-                        du_g[b, t, h, i] = ftype(0)
-                _copy2(kv, kv_0[b, h], 0, 1)
-                for t in range(tl + 1):  # forward sweep: keep the state entering every segment
-                    if t % L == 0:
-                        _copy2(ck_kv[t // L], kv, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            kv = np.empty((K, V), dt)
+            kv_new = np.empty((K, V), dt)
+            x = np.empty((K,), dt)
+            o_t = np.empty((V,), dt)
+            g_kv_new = np.empty((K, V), dt)
+            g_kv = np.empty((K, V), dt)
+            g_x = np.empty((K,), dt)
+            ck_kv = np.empty((nseg,) + (K, V), dt)
+            seg_kv = np.empty((L,) + (K, V), dt)
+            # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+            # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+            # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+            tl = -1
+            for t in range(T):
+                for j in range(do.shape[3]):
+                    if do[b, t, h, j] != 0:
+                        tl = t
+            for i in range(g_kv_T.shape[2]):
+                for j in range(g_kv_T.shape[3]):
+                    if g_kv_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for t in range(tl + 1, T):
+                for i in range(0, dq.shape[3], 1):
+                    dq[b, t, h, i] = ftype(0)
+                for i in range(0, dk.shape[3], 1):
+                    dk[b, t, h, i] = ftype(0)
+                for i in range(0, dv.shape[3], 1):
+                    dv[b, t, h, i] = ftype(0)
+                for i in range(0, du_g.shape[3], 1):
+                    du_g[b, t, h, i] = ftype(0)
+            _copy2(kv, kv_0[b, h], 0, 1)
+            for t in range(tl + 1):  # forward sweep: keep the state entering every segment
+                if t % L == 0:
+                    _copy2(ck_kv[t // L], kv, 0, 1)
+                _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, 0, 1)
+                _copy2(kv, kv_new, 0, 1)
+            _copy2(g_kv_new, g_kv_T[b, h], 0, 1)
+            for c in range((tl + L) // L - 1, -1, -1):
+                t0 = c * L
+                t1 = min(tl + 1, t0 + L)
+                _copy2(kv, ck_kv[c], 0, 1)
+                for t in range(t0, t1):  # recompute the segment's states
+                    _copy2(seg_kv[t - t0], kv, 0, 1)
                     _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, 0, 1)
                     _copy2(kv, kv_new, 0, 1)
-                _copy2(g_kv_new, g_kv_T[b, h], 0, 1)
-                for c in range((tl + L) // L - 1, -1, -1):
-                    t0 = c * L
-                    t1 = min(tl + 1, t0 + L)
-                    _copy2(kv, ck_kv[c], 0, 1)
-                    for t in range(t0, t1):  # recompute the segment's states
-                        _copy2(seg_kv[t - t0], kv, 0, 1)
-                        _step_body(kv, q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, 0, 1)
-                        _copy2(kv, kv_new, 0, 1)
-                    for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        _adjoint_body(seg_kv[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, do[b, t, h], g_kv_new, g_kv, g_x, dq[b, t, h], dk[b, t, h], dv[b, t, h], du_g[b, t, h], 0, 1)
-                        _copy2(g_kv_new, g_kv, 0, 1)
-                _copy2(g_kv_0[b, h], g_kv_new, 0, 1)
+                for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
+                    _adjoint_body(seg_kv[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_g[b, t, h], kv_new, x, o_t, do[b, t, h], g_kv_new, g_kv, g_x, dq[b, t, h], dk[b, t, h], dv[b, t, h], du_g[b, t, h], 0, 1)
+                    _copy2(g_kv_new, g_kv, 0, 1)
+            _copy2(g_kv_0[b, h], g_kv_new, 0, 1)
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

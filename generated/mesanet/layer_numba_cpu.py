@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 SPEC_NAME = "mesanet"
 SPEC_SHA256 = "fc463e687082dc04c4c248f1f62a0ed2dc62df8d99d4633198177acabad27731"
@@ -69,6 +69,7 @@ def init_params(num_heads, d_k, d_v, dtype=np.float32):
 
 
 _jit = njit(cache=False)
+_pjit = njit(cache=False, parallel=True)  # the drivers: prange over (batch, head)
 
 
 @_jit
@@ -402,123 +403,125 @@ def _build(K, V, dtype_name):
             for h in range(out.shape[1]):
                 _init_adjoint_body(g_kv_0[b, h], g_kk_0[b, h], u_lam[h], out[b, h, 0], 0, 1)
 
-    @_jit
+    @_pjit
     def forward_all(q, k, v, u_lam, u_g, u_beta, kv_0, kk_0, o, kv_T, kk_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
-        kv = np.empty((K, V), dt)
-        kk = np.empty((K, K), dt)
-        kv_new = np.empty((K, V), dt)
-        kk_new = np.empty((K, K), dt)
-        x_M = np.empty((K, K), dt)
-        x_b = np.empty((K,), dt)
-        x = np.empty((K,), dt)
-        x_r = np.empty((K,), dt)
-        x_p = np.empty((K,), dt)
-        x_Ap = np.empty((K,), dt)
-        o_t = np.empty((V,), dt)
-        for b in range(B):
-            for h in range(H):
-                _copy2(kv, kv_0[b, h], 0, 1)
-                _copy2(kk, kk_0[b, h], 0, 1)
-                for t in range(T):
-                    _step_body(kv, kk, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, 0, 1)
-                    _copy1(o[b, t, h], o_t, 0, 1)
-                    _copy2(kv, kv_new, 0, 1)
-                    _copy2(kk, kk_new, 0, 1)
-                _copy2(kv_T[b, h], kv, 0, 1)
-                _copy2(kk_T[b, h], kk, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            kv = np.empty((K, V), dt)
+            kk = np.empty((K, K), dt)
+            kv_new = np.empty((K, V), dt)
+            kk_new = np.empty((K, K), dt)
+            x_M = np.empty((K, K), dt)
+            x_b = np.empty((K,), dt)
+            x = np.empty((K,), dt)
+            x_r = np.empty((K,), dt)
+            x_p = np.empty((K,), dt)
+            x_Ap = np.empty((K,), dt)
+            o_t = np.empty((V,), dt)
+            _copy2(kv, kv_0[b, h], 0, 1)
+            _copy2(kk, kk_0[b, h], 0, 1)
+            for t in range(T):
+                _step_body(kv, kk, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, 0, 1)
+                _copy1(o[b, t, h], o_t, 0, 1)
+                _copy2(kv, kv_new, 0, 1)
+                _copy2(kk, kk_new, 0, 1)
+            _copy2(kv_T[b, h], kv, 0, 1)
+            _copy2(kk_T[b, h], kk, 0, 1)
 
-    @_jit
+    @_pjit
     def backward_all(q, k, v, u_lam, u_g, u_beta, kv_0, kk_0, do, g_kv_T, g_kk_T, dq, dk, dv, du_lam, du_g, du_beta, g_kv_0, g_kk_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         nseg = (T + L - 1) // L
-        kv = np.empty((K, V), dt)
-        kk = np.empty((K, K), dt)
-        kv_new = np.empty((K, V), dt)
-        kk_new = np.empty((K, K), dt)
-        x_M = np.empty((K, K), dt)
-        x_b = np.empty((K,), dt)
-        x = np.empty((K,), dt)
-        x_r = np.empty((K,), dt)
-        x_p = np.empty((K,), dt)
-        x_Ap = np.empty((K,), dt)
-        o_t = np.empty((V,), dt)
-        g_kv_new = np.empty((K, V), dt)
-        g_kk_new = np.empty((K, K), dt)
-        g_kv = np.empty((K, V), dt)
-        g_kk = np.empty((K, K), dt)
-        g_x_M = np.empty((K, K), dt)
-        g_x_b = np.empty((K,), dt)
-        g_x = np.empty((K,), dt)
-        g_x_r = np.empty((K,), dt)
-        g_x_p = np.empty((K,), dt)
-        g_x_Ap = np.empty((K,), dt)
-        ck_kv = np.empty((nseg,) + (K, V), dt)
-        ck_kk = np.empty((nseg,) + (K, K), dt)
-        seg_kv = np.empty((L,) + (K, V), dt)
-        seg_kk = np.empty((L,) + (K, K), dt)
-        for b in range(B):
-            for h in range(H):
-                # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
-                # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
-                # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
-                tl = -1
-                for t in range(T):
-                    for j in range(do.shape[3]):
-                        if do[b, t, h, j] != 0:
-                            tl = t
-                for i in range(g_kv_T.shape[2]):
-                    for j in range(g_kv_T.shape[3]):
-                        if g_kv_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for i in range(g_kk_T.shape[2]):
-                    for j in range(g_kk_T.shape[3]):
-                        if g_kk_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for t in range(tl + 1, T):
-                    for i in range(0, dq.shape[3], 1):
-                        dq[b, t, h, i] = ftype(0)
-                    for i in range(0, dk.shape[3], 1):
-                        dk[b, t, h, i] = ftype(0)
-                    for i in range(0, dv.shape[3], 1):
-                        dv[b, t, h, i] = ftype(0)
-                    du_g[b, t, h] = ftype(0)
-                    du_beta[b, t, h] = ftype(0)
-                _copy2(kv, kv_0[b, h], 0, 1)
-                _copy2(kk, kk_0[b, h], 0, 1)
-                for t in range(tl + 1):  # forward sweep: keep the state entering every segment
-                    if t % L == 0:
-                        _copy2(ck_kv[t // L], kv, 0, 1)
-                        _copy2(ck_kk[t // L], kk, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            kv = np.empty((K, V), dt)
+            kk = np.empty((K, K), dt)
+            kv_new = np.empty((K, V), dt)
+            kk_new = np.empty((K, K), dt)
+            x_M = np.empty((K, K), dt)
+            x_b = np.empty((K,), dt)
+            x = np.empty((K,), dt)
+            x_r = np.empty((K,), dt)
+            x_p = np.empty((K,), dt)
+            x_Ap = np.empty((K,), dt)
+            o_t = np.empty((V,), dt)
+            g_kv_new = np.empty((K, V), dt)
+            g_kk_new = np.empty((K, K), dt)
+            g_kv = np.empty((K, V), dt)
+            g_kk = np.empty((K, K), dt)
+            g_x_M = np.empty((K, K), dt)
+            g_x_b = np.empty((K,), dt)
+            g_x = np.empty((K,), dt)
+            g_x_r = np.empty((K,), dt)
+            g_x_p = np.empty((K,), dt)
+            g_x_Ap = np.empty((K,), dt)
+            ck_kv = np.empty((nseg,) + (K, V), dt)
+            ck_kk = np.empty((nseg,) + (K, K), dt)
+            seg_kv = np.empty((L,) + (K, V), dt)
+            seg_kk = np.empty((L,) + (K, K), dt)
+            # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+            # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+            # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+            tl = -1
+            for t in range(T):
+                for j in range(do.shape[3]):
+                    if do[b, t, h, j] != 0:
+                        tl = t
+            for i in range(g_kv_T.shape[2]):
+                for j in range(g_kv_T.shape[3]):
+                    if g_kv_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for i in range(g_kk_T.shape[2]):
+                for j in range(g_kk_T.shape[3]):
+                    if g_kk_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for t in range(tl + 1, T):
+                for i in range(0, dq.shape[3], 1):
+                    dq[b, t, h, i] = ftype(0)
+                for i in range(0, dk.shape[3], 1):
+                    dk[b, t, h, i] = ftype(0)
+                for i in range(0, dv.shape[3], 1):
+                    dv[b, t, h, i] = ftype(0)
+                du_g[b, t, h] = ftype(0)
+                du_beta[b, t, h] = ftype(0)
+            _copy2(kv, kv_0[b, h], 0, 1)
+            _copy2(kk, kk_0[b, h], 0, 1)
+            for t in range(tl + 1):  # forward sweep: keep the state entering every segment
+                if t % L == 0:
+                    _copy2(ck_kv[t // L], kv, 0, 1)
+                    _copy2(ck_kk[t // L], kk, 0, 1)
+                _step_body(kv, kk, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, 0, 1)
+                _copy2(kv, kv_new, 0, 1)
+                _copy2(kk, kk_new, 0, 1)
+            _copy2(g_kv_new, g_kv_T[b, h], 0, 1)
+            _copy2(g_kk_new, g_kk_T[b, h], 0, 1)
+            for i in range(du_lam.shape[2]):  # accumulated by the adjoint steps
+                du_lam[b, h, i] = ftype(0)
+            for c in range((tl + L) // L - 1, -1, -1):
+                t0 = c * L
+                t1 = min(tl + 1, t0 + L)
+                _copy2(kv, ck_kv[c], 0, 1)
+                _copy2(kk, ck_kk[c], 0, 1)
+                for t in range(t0, t1):  # recompute the segment's states
+                    _copy2(seg_kv[t - t0], kv, 0, 1)
+                    _copy2(seg_kk[t - t0], kk, 0, 1)
                     _step_body(kv, kk, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, 0, 1)
                     _copy2(kv, kv_new, 0, 1)
                     _copy2(kk, kk_new, 0, 1)
-                _copy2(g_kv_new, g_kv_T[b, h], 0, 1)
-                _copy2(g_kk_new, g_kk_T[b, h], 0, 1)
-                for i in range(du_lam.shape[2]):  # accumulated by the adjoint steps
-                    du_lam[b, h, i] = ftype(0)
-                for c in range((tl + L) // L - 1, -1, -1):
-                    t0 = c * L
-                    t1 = min(tl + 1, t0 + L)
-                    _copy2(kv, ck_kv[c], 0, 1)
-                    _copy2(kk, ck_kk[c], 0, 1)
-                    for t in range(t0, t1):  # recompute the segment's states
-                        _copy2(seg_kv[t - t0], kv, 0, 1)
-                        _copy2(seg_kk[t - t0], kk, 0, 1)
-                        _step_body(kv, kk, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, 0, 1)
-                        _copy2(kv, kv_new, 0, 1)
-                        _copy2(kk, kk_new, 0, 1)
-                    for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_kv[t - t0], seg_kk[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, do[b, t, h], g_kv_new, g_kk_new, g_kv, g_kk, g_x_M, g_x_b, g_x, g_x_r, g_x_p, g_x_Ap, dq[b, t, h], dk[b, t, h], dv[b, t, h], du_lam[b, h], 0, 1)
-                        du_g[b, t, h] = r[0]
-                        du_beta[b, t, h] = r[1]
-                        _copy2(g_kv_new, g_kv, 0, 1)
-                        _copy2(g_kk_new, g_kk, 0, 1)
-                _copy2(g_kv_0[b, h], g_kv_new, 0, 1)
-                _copy2(g_kk_0[b, h], g_kk_new, 0, 1)
+                for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
+                    r = _adjoint_body(seg_kv[t - t0], seg_kk[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], u_beta[b, t, h], kv_new, kk_new, x_M, x_b, x, x_r, x_p, x_Ap, o_t, do[b, t, h], g_kv_new, g_kk_new, g_kv, g_kk, g_x_M, g_x_b, g_x, g_x_r, g_x_p, g_x_Ap, dq[b, t, h], dk[b, t, h], dv[b, t, h], du_lam[b, h], 0, 1)
+                    du_g[b, t, h] = r[0]
+                    du_beta[b, t, h] = r[1]
+                    _copy2(g_kv_new, g_kv, 0, 1)
+                    _copy2(g_kk_new, g_kk, 0, 1)
+            _copy2(g_kv_0[b, h], g_kv_new, 0, 1)
+            _copy2(g_kk_0[b, h], g_kk_new, 0, 1)
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

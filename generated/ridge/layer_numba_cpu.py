@@ -33,7 +33,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 SPEC_NAME = "ridge"
 SPEC_SHA256 = "ef5eb422be4e85a52810beb2ce9dfb4d30f309517a2ef79fbc310ce31fec56a8"
@@ -71,6 +71,7 @@ def init_params(num_heads, d_k, d_v, dtype=np.float32):
 
 
 _jit = njit(cache=False)
+_pjit = njit(cache=False, parallel=True)  # the drivers: prange over (batch, head)
 
 
 @_jit
@@ -464,7 +465,7 @@ def _build(K, V, dtype_name):
             L += 1
         return max(L, 64)
 
-    @_jit
+    @_pjit
     def forward_all(q, k, v, u_lam, S_0, P_0, o, S_T, P_T):
         """Rank-one steps inside max(⌈√T⌉, 64)-token segments; at every segment boundary, and for the final state, the
         state is rebuilt from the exact statistics C̄ = C̄₀ + Σ v kᵀ, Ā = Ā₀ + Σ k kᵀ (Cholesky), so rank-one
@@ -472,41 +473,42 @@ def _build(K, V, dtype_name):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         L = _segment_length(T)
-        S = np.empty((K, V), dt)
-        P = np.empty((K, K), dt)
-        S_new = np.empty((K, V), dt)
-        P_new = np.empty((K, K), dt)
-        Pk = np.empty((K,), dt)
-        e = np.empty((V,), dt)
-        o_t = np.empty((V,), dt)
-        Ct = np.empty((K, V), dt)
-        Ab = np.empty((K, K), dt)
-        dCt = np.empty((K, V), dt)
-        dAb = np.empty((K, K), dt)
-        Lw = np.zeros((K, K), dt)
-        for b in range(B):
-            for h in range(H):
-                _copy2(S, S_0[b, h], 0, 1)
-                _copy2(P, P_0[b, h], 0, 1)
-                _stats(S, P, Ct, Ab, Lw)
-                dCt[:, :] = ftype(0)
-                dAb[:, :] = ftype(0)
-                for t in range(T):
-                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
-                    _copy1(o[b, t, h], o_t, 0, 1)
-                    _copy2(S, S_new, 0, 1)
-                    _copy2(P, P_new, 0, 1)
-                    _gram_add(dCt, dAb, k[b, t, h], v[b, t, h])
-                    if (t + 1) % L == 0 or t == T - 1:
-                        _fold(Ct, dCt)
-                        _fold(Ab, dAb)
-                        _refactorise(Ct, Ab, S, P, Lw)
-                if T == 0:
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            S = np.empty((K, V), dt)
+            P = np.empty((K, K), dt)
+            S_new = np.empty((K, V), dt)
+            P_new = np.empty((K, K), dt)
+            Pk = np.empty((K,), dt)
+            e = np.empty((V,), dt)
+            o_t = np.empty((V,), dt)
+            Ct = np.empty((K, V), dt)
+            Ab = np.empty((K, K), dt)
+            dCt = np.empty((K, V), dt)
+            dAb = np.empty((K, K), dt)
+            Lw = np.zeros((K, K), dt)
+            _copy2(S, S_0[b, h], 0, 1)
+            _copy2(P, P_0[b, h], 0, 1)
+            _stats(S, P, Ct, Ab, Lw)
+            dCt[:, :] = ftype(0)
+            dAb[:, :] = ftype(0)
+            for t in range(T):
+                _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
+                _copy1(o[b, t, h], o_t, 0, 1)
+                _copy2(S, S_new, 0, 1)
+                _copy2(P, P_new, 0, 1)
+                _gram_add(dCt, dAb, k[b, t, h], v[b, t, h])
+                if (t + 1) % L == 0 or t == T - 1:
+                    _fold(Ct, dCt)
+                    _fold(Ab, dAb)
                     _refactorise(Ct, Ab, S, P, Lw)
-                _copy2(S_T[b, h], S, 0, 1)
-                _copy2(P_T[b, h], P, 0, 1)
+            if T == 0:
+                _refactorise(Ct, Ab, S, P, Lw)
+            _copy2(S_T[b, h], S, 0, 1)
+            _copy2(P_T[b, h], P, 0, 1)
 
-    @_jit
+    @_pjit
     def backward_all(q, k, v, u_lam, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, du_lam, g_S_0, g_P_0, L):
         """Implicit differentiation of o_t = C̄_t Ā_t⁻¹ q_t (layer_jax.py's _scan_recurrent_bwd). Per token,
         x_t = P_t q_t and y_t = S_t ḡ_t (ḡ_t = do[b, t, h]): ∂q_t = y_t; with the reverse sums
@@ -519,172 +521,173 @@ def _build(K, V, dtype_name):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         nseg = (T + L - 1) // L
-        S = np.empty((K, V), dt)
-        P = np.empty((K, K), dt)
-        S_new = np.empty((K, V), dt)
-        P_new = np.empty((K, K), dt)
-        Pk = np.empty((K,), dt)
-        e = np.empty((V,), dt)
-        o_t = np.empty((V,), dt)
-        Ct = np.empty((K, V), dt)
-        Ab = np.empty((K, K), dt)
-        A0 = np.empty((K, K), dt)
-        dCt = np.empty((K, V), dt)
-        dAb = np.empty((K, K), dt)
-        Lw = np.zeros((K, K), dt)
-        Ch = np.empty((K, V), dt)
-        Ah = np.empty((K, K), dt)
-        dCh = np.zeros((K, V), dt)
-        dAh = np.zeros((K, K), dt)
-        G = np.empty((K, K), dt)
-        W2 = np.empty((K, K), dt)
-        x = np.empty((K,), dt)
-        ck_S = np.empty((nseg, K, V), dt)
-        ck_P = np.empty((nseg, K, K), dt)
-        seg_S = np.empty((L, K, V), dt)
-        seg_P = np.empty((L, K, K), dt)
-        for b in range(B):
-            for h in range(H):
-                # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
-                # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
-                # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
-                tl = -1
-                for t in range(T):
-                    for j in range(do.shape[3]):
-                        if do[b, t, h, j] != 0:
-                            tl = t
-                for i in range(g_S_T.shape[2]):
-                    for j in range(g_S_T.shape[3]):
-                        if g_S_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for i in range(g_P_T.shape[2]):
-                    for j in range(g_P_T.shape[3]):
-                        if g_P_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for t in range(tl + 1, T):
-                    for i in range(0, dq.shape[3], 1):
-                        dq[b, t, h, i] = ftype(0)
-                    for i in range(0, dk.shape[3], 1):
-                        dk[b, t, h, i] = ftype(0)
-                    for i in range(0, dv.shape[3], 1):
-                        dv[b, t, h, i] = ftype(0)
-                du_lam[b, h] = ftype(0)
-                live_final = False
-                for i in range(K):
-                    for j in range(V):
-                        if g_S_T[b, h, i, j] != 0:
-                            live_final = True
-                    for j in range(K):
-                        if g_P_T[b, h, i, j] != 0:
-                            live_final = True
-                _copy2(S, S_0[b, h], 0, 1)
-                _copy2(P, P_0[b, h], 0, 1)
-                _stats(S, P, Ct, Ab, Lw)
-                _copy2(A0, Ab, 0, 1)
-                dCt[:, :] = ftype(0)
-                dAb[:, :] = ftype(0)
-                for t in range(tl + 1):  # forward sweep refactorised as forward_all's; keep each segment's entry
-                    if t % L == 0:
-                        _copy2(ck_S[t // L], S, 0, 1)
-                        _copy2(ck_P[t // L], P, 0, 1)
-                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
-                    _copy2(S, S_new, 0, 1)
-                    _copy2(P, P_new, 0, 1)
-                    _gram_add(dCt, dAb, k[b, t, h], v[b, t, h])
-                    if (t + 1) % L == 0 or t == T - 1:
-                        _fold(Ct, dCt)
-                        _fold(Ab, dAb)
-                        _refactorise(Ct, Ab, S, P, Lw)
-                Ch[:, :] = ftype(0)
-                Ah[:, :] = ftype(0)
-                if live_final:  # tl == T − 1: S, P, Ct, Ab are the final state and statistics
-                    if T == 0:
-                        _refactorise(Ct, Ab, S, P, Lw)
-                    for i in range(K):  # Ĉ = P ḡS; G = ḡP + Ct ḡSᵀ; Â = −sym(Pᵀ G Pᵀ)
-                        for j in range(V):
-                            acc = ftype(0)
-                            for m in range(K):
-                                acc += P[i, m] * g_S_T[b, h, m, j]
-                            Ch[i, j] = acc
-                        for j in range(K):
-                            acc = g_P_T[b, h, i, j]
-                            for m in range(V):
-                                acc += Ct[i, m] * g_S_T[b, h, j, m]
-                            G[i, j] = acc
-                    _sandwich(P, G, P, W2, Ah, ftype(-1))
-                seen = live_final
-                for c in range((tl + L) // L - 1, -1, -1):
-                    t0 = c * L
-                    t1 = min(tl + 1, t0 + L)
-                    _copy2(S, ck_S[c], 0, 1)
-                    _copy2(P, ck_P[c], 0, 1)
-                    for t in range(t0, t1):  # recompute the segment's states (after each token, rank-one)
-                        _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
-                        _copy2(S, S_new, 0, 1)
-                        _copy2(P, P_new, 0, 1)
-                        _copy2(seg_S[t - t0], S, 0, 1)
-                        _copy2(seg_P[t - t0], P, 0, 1)
-                    for t in range(t1 - 1, t0 - 1, -1):  # reverse sweep, last to first; this segment's sums in dCh, dAh
-                        St, Pt = seg_S[t - t0], seg_P[t - t0]
-                        qt, kt, vt, gt = q[b, t, h], k[b, t, h], v[b, t, h], do[b, t, h]
-                        live = False
-                        for j in range(V):
-                            if gt[j] != 0:
-                                live = True
-                        if live:
-                            seen = True
-                            for i in range(K):
-                                acc = ftype(0)
-                                for m in range(K):
-                                    acc += Pt[i, m] * qt[m]
-                                x[i] = acc
-                            for i in range(K):
-                                acc = ftype(0)
-                                for m in range(V):
-                                    acc += St[i, m] * gt[m]
-                                dq[b, t, h, i] = acc
-                            for i in range(K):
-                                for j in range(V):
-                                    dCh[i, j] += x[i] * gt[j]
-                                for j in range(K):
-                                    dAh[i, j] -= dq[b, t, h, i] * x[j]
-                        else:
-                            for i in range(K):
-                                dq[b, t, h, i] = ftype(0)
-                        if seen:
-                            for j in range(V):
-                                acc = ftype(0)
-                                for m in range(K):
-                                    acc += (Ch[m, j] + dCh[m, j]) * kt[m]
-                                dv[b, t, h, j] = acc
-                            for i in range(K):
-                                acc = ftype(0)
-                                for m in range(V):
-                                    acc += (Ch[i, m] + dCh[i, m]) * vt[m]
-                                for m in range(K):
-                                    acc += (Ah[i, m] + dAh[i, m] + Ah[m, i] + dAh[m, i]) * kt[m]
-                                dk[b, t, h, i] = acc
-                        else:
-                            for j in range(V):
-                                dv[b, t, h, j] = ftype(0)
-                            for i in range(K):
-                                dk[b, t, h, i] = ftype(0)
-                    _fold(Ch, dCh)  # two-level sums (within a segment, then across segments), as layer_jax.py
-                    _fold(Ah, dAh)
-                # the initial state: Ct₀ = Ā₀ᵀ S₀ and Ā₀ = P₀⁻¹ give ḡS₀ = Ā₀ Ĉ₀ and
-                # ḡP₀ = −sym(Ā₀ᵀ (Â₀ + S₀ Ĉ₀ᵀ) Ā₀ᵀ)
-                for i in range(K):
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            S = np.empty((K, V), dt)
+            P = np.empty((K, K), dt)
+            S_new = np.empty((K, V), dt)
+            P_new = np.empty((K, K), dt)
+            Pk = np.empty((K,), dt)
+            e = np.empty((V,), dt)
+            o_t = np.empty((V,), dt)
+            Ct = np.empty((K, V), dt)
+            Ab = np.empty((K, K), dt)
+            A0 = np.empty((K, K), dt)
+            dCt = np.empty((K, V), dt)
+            dAb = np.empty((K, K), dt)
+            Lw = np.zeros((K, K), dt)
+            Ch = np.empty((K, V), dt)
+            Ah = np.empty((K, K), dt)
+            dCh = np.zeros((K, V), dt)
+            dAh = np.zeros((K, K), dt)
+            G = np.empty((K, K), dt)
+            W2 = np.empty((K, K), dt)
+            x = np.empty((K,), dt)
+            ck_S = np.empty((nseg, K, V), dt)
+            ck_P = np.empty((nseg, K, K), dt)
+            seg_S = np.empty((L, K, V), dt)
+            seg_P = np.empty((L, K, K), dt)
+            # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+            # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+            # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+            tl = -1
+            for t in range(T):
+                for j in range(do.shape[3]):
+                    if do[b, t, h, j] != 0:
+                        tl = t
+            for i in range(g_S_T.shape[2]):
+                for j in range(g_S_T.shape[3]):
+                    if g_S_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for i in range(g_P_T.shape[2]):
+                for j in range(g_P_T.shape[3]):
+                    if g_P_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for t in range(tl + 1, T):
+                for i in range(0, dq.shape[3], 1):
+                    dq[b, t, h, i] = ftype(0)
+                for i in range(0, dk.shape[3], 1):
+                    dk[b, t, h, i] = ftype(0)
+                for i in range(0, dv.shape[3], 1):
+                    dv[b, t, h, i] = ftype(0)
+            du_lam[b, h] = ftype(0)
+            live_final = False
+            for i in range(K):
+                for j in range(V):
+                    if g_S_T[b, h, i, j] != 0:
+                        live_final = True
+                for j in range(K):
+                    if g_P_T[b, h, i, j] != 0:
+                        live_final = True
+            _copy2(S, S_0[b, h], 0, 1)
+            _copy2(P, P_0[b, h], 0, 1)
+            _stats(S, P, Ct, Ab, Lw)
+            _copy2(A0, Ab, 0, 1)
+            dCt[:, :] = ftype(0)
+            dAb[:, :] = ftype(0)
+            for t in range(tl + 1):  # forward sweep refactorised as forward_all's; keep each segment's entry
+                if t % L == 0:
+                    _copy2(ck_S[t // L], S, 0, 1)
+                    _copy2(ck_P[t // L], P, 0, 1)
+                _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
+                _copy2(S, S_new, 0, 1)
+                _copy2(P, P_new, 0, 1)
+                _gram_add(dCt, dAb, k[b, t, h], v[b, t, h])
+                if (t + 1) % L == 0 or t == T - 1:
+                    _fold(Ct, dCt)
+                    _fold(Ab, dAb)
+                    _refactorise(Ct, Ab, S, P, Lw)
+            Ch[:, :] = ftype(0)
+            Ah[:, :] = ftype(0)
+            if live_final:  # tl == T − 1: S, P, Ct, Ab are the final state and statistics
+                if T == 0:
+                    _refactorise(Ct, Ab, S, P, Lw)
+                for i in range(K):  # Ĉ = P ḡS; G = ḡP + Ct ḡSᵀ; Â = −sym(Pᵀ G Pᵀ)
                     for j in range(V):
                         acc = ftype(0)
                         for m in range(K):
-                            acc += A0[i, m] * Ch[m, j]
-                        g_S_0[b, h, i, j] = acc
+                            acc += P[i, m] * g_S_T[b, h, m, j]
+                        Ch[i, j] = acc
                     for j in range(K):
-                        acc = Ah[i, j]
+                        acc = g_P_T[b, h, i, j]
                         for m in range(V):
-                            acc += S_0[b, h, i, m] * Ch[j, m]
+                            acc += Ct[i, m] * g_S_T[b, h, j, m]
                         G[i, j] = acc
-                _sandwich(A0, G, A0, W2, g_P_0[b, h], ftype(-1))
+                _sandwich(P, G, P, W2, Ah, ftype(-1))
+            seen = live_final
+            for c in range((tl + L) // L - 1, -1, -1):
+                t0 = c * L
+                t1 = min(tl + 1, t0 + L)
+                _copy2(S, ck_S[c], 0, 1)
+                _copy2(P, ck_P[c], 0, 1)
+                for t in range(t0, t1):  # recompute the segment's states (after each token, rank-one)
+                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], S_new, P_new, Pk, e, o_t, 0, 1)
+                    _copy2(S, S_new, 0, 1)
+                    _copy2(P, P_new, 0, 1)
+                    _copy2(seg_S[t - t0], S, 0, 1)
+                    _copy2(seg_P[t - t0], P, 0, 1)
+                for t in range(t1 - 1, t0 - 1, -1):  # reverse sweep, last to first; this segment's sums in dCh, dAh
+                    St, Pt = seg_S[t - t0], seg_P[t - t0]
+                    qt, kt, vt, gt = q[b, t, h], k[b, t, h], v[b, t, h], do[b, t, h]
+                    live = False
+                    for j in range(V):
+                        if gt[j] != 0:
+                            live = True
+                    if live:
+                        seen = True
+                        for i in range(K):
+                            acc = ftype(0)
+                            for m in range(K):
+                                acc += Pt[i, m] * qt[m]
+                            x[i] = acc
+                        for i in range(K):
+                            acc = ftype(0)
+                            for m in range(V):
+                                acc += St[i, m] * gt[m]
+                            dq[b, t, h, i] = acc
+                        for i in range(K):
+                            for j in range(V):
+                                dCh[i, j] += x[i] * gt[j]
+                            for j in range(K):
+                                dAh[i, j] -= dq[b, t, h, i] * x[j]
+                    else:
+                        for i in range(K):
+                            dq[b, t, h, i] = ftype(0)
+                    if seen:
+                        for j in range(V):
+                            acc = ftype(0)
+                            for m in range(K):
+                                acc += (Ch[m, j] + dCh[m, j]) * kt[m]
+                            dv[b, t, h, j] = acc
+                        for i in range(K):
+                            acc = ftype(0)
+                            for m in range(V):
+                                acc += (Ch[i, m] + dCh[i, m]) * vt[m]
+                            for m in range(K):
+                                acc += (Ah[i, m] + dAh[i, m] + Ah[m, i] + dAh[m, i]) * kt[m]
+                            dk[b, t, h, i] = acc
+                    else:
+                        for j in range(V):
+                            dv[b, t, h, j] = ftype(0)
+                        for i in range(K):
+                            dk[b, t, h, i] = ftype(0)
+                _fold(Ch, dCh)  # two-level sums (within a segment, then across segments), as layer_jax.py
+                _fold(Ah, dAh)
+            # the initial state: Ct₀ = Ā₀ᵀ S₀ and Ā₀ = P₀⁻¹ give ḡS₀ = Ā₀ Ĉ₀ and
+            # ḡP₀ = −sym(Ā₀ᵀ (Â₀ + S₀ Ĉ₀ᵀ) Ā₀ᵀ)
+            for i in range(K):
+                for j in range(V):
+                    acc = ftype(0)
+                    for m in range(K):
+                        acc += A0[i, m] * Ch[m, j]
+                    g_S_0[b, h, i, j] = acc
+                for j in range(K):
+                    acc = Ah[i, j]
+                    for m in range(V):
+                        acc += S_0[b, h, i, m] * Ch[j, m]
+                    G[i, j] = acc
+            _sandwich(A0, G, A0, W2, g_P_0[b, h], ftype(-1))
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

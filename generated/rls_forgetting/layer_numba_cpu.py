@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 SPEC_NAME = "rls_forgetting"
 SPEC_SHA256 = "9f227910bac3f04d92269ba87a0ea1636430484837c703618b99a454817c218f"
@@ -69,6 +69,7 @@ def init_params(num_heads, d_k, d_v, dtype=np.float32):
 # error_model numpy: a division by a per-token input that is 0 (e.g. the gate α = exp(−inf)) gives
 # inf / NaN as in IEEE arithmetic (positions after it only), never a ZeroDivisionError
 _jit = njit(cache=False, error_model="numpy")
+_pjit = njit(cache=False, error_model="numpy", parallel=True)  # the drivers: prange over (batch, head)
 
 
 @_jit
@@ -374,110 +375,112 @@ def _build(K, V, dtype_name):
                 r = _init_adjoint_body(g_S_0[b, h], g_P_0[b, h], u_lam[h], 0, 1)
                 out[b, h, 0] += r[0]
 
-    @_jit
+    @_pjit
     def forward_all(q, k, v, u_lam, u_g, S_0, P_0, o, S_T, P_T):
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
-        S = np.empty((K, V), dt)
-        P = np.empty((K, K), dt)
-        S_new = np.empty((K, V), dt)
-        P_new = np.empty((K, K), dt)
-        Pk = np.empty((K,), dt)
-        e = np.empty((V,), dt)
-        o_t = np.empty((V,), dt)
-        for b in range(B):
-            for h in range(H):
-                _copy2(S, S_0[b, h], 0, 1)
-                _copy2(P, P_0[b, h], 0, 1)
-                for t in range(T):
-                    _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, 0, 1)
-                    _copy1(o[b, t, h], o_t, 0, 1)
-                    _copy2(S, S_new, 0, 1)
-                    _copy2(P, P_new, 0, 1)
-                _copy2(S_T[b, h], S, 0, 1)
-                _copy2(P_T[b, h], P, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            S = np.empty((K, V), dt)
+            P = np.empty((K, K), dt)
+            S_new = np.empty((K, V), dt)
+            P_new = np.empty((K, K), dt)
+            Pk = np.empty((K,), dt)
+            e = np.empty((V,), dt)
+            o_t = np.empty((V,), dt)
+            _copy2(S, S_0[b, h], 0, 1)
+            _copy2(P, P_0[b, h], 0, 1)
+            for t in range(T):
+                _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, 0, 1)
+                _copy1(o[b, t, h], o_t, 0, 1)
+                _copy2(S, S_new, 0, 1)
+                _copy2(P, P_new, 0, 1)
+            _copy2(S_T[b, h], S, 0, 1)
+            _copy2(P_T[b, h], P, 0, 1)
 
-    @_jit
+    @_pjit
     def backward_all(q, k, v, u_lam, u_g, S_0, P_0, do, g_S_T, g_P_T, dq, dk, dv, du_lam, du_g, g_S_0, g_P_0, L):
         """Checkpointed adjoint sweep (segments of L = ⌈√T⌉ steps); d<param> is [B, H], summed by the caller."""
         B, T, H = q.shape[0], q.shape[1], q.shape[2]
         dt = q.dtype
         nseg = (T + L - 1) // L
-        S = np.empty((K, V), dt)
-        P = np.empty((K, K), dt)
-        S_new = np.empty((K, V), dt)
-        P_new = np.empty((K, K), dt)
-        Pk = np.empty((K,), dt)
-        e = np.empty((V,), dt)
-        o_t = np.empty((V,), dt)
-        g_S_new = np.empty((K, V), dt)
-        g_P_new = np.empty((K, K), dt)
-        g_S = np.empty((K, V), dt)
-        g_P = np.empty((K, K), dt)
-        g_Pk = np.empty((K,), dt)
-        g_e = np.empty((V,), dt)
-        ck_S = np.empty((nseg,) + (K, V), dt)
-        ck_P = np.empty((nseg,) + (K, K), dt)
-        seg_S = np.empty((L,) + (K, V), dt)
-        seg_P = np.empty((L,) + (K, K), dt)
-        for b in range(B):
-            for h in range(H):
-                # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
-                # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
-                # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
-                tl = -1
-                for t in range(T):
-                    for j in range(do.shape[3]):
-                        if do[b, t, h, j] != 0:
-                            tl = t
-                for i in range(g_S_T.shape[2]):
-                    for j in range(g_S_T.shape[3]):
-                        if g_S_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for i in range(g_P_T.shape[2]):
-                    for j in range(g_P_T.shape[3]):
-                        if g_P_T[b, h, i, j] != 0:
-                            tl = T - 1
-                for t in range(tl + 1, T):
-                    for i in range(0, dq.shape[3], 1):
-                        dq[b, t, h, i] = ftype(0)
-                    for i in range(0, dk.shape[3], 1):
-                        dk[b, t, h, i] = ftype(0)
-                    for i in range(0, dv.shape[3], 1):
-                        dv[b, t, h, i] = ftype(0)
-                    du_g[b, t, h] = ftype(0)
-                _copy2(S, S_0[b, h], 0, 1)
-                _copy2(P, P_0[b, h], 0, 1)
-                for t in range(tl + 1):  # forward sweep: keep the state entering every segment
-                    if t % L == 0:
-                        _copy2(ck_S[t // L], S, 0, 1)
-                        _copy2(ck_P[t // L], P, 0, 1)
+        for bh in prange(B * H):  # (batch, head) in parallel
+            b = bh // H
+            h = bh - b * H
+            S = np.empty((K, V), dt)
+            P = np.empty((K, K), dt)
+            S_new = np.empty((K, V), dt)
+            P_new = np.empty((K, K), dt)
+            Pk = np.empty((K,), dt)
+            e = np.empty((V,), dt)
+            o_t = np.empty((V,), dt)
+            g_S_new = np.empty((K, V), dt)
+            g_P_new = np.empty((K, K), dt)
+            g_S = np.empty((K, V), dt)
+            g_P = np.empty((K, K), dt)
+            g_Pk = np.empty((K,), dt)
+            g_e = np.empty((V,), dt)
+            ck_S = np.empty((nseg,) + (K, V), dt)
+            ck_P = np.empty((nseg,) + (K, K), dt)
+            seg_S = np.empty((L,) + (K, V), dt)
+            seg_P = np.empty((L,) + (K, K), dt)
+            # causality: the reverse sweep starts at the last position with a nonzero output cotangent (T − 1
+            # if the final state's is nonzero); later positions get exact zeros and are never pulled back, so a
+            # non-finite input there never meets a zero cotangent (0 · NaN = NaN)
+            tl = -1
+            for t in range(T):
+                for j in range(do.shape[3]):
+                    if do[b, t, h, j] != 0:
+                        tl = t
+            for i in range(g_S_T.shape[2]):
+                for j in range(g_S_T.shape[3]):
+                    if g_S_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for i in range(g_P_T.shape[2]):
+                for j in range(g_P_T.shape[3]):
+                    if g_P_T[b, h, i, j] != 0:
+                        tl = T - 1
+            for t in range(tl + 1, T):
+                for i in range(0, dq.shape[3], 1):
+                    dq[b, t, h, i] = ftype(0)
+                for i in range(0, dk.shape[3], 1):
+                    dk[b, t, h, i] = ftype(0)
+                for i in range(0, dv.shape[3], 1):
+                    dv[b, t, h, i] = ftype(0)
+                du_g[b, t, h] = ftype(0)
+            _copy2(S, S_0[b, h], 0, 1)
+            _copy2(P, P_0[b, h], 0, 1)
+            for t in range(tl + 1):  # forward sweep: keep the state entering every segment
+                if t % L == 0:
+                    _copy2(ck_S[t // L], S, 0, 1)
+                    _copy2(ck_P[t // L], P, 0, 1)
+                _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, 0, 1)
+                _copy2(S, S_new, 0, 1)
+                _copy2(P, P_new, 0, 1)
+            _copy2(g_S_new, g_S_T[b, h], 0, 1)
+            _copy2(g_P_new, g_P_T[b, h], 0, 1)
+            acc_u_lam = ftype(0)
+            for c in range((tl + L) // L - 1, -1, -1):
+                t0 = c * L
+                t1 = min(tl + 1, t0 + L)
+                _copy2(S, ck_S[c], 0, 1)
+                _copy2(P, ck_P[c], 0, 1)
+                for t in range(t0, t1):  # recompute the segment's states
+                    _copy2(seg_S[t - t0], S, 0, 1)
+                    _copy2(seg_P[t - t0], P, 0, 1)
                     _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, 0, 1)
                     _copy2(S, S_new, 0, 1)
                     _copy2(P, P_new, 0, 1)
-                _copy2(g_S_new, g_S_T[b, h], 0, 1)
-                _copy2(g_P_new, g_P_T[b, h], 0, 1)
-                acc_u_lam = ftype(0)
-                for c in range((tl + L) // L - 1, -1, -1):
-                    t0 = c * L
-                    t1 = min(tl + 1, t0 + L)
-                    _copy2(S, ck_S[c], 0, 1)
-                    _copy2(P, ck_P[c], 0, 1)
-                    for t in range(t0, t1):  # recompute the segment's states
-                        _copy2(seg_S[t - t0], S, 0, 1)
-                        _copy2(seg_P[t - t0], P, 0, 1)
-                        _step_body(S, P, q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, 0, 1)
-                        _copy2(S, S_new, 0, 1)
-                        _copy2(P, P_new, 0, 1)
-                    for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
-                        r = _adjoint_body(seg_S[t - t0], seg_P[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
-                        acc_u_lam += r[0]
-                        du_g[b, t, h] = r[1]
-                        _copy2(g_S_new, g_S, 0, 1)
-                        _copy2(g_P_new, g_P, 0, 1)
-                _copy2(g_S_0[b, h], g_S_new, 0, 1)
-                _copy2(g_P_0[b, h], g_P_new, 0, 1)
-                du_lam[b, h] = acc_u_lam
+                for t in range(t1 - 1, t0 - 1, -1):  # adjoint steps, last to first
+                    r = _adjoint_body(seg_S[t - t0], seg_P[t - t0], q[b, t, h], k[b, t, h], v[b, t, h], u_lam[h], u_g[b, t, h], S_new, P_new, Pk, e, o_t, do[b, t, h], g_S_new, g_P_new, g_S, g_P, g_Pk, g_e, dq[b, t, h], dk[b, t, h], dv[b, t, h], 0, 1)
+                    acc_u_lam += r[0]
+                    du_g[b, t, h] = r[1]
+                    _copy2(g_S_new, g_S, 0, 1)
+                    _copy2(g_P_new, g_P, 0, 1)
+            _copy2(g_S_0[b, h], g_S_new, 0, 1)
+            _copy2(g_P_0[b, h], g_P_new, 0, 1)
+            du_lam[b, h] = acc_u_lam
 
     return init_all, init_adjoint_all, forward_all, backward_all
 

@@ -8,6 +8,8 @@ the numpy API.
 
 from __future__ import annotations
 
+import re
+
 from mesagen.backends.common import header, indent
 from mesagen.backends.numba_common import (Layout, causal_start, channel_params, constants, divides_by_input,
                                            features_numpy, layout, plain_bodies, VARLEN_API)
@@ -33,6 +35,42 @@ _IMPLICIT_DOC = ["forward(): Sherman–Morrison steps inside max(⌈√T⌉, 64)
                  "per token x_t = P_t q_t and y_t = W_tᵀ ḡ_t, reverse running sums of ḡ_t x_tᵀ and y_t x_tᵀ), never an",
                  "adjoint through the rank-one steps, whose rounding it would amplify by up to 1/λ². States are",
                  "recomputed one max(⌈√T⌉, 64)-token segment at a time from checkpoints. Accuracy: docs/numerics.md."]
+
+
+_ALLOC = re.compile(r"^\s+\w+ = np\.(empty|zeros)\(")
+
+
+def parallel_drivers(lines: list[str]) -> list[str]:
+    """Run forward_all / backward_all in parallel over (batch, head): ``numba.prange`` over B·H.
+
+    Each driver is printed as scratch allocations, then ``for b in range(B): for h in range(H):`` around a body
+    that touches only row (b, h) of every argument and its scratch. The allocations move into the loop body
+    (one private set per (b, h); numba's parfors privatise variables assigned in it), the two loops become one
+    ``prange`` and the driver gets ``@_pjit`` (``njit(parallel=True)``). Every (b, h) runs the same serial
+    instructions as before, so results are bit-identical to the serial drivers for any thread count.
+    """
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.strip() == "@_jit" and i + 1 < len(lines) and re.match(r"\s*def (forward|backward)_all\(", lines[i + 1]):
+            ind = len(line) - len(line.lstrip())
+            j = i + 2
+            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > ind):
+                j += 1
+            fn = lines[i + 1:j]
+            loop = next(n for n, x in enumerate(fn) if x.strip() == "for b in range(B):")
+            assert fn[loop + 1].strip() == "for h in range(H):", fn[loop + 1]
+            lead = fn[loop][:len(fn[loop]) - len(fn[loop].lstrip())]
+            allocs = [x.strip() for x in fn[:loop] if _ALLOC.match(x)]
+            head = [x for x in fn[:loop] if not _ALLOC.match(x)]
+            body = [x[4:] if x.strip() else x for x in fn[loop + 2:]]
+            out += [line.replace("@_jit", "@_pjit"), *head, lead + "for bh in prange(B * H):  # (batch, head) in parallel",
+                    lead + "    b = bh // H", lead + "    h = bh - b * H", *[lead + "    " + a for a in allocs], *body]
+            i = j
+        else:
+            out.append(line)
+            i += 1
+    return out
 
 
 def _check_implicit(ir: LayerIR, lay: Layout) -> None:
@@ -75,19 +113,22 @@ class NumbaCpuBackend:
               "the IR as explicit element loops (the same plain body text as layer_numba_cuda.py).", "",
               *(_IMPLICIT_DOC if implicit else _ADJOINT_DOC), '"""', "",
               "from __future__ import annotations", "", "import math", "from functools import lru_cache",
-              "from typing import NamedTuple", "", "import numpy as np", "from numba import njit", ""]
+              "from typing import NamedTuple", "", "import numpy as np", "from numba import njit, prange", ""]
         L += constants(ir)
         if divides_by_input(ir, lay):  # 1/α with α = exp(g) = 0 at g = −inf: IEEE inf/NaN, not ZeroDivisionError
             L += ["# error_model numpy: a division by a per-token input that is 0 (e.g. the gate α = exp(−inf)) gives",
                   "# inf / NaN as in IEEE arithmetic (positions after it only), never a ZeroDivisionError",
-                  '_jit = njit(cache=False, error_model="numpy")', "", ""]
+                  '_jit = njit(cache=False, error_model="numpy")',
+                  '_pjit = njit(cache=False, error_model="numpy", parallel=True)  # the drivers: prange over (batch, head)',
+                  "", ""]
         else:
-            L += ["_jit = njit(cache=False)", "", ""]
+            L += ["_jit = njit(cache=False)",
+                  "_pjit = njit(cache=False, parallel=True)  # the drivers: prange over (batch, head)", "", ""]
         L += [
               "@_jit", "def _sync():", '    """Barrier between statements: nothing to wait for on one CPU thread."""',
               "    return None", "", ""]
         L += plain_bodies(ir)
-        L += self._build(lay, implicit)
+        L += parallel_drivers(self._build(lay, implicit))
         how = ("implicit differentiation, max(⌈√T⌉, 64)-step segments recomputed" if implicit
                else "the adjoint recurrence, checkpointed every ⌈√T⌉ steps")
         api = _API.format(states=", ".join(f"{s} [B, H, ...]" for s in lay.states), how=how,
