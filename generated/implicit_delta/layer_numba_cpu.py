@@ -685,7 +685,7 @@ def _varlen_forward(q, k, v, params, initial_state, output_final_state, form, sc
     """forward over N packed sequences: one call per sequence, outputs concatenated along T, final states
     along the leading axis N."""
     spans = _varlen_spans(cu_seqlens, q, initial_state)
-    device = hasattr(q, "__cuda_array_interface__")
+    device = hasattr(q, "copy_to_host") or hasattr(q, "__cuda_array_interface__")
     names = list(inputs)
     os, finals = [], []
     for (qs, ks, vs, *ins), (st,) in _varlen_split(spans, [q, k, v] + [inputs[n] for n in names], [initial_state]):
@@ -704,7 +704,7 @@ def _varlen_backward(q, k, v, params, do, initial_state, dfinal_state, scale, cu
     spans = _varlen_spans(cu_seqlens, q, initial_state)
     if dfinal_state is not None:
         _varlen_spans(cu_seqlens, q, dfinal_state)
-    device = hasattr(q, "__cuda_array_interface__")
+    device = hasattr(q, "copy_to_host") or hasattr(q, "__cuda_array_interface__")
     names = list(inputs)
     parts = []
     for (qs, ks, vs, dos, *ins), (st, dst) in _varlen_split(spans, [q, k, v, do] + [inputs[n] for n in names],
