@@ -112,6 +112,12 @@ def test_jax_sequences_isolated_bitwise(jmod, x64):
         assert not np.allclose(np.asarray(o1[:, 2:7]), np.asarray(o2[:, 2:7]))
         for a, b in zip(f1, f2):
             np.testing.assert_array_equal(np.asarray(a)[[0, 2]], np.asarray(b)[[0, 2]])
+        q3 = np.array(q)
+        q3[:, 4] = np.nan                                              # a NaN inside sequence 1
+        o3, _ = m.forward(q3, k, v, params, form=form, cu_seqlens=cu, **inputs)
+        for s, e in ((0, 2), (7, 8)):
+            np.testing.assert_array_equal(np.asarray(o1[:, s:e]), np.asarray(o3[:, s:e]))
+        np.testing.assert_array_equal(np.asarray(o1[:, 2:4]), np.asarray(o3[:, 2:4]))   # causal inside it too
 
 
 def test_jax_unequal_lengths_traced_offsets_max_seqlen(x64):

@@ -358,7 +358,7 @@ def _forward_closed_form(q, k, v, ps, state, inputs, scale, live=None):
     C0, A0 = _stats_all(*state, *ps)                                  # [B, H, V, K], [B, H, K, K]
     if _IMPORTANCE is not None:                                         # β_i weights pair i
         v = v * inputs[_IMPORTANCE][..., None]
-    G = _log_decay(ps, inputs, B, T, H, live)                               # [B, T, H] or [B, T, H, K]
+    G = _log_decay(ps, inputs, B, T, H, live)                           # [B, T, H] or [B, T, H, K]
     causal = jnp.tril(jnp.ones((T, T), dtype=bool))                     # [t, i]: i ≤ t
     diff = G[:, :, None] - G[:, None, :]                                # [B, t, i, H(, K)]: G_t − G_i
     mask = causal.reshape((1, T, T) + (1,) * (diff.ndim - 3))
