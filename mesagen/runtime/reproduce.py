@@ -44,12 +44,14 @@ class Budget:
     tune_batch: int = 512
 
 
-#: Budgets per run name. ``full``: fits ~30 minutes of one CPU core (measured steps/s on this project's machine:
-#: linear_1layer 12.7 at batch 256, mesa 10.5 and linear_6layer 3.8 at batch 128, softmax_7layer 3.2 at 64).
+#: Budgets per run name. ``full``: fits ~30 minutes of one CPU core (measured steps/s on this project's machine,
+#: one core, unloaded: linear_1layer 12.7 at batch 256, mesa 10.5, linear_2layer 8.1 and linear_6layer 3.8 at
+#: batch 128, softmax_7layer 3.2 and the hybrid 7.3 at batch 64, compilation 7-16 s per model; ~24 minutes in
+#: all): the linear and mesa models at the shipped configs' budgets, the others shorter (early-training snapshots).
 FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(1500, 128),
         "linear_2layer": Budget(1000, 128), "linear_4layer": Budget(1000, 128), "linear_6layer": Budget(1000, 128),
-        "fixed_teacher": Budget(1000, 128), "hybrid_softmax_mesa": Budget(800, 64),
-        "softmax_7layer": Budget(500, 64), **{f"{n}_1layer": Budget(400, 128) for n in FAMILY}}
+        "fixed_teacher": Budget(600, 128), "hybrid_softmax_mesa": Budget(400, 64),
+        "softmax_7layer": Budget(300, 64), **{f"{n}_1layer": Budget(200, 128) for n in FAMILY}}
 #: ``--quick``: a smoke run of the whole pipeline (numbers not meaningful); the expensive models are skipped.
 QUICK = {n: Budget(4, 8, 64, 64) for n in ("linear_1layer", "mesa_1layer", "linear_2layer", "fixed_teacher")}
 
@@ -522,7 +524,7 @@ def reproduce(out: str | Path = "paper_results", *, quick: bool = False, only: s
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     trained = [n for n, r in cache.items() if not r.reused]
     write_table(out / "PAPER_RESULTS.md", [rows[c] for c in CLAIMS], quick=quick, wall_s=wall, cpu_s=cpu,
-                trained=trained, reused=[n for n in cache if n not in trained])
+                trained=trained, reused=[n for n in cache if n not in trained], runs=cache)
     log(f"reproduce: wrote {out / 'PAPER_RESULTS.md'} ({wall:.0f} s wall, {cpu:.0f} s CPU)")
     return [rows[c] for c in CLAIMS]
 
@@ -588,16 +590,18 @@ def _cell(text: str) -> str:
 
 
 def write_table(path: Path, rows: list[Row], *, quick: bool, wall_s: float, cpu_s: float, trained: list[str],
-                reused: list[str]) -> None:
-    """Write ``PAPER_RESULTS.md``: header (mode, wall and CPU time, machine), the claims table, notes."""
+                reused: list[str], runs: dict[str, Run] | None = None) -> None:
+    """Write ``PAPER_RESULTS.md``: header (mode, wall and CPU time, machine), the claims table, the runs (budget,
+    training wall time, mean held-out loss), notes and figures."""
     lines = ["# The paper's claims, reproduced", "",
              "von Oswald et al., *Uncovering mesa-optimization algorithms in Transformers* (arXiv 2309.05858); "
              "claims as in docs/paper.md §6. Written by `mesagen reproduce" + (" --quick" if quick else "") + "`.", ""]
     if quick:
         lines += ["**Quick run**: tiny budgets (a few steps on a few sequences) and the expensive models skipped — "
                   "the numbers below are **not meaningful** at this budget; the run only checks the pipeline.", ""]
+    dev = jax.devices()[0]
     lines += [f"Wall time {wall_s:.0f} s, CPU time {cpu_s:.0f} s (all threads of the process) on {os.cpu_count()} "
-              f"visible cores; jax {jax.__version__}, backend {jax.default_backend()}. Trained: "
+              f"visible cores; jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}). Trained: "
               f"{', '.join(trained) or 'none'}; reused finished runs: {', '.join(reused) or 'none'}. Losses are "
               "½ Σ_d (ŝ − s)², mean over the held-out sequences (`eval.batch`: 1024, 64 in a quick run) and "
               "positions t = 0…49; "
@@ -608,6 +612,17 @@ def write_table(path: Path, rows: list[Row], *, quick: bool, wall_s: float, cpu_
         figs = " ".join(f"[{f}]({f})" for f in r.figures) or "–"
         lines.append(f"| {r.claim} | {_cell(r.statement)} | {_cell(r.paper)} | {_cell(r.measured)} | "
                      f"{_cell(r.setting)} | {r.status} | {figs} |")
+    if runs:
+        lines += ["", "## Runs", "", "| run | model | steps × batch | training wall (s) | steps/s | mean loss | "
+                  "ridge | GD-1 | this invocation |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, r in runs.items():
+            w, sps = r.result.get("wall_s"), r.result.get("steps_per_s")
+            lines.append(f"| {name} | {r.result.get('model', '')} | {r.config.train.steps} × {r.config.train.batch_size} | "
+                         f"{w:.0f} | {sps:.1f} | {_f(r.mean())} | {_f(r.mean('ridge'))} | {_f(r.mean('gd1'))} | "
+                         f"{'reused' if r.reused else 'trained'} |" if w and sps else
+                         f"| {name} | {r.result.get('model', '')} | {r.config.train.steps} × {r.config.train.batch_size} | "
+                         f"? | ? | {_f(r.mean())} | {_f(r.mean('ridge'))} | {_f(r.mean('gd1'))} | "
+                         f"{'reused' if r.reused else 'trained'} |")
     notes = [f"- **{r.claim}**: {r.note}" for r in rows if r.note]
     if notes:
         lines += ["", "## Notes", "", *notes]
