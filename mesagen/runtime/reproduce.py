@@ -52,6 +52,23 @@ FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(1500, 128),
         "linear_2layer": Budget(1000, 128), "linear_4layer": Budget(1000, 128), "linear_6layer": Budget(1000, 128),
         "fixed_teacher": Budget(600, 128), "hybrid_softmax_mesa": Budget(400, 64),
         "softmax_7layer": Budget(300, 64), **{f"{n}_1layer": Budget(200, 128) for n in FAMILY}}
+#: Training steps/s of each run's model on one core of this project's 2-core CPU machine (JAX CPU backend, at the
+#: batch of :data:`FULL`), and a compile time per model: the one-core cost estimate in the table. Measured (one
+#: core, light load) for linear_1layer, linear_2layer, linear_6layer, mesa, softmax_7layer, the hybrid and gla;
+#: linear_4layer interpolated between 2 and 6 layers, fixed_teacher taken as linear_1layer's rate at batch 256
+#: (it runs at 128: an overestimate of its time), the other family layers as gla.
+CPU_STEPS_PER_S = {"linear_1layer": 12.7, "mesa_1layer": 10.5, "linear_2layer": 8.1, "linear_4layer": 5.5,
+                   "linear_6layer": 3.8, "fixed_teacher": 12.7, "hybrid_softmax_mesa": 7.3, "softmax_7layer": 3.2,
+                   **{f"{n}_1layer": 13.8 for n in FAMILY}}
+CPU_COMPILE_S = 12.0
+
+
+def one_core_estimate(budgets: dict[str, Budget]) -> float:
+    """Seconds of training the runs of ``budgets`` take on one core (:data:`CPU_STEPS_PER_S`, compilation
+    included; evaluation and the analyses are not)."""
+    return sum(b.steps / CPU_STEPS_PER_S.get(n, 5.0) + CPU_COMPILE_S for n, b in budgets.items())
+
+
 #: ``--quick``: a smoke run of the whole pipeline (numbers not meaningful); the expensive models are skipped.
 QUICK = {n: Budget(4, 8, 64, 64) for n in ("linear_1layer", "mesa_1layer", "linear_2layer", "fixed_teacher")}
 
@@ -141,6 +158,25 @@ class Row:
     note: str = ""
 
 
+#: A model whose mean loss is above this fraction of predict-0's has not learned the task at its budget.
+UNDERTRAINED = 0.8
+
+
+def undertrained(runs: list[Run | None]) -> list[str]:
+    """Names of the runs whose mean held-out loss is ≥ :data:`UNDERTRAINED` × predict-0's."""
+    return [r.config.name for r in runs if r is not None and r.mean() >= UNDERTRAINED * r.mean("predict_zero")]
+
+
+def _flag(row: Row, runs: list[Run | None]) -> Row:
+    """Mark ``row`` not meaningful where a model it rests on has not learned (a pass becomes partial)."""
+    bad = undertrained(runs)
+    if bad:
+        row.measured = (f"NOT MEANINGFUL at this budget: {', '.join(bad)} has not learned (mean loss ≥ "
+                        f"{UNDERTRAINED} × predict-0). " + row.measured)
+        row.status = "partial" if row.status == "pass" else row.status
+    return row
+
+
 def _f(x: float, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
@@ -176,6 +212,7 @@ def claim1(run: Run, out: Path) -> Row:
     row.setting = run.setting()
     ok_gd, ok_proj = trained <= 1.05 * gd1, gd_only <= 1.05 * trained
     row.status = "pass" if ok_gd and ok_proj else "partial" if ok_gd or ok_proj else "fail"
+    _flag(row, [run])
     row.note = (f"pass needs model ≤ 1.05 × GD-1 and GD-blocks-only ≤ 1.05 × trained. The numpy forward from "
                 f"W_KQ = η W_K W_Qᵀ, W_PV = W_V W_O reproduces the model's loss to {consistency:.1e} (relative).")
     _plot_blocks(kq, pv, d, out / "claim1_weights.png")
@@ -202,6 +239,7 @@ def claim2(mesa: Run, lin1: Run | None, out: Path) -> Row:
     row.setting = mesa.setting()
     ok_mean, ok_t = mesa.mean() <= 1.05 * mesa.mean("ridge"), ratio[worst_t] <= 3
     row.status = "pass" if ok_mean and ok_t else "partial" if ok_mean or ok_t else "fail"
+    _flag(row, [mesa])
     curves = {"mesa (1 layer)": m, "ridge": r, "GD-1": mesa.per_t("gd1")}
     if lin1:
         curves["linear (1 layer)"] = lin1.per_t()
@@ -230,11 +268,13 @@ def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int) 
     monotone = all(a > b for a, b in zip(means, means[1:]))
     above = mesa is None or means[-1] > mesa.mean()
     row.measured = "; ".join(parts) + (f"; mesa {_f(mesa.mean())}" if mesa else "") + \
-        f"; best k-step GD: k = 1 {_f(gd[0].mean())}, k = {k_max} {_f(gd[-1].mean())}"
+        f"; k-step GD (η line-searched per k): k = 1 {_f(gd[0].mean())}, best k = {int(np.argmin(gd.mean(1))) + 1} " \
+        f"{_f(gd.mean(1).min())}"
     row.setting = "; ".join(f"{d}L {r.setting()}" for d, r in sorted(depth_runs.items()))
     ks = [fits[d] for d in sorted(fits)]
     k_grows = all(a <= b for a, b in zip(ks, ks[1:])) and ks[-1] > ks[0]
     row.status = "pass" if monotone and above and k_grows else "partial" if monotone or k_grows else "fail"
+    _flag(row, list(depth_runs.values()))
     row.note = ("k-step GD from W = 0 with η line-searched per k (the `gd` spec's iteration; the paper's Prop. 2 "
                 "is a preconditioned variant, not computed), k fitted by the smallest rms difference of log "
                 f"losses over t ≥ 1, k ≤ {k_max}. Depths missing from the table were not run.")
@@ -266,14 +306,16 @@ def claim4(run: Run, out: Path) -> Row:
     parts, ok = [], []
     for name, r in r2.items():
         late = r[:, 25:].mean(1)
-        parts.append(f"{name}: R² (mean over t ≥ 25) by layer 0…{len(streams) - 1}: "
-                     + " ".join(f"{x:.2f}" for x in late))
         last = r[-1]
+        parts.append(f"{name}: R² (mean over t ≥ 25) by layer 0…{len(streams) - 1}: "
+                     + " ".join(f"{x:.2f}" for x in late) + f"; last layer t = 1…9 {last[1:10].mean():.2f} vs "
+                     f"t ≥ 25 {last[25:].mean():.2f}")
         ok.append(late[-1] > late[0] and last[25:].mean() > last[1:10].mean())
     row.measured = "; ".join(parts)
     row.setting = f"{len(streams) - 1}-layer linear, {run.setting()}; probes fit on {n_fit}, scored on " \
                   f"{states.shape[0] - n_fit} sequences"
     row.status = "pass" if all(ok) else "partial" if any(ok) else "fail"
+    _flag(row, [run])
     row.note = (f"layer 0 is the input; one ridge probe per (layer, t); λ = {PROBE_LAMBDA} in the target. Pass: for "
                 "both targets the last layer beats layer 0 (t ≥ 25) and its R² at t ≥ 25 beats t = 1…9.")
     _plot_probes(r2, out / "claim4_probes.png")
@@ -295,6 +337,7 @@ def claim5(run: Run) -> Row:
                    f"{_f(run.mean())} (ridge {_f(run.mean('ridge'))})"
     row.setting = f"7-layer softmax, {run.setting()}"
     row.status = "partial" if r1 > 0.5 and r1 > r0 + 0.3 else "fail"
+    _flag(row, [run])
     row.note = ("only token binding measured (partial at best); swapping later layers for distilled linear ones and "
                 "the Prop. 2 fits are not run.")
     return row
@@ -308,6 +351,7 @@ def claim6(hybrid: Run, others: dict[str, Run]) -> Row:
     row.measured = "fully observed, mean loss: " + ", ".join(f"{n} {_f(m)}" for n, m in ranked)
     row.setting = f"hybrid {hybrid.setting()}; others as in their rows"
     row.status = "partial" if ranked[0][0] == "hybrid" else "fail"
+    _flag(row, [hybrid, *others.values()])
     row.note = "fully observed task only (partially observed and nonlinear not run); partial at best."
     return row
 
@@ -337,17 +381,24 @@ def claim7(mesa: Run, out: Path) -> Row:
         ls.append(0.5 * np.mean(np.sum((p - ys[:, i]) ** 2, -1)))
     ls = np.asarray(ls)
     zero = 0.5 * np.mean(np.sum(y ** 2, -1), 0)
+    # in-context ridge on the prompt read as a dynamics sequence: every consecutive pair, spurious (y_i, x_{i+1}) too
+    from mesagen.runtime.baselines import ridge
+    spurious = ridge(states, mesa.result["fitted"]["ridge_lambda"])[:, 0::2]
+    ls_all = 0.5 * np.mean(np.sum((spurious - y) ** 2, -1), 0)
     late = slice(rc.num_pairs // 2, None)
     row.measured = (f"loss at pair 1/5/12/{rc.num_pairs}: " + "/".join(f"{loss[i]:.3f}" for i in (0, 4, 11, -1))
+                    + f"; ridge on all consecutive pairs (spurious (y_i, x_(i+1)) included) at pair 1/5/12/"
+                    f"{rc.num_pairs}: " + "/".join(f"{ls_all[i]:.3f}" for i in (0, 4, 11, -1))
                     + f"; mean over the second half {loss[late].mean():.3f} vs predict-0 {zero[late].mean():.3f} "
-                    f"and least squares on the pairs {ls[late].mean():.3g}")
+                    f"and least squares on the (x, y) pairs only {ls[late].mean():.3g}")
     row.setting = f"mesa model of claim 2 ({mesa.setting()}), {n} prompts of {rc.num_pairs} pairs"
     ok = loss[late].mean() < 0.5 * zero[late].mean() and loss[late].mean() < loss[:3].mean()
     row.status = "partial" if ok else "fail"
+    _flag(row, [mesa])
     row.note = "no EOS or prefix tuning (not run): partial at best. Pass part: second-half loss < ½ predict-0 and " \
                "below the first pairs'."
-    _plot_curves({"mesa model (prompted)": loss, "least squares on pairs (λ=1e-3)": np.maximum(ls, 1e-8),
-                  "predict 0": zero}, out / "claim7_fewshot.png",
+    _plot_curves({"mesa model (prompted)": loss, "least squares on (x, y) pairs (λ=1e-3)": np.maximum(ls, 1e-8),
+                  "ridge on all consecutive pairs": ls_all, "predict 0": zero}, out / "claim7_fewshot.png",
                  "claim 7: few-shot regression by the mesa model trained on dynamics", xlabel="pairs in context")
     row.figures.append("claim7_fewshot.png")
     return row
@@ -366,6 +417,7 @@ def claim8(run: Run) -> Row:
                     "blocks")
     row.setting = run.setting()
     row.status = "pass" if run.mean() < run.mean("gd1") and share < 0.5 else "fail"
+    _flag(row, [run])
     row.note = "pass: below GD-1 and under half the weight mass in the GD blocks (claim 1's measure)."
     return row
 
@@ -384,7 +436,7 @@ def family_row(runs: dict[str, Run], mesa: Run | None) -> Row:
         row.note = f"the mesa row uses claim 2's budget ({mesa.setting()}): the comparison favours it."
     else:
         row.status = "partial"
-    return row
+    return _flag(row, list(runs.values()))
 
 
 # --------------------------------------------------------------------------------------------- figures ---
@@ -600,6 +652,10 @@ def write_table(path: Path, rows: list[Row], *, quick: bool, wall_s: float, cpu_
         lines += ["**Quick run**: tiny budgets (a few steps on a few sequences) and the expensive models skipped — "
                   "the numbers below are **not meaningful** at this budget; the run only checks the pipeline.", ""]
     dev = jax.devices()[0]
+    if not quick:
+        lines += [f"Budgets sized for one CPU core: training all runs takes about "
+                  f"{one_core_estimate(FULL) / 60:.0f} minutes of one unloaded core of this project's 2-core machine "
+                  "(measured steps/s per model, `CPU_STEPS_PER_S` in mesagen/runtime/reproduce.py).", ""]
     lines += [f"Wall time {wall_s:.0f} s, CPU time {cpu_s:.0f} s (all threads of the process) on {os.cpu_count()} "
               f"visible cores; jax {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}). Trained: "
               f"{', '.join(trained) or 'none'}; reused finished runs: {', '.join(reused) or 'none'}. Losses are "
