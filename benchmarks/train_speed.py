@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mesagen.data import constructed_tokens, sample_states
@@ -121,7 +120,7 @@ def main() -> None:
     print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), B={args.batch} T={cfg.task.seq_len} d=40, "
           f"1 mesa layer x 2 heads x key 20, {args.steps} timed steps; hand-written vs trainer forward: "
           f"max |diff| {err:.1e}")
-    print(f"| model | compile (s) | steps/s | ÷ hand-written |\n|---|---|---|---|")
+    print("| model | compile (s) | steps/s | ÷ hand-written |\n|---|---|---|---|")
     base = rows[0][2]
     for name, c, sps in rows:
         print(f"| {name} | {c:.1f} | {sps:.2f} | {sps / base:.2f}× |")

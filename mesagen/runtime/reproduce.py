@@ -171,7 +171,7 @@ def _flag(row: Row, runs: list[Run | None]) -> Row:
     """Mark ``row`` not meaningful where a model it rests on has not learned (a pass becomes partial)."""
     bad = undertrained(runs)
     if bad:
-        row.measured = (f"NOT MEANINGFUL at this budget: {', '.join(bad)} has not learned (mean loss ≥ "
+        row.measured = (f"NOT MEANINGFUL at this budget: {', '.join(bad)} did not learn (mean loss ≥ "
                         f"{UNDERTRAINED} × predict-0). " + row.measured)
         row.status = "partial" if row.status == "pass" else row.status
     return row
