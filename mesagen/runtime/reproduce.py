@@ -108,9 +108,11 @@ class Run:
         return np.asarray(self.result["per_t"][name])
 
     def mean(self, name: str = "model") -> float:
+        """Mean held-out loss over positions of the model or a baseline (``eval.json``'s ``mean``)."""
         return float(self.result["mean"][name])
 
     def setting(self) -> str:
+        """``"STEPS × BATCH, seed S"`` of the run."""
         c = self.config
         return f"{c.train.steps} × {c.train.batch_size}, seed {c.train.seed}"
 
