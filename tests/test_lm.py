@@ -15,7 +15,7 @@ from mesagen.data.text import (ByteCorpus, CorpusError, TextConfig, TextData, ic
                                stdlib_corpus)
 from mesagen.runtime.cli_train import main as cli
 from mesagen.runtime.config import ConfigError, RunConfig, dump_config
-from mesagen.runtime.generate import decode_logits, sample
+from mesagen.runtime.generate import decode_logits, load_run_model, sample
 from mesagen.runtime.model import Model
 from mesagen.runtime.train import Trainer, train
 
@@ -27,7 +27,7 @@ def _corpus_file(path, size=40_000, seed=0):
     return path
 
 
-def _config(corpus, blocks=("softmax", {"layer": "generated:ridge", "qk_norm": "l2"}), steps=5, **train_kw):
+def _config(corpus, blocks=("softmax", {"layer": "generated:linear", "qk_norm": "l2"}), steps=5, **train_kw):
     return RunConfig.model_validate({
         "name": "lm_tiny",
         "task": {"kind": "text", "seq_len": 16, "corpus": str(corpus), "split_block": 512, "valid_fraction": 0.25},
@@ -153,15 +153,20 @@ def test_sample_cli(lm_run, capsys):
     assert capsys.readouterr().out == out1 and out1.startswith("def ")
     assert cli(["sample", str(run), "--tokens", "-1"]) == 2
     assert "--tokens must be >= 0" in capsys.readouterr().err
+    _, model = load_run_model(run)
+    greedy = sample(model, b"ab", 3, temperature=0.0)                 # greedy: the forward's argmax
+    assert len(greedy) == 3 and greedy[0] == int(jnp.argmax(model(jnp.asarray([list(b"ab")]))[0, -1]))
 
 
-@pytest.mark.parametrize("dtype, atol", [(jnp.float64, 1e-10), (jnp.float32, 2e-5)])
-def test_decoding_matches_forward(request, dtype, atol):
+@pytest.mark.parametrize("dtype, atol, blocks", [
+    (jnp.float64, 1e-10, ("softmax", {"layer": "generated:ridge", "qk_norm": "l2"})),
+    (jnp.float32, 2e-5, ("generated:gated_delta", "softmax"))])
+def test_decoding_matches_forward(request, dtype, atol, blocks):
     """Logits of the step path (KV cache for softmax, the modules' step for generated layers) equal the full
     forward's at every prefix position: to 1e-10 in float64, 2e-5 in float32 (logits of magnitude ~5)."""
     if dtype == jnp.float64:
         request.getfixturevalue("x64")
-    cfg = _config("unused", blocks=("softmax", {"layer": "generated:ridge", "qk_norm": "l2"}, "generated:gated_delta"))
+    cfg = _config("unused", blocks=blocks)
     model = Model(cfg.model.model_copy(update={"init_std": 0.3}), 256, key=jax.random.PRNGKey(0))
     model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, 256)
@@ -169,12 +174,10 @@ def test_decoding_matches_forward(request, dtype, atol):
     assert full.dtype == stepped.dtype == dtype
     assert float(jnp.max(jnp.abs(full))) > 1.0
     np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), rtol=0, atol=atol)
-    out = sample(model, b"ab", 5, temperature=0.0)
-    assert len(out) == 5 and out[0] == int(jnp.argmax(model(jnp.asarray([list(b"ab")]))[0, -1]))
 
 
 def test_bfloat16_trains(tmp_path):
-    cfg = _config(_corpus_file(tmp_path / "c.txt"), blocks=("softmax", "generated:gated_delta"), steps=3,
+    cfg = _config(_corpus_file(tmp_path / "c.txt"), blocks=("generated:gated_delta",), steps=3,
                   precision="bfloat16")
     trainer = Trainer(cfg)
     state = trainer.initial_state()
