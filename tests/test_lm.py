@@ -143,6 +143,9 @@ def test_training_writes_bits_per_byte(lm_run):
     assert json.loads((run / "corpus.json").read_text())["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
     for f in ("per_t.png", "training.png"):
         assert (run / f).stat().st_size > 0
+    (run / "eval.json").unlink()
+    assert cli(["eval", str(run)]) == 0                                  # mesagen eval of a text run
+    assert json.loads((run / "eval.json").read_text())["eval_bpb"] == pytest.approx(e["eval_bpb"], rel=1e-6)
 
 
 def test_sample_cli(lm_run, capsys):
