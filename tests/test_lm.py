@@ -17,7 +17,7 @@ from mesagen.runtime.cli_train import main as cli
 from mesagen.runtime.config import ConfigError, RunConfig, dump_config
 from mesagen.runtime.generate import decode_logits, load_run_model, sample
 from mesagen.runtime.model import Model
-from mesagen.runtime.train import Trainer, train
+from mesagen.runtime.train import Trainer
 
 
 def _corpus_file(path, size=40_000, seed=0):

@@ -87,7 +87,8 @@ class Block(eqx.Module):
     def __call__(self, x: jax.Array, pos: jax.Array | None, dtype=None) -> jax.Array:
         """``(batch, time, d_model) -> (batch, time, d_model)``; ``dtype``: compute dtype of layer and MLP (the
         residual stream ``x`` keeps its dtype, float32)."""
-        x = x + self.attn(self._in(self.ln1, x, dtype), pos, **({} if dtype is None else {"dtype": dtype})).astype(x.dtype)
+        kw = {} if dtype is None else {"dtype": dtype}
+        x = x + self.attn(self._in(self.ln1, x, dtype), pos, **kw).astype(x.dtype)
         if self.mlp is not None:
             x = x + self.mlp(self._in(self.ln2, x, dtype), dtype).astype(x.dtype)
         return jnp.clip(x, -self.clip, self.clip) if self.clip is not None else x
