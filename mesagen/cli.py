@@ -3,7 +3,7 @@
     mesagen build SPEC... [--out DIR] [--check] [--force]   compile specs into DIR/NAME/ (default ./generated)
     mesagen list [SPEC_DIR]                          specs with their parameters, inputs and forms
     mesagen derive SPEC                              print the derivation (Markdown + LaTeX)
-    mesagen train CONFIG ... / mesagen eval RUN_DIR  (the trainer; see README)
+    mesagen train CONFIG ... / mesagen eval RUN_DIR / mesagen sample RUN_DIR  (the trainer; see README, docs/lm.md)
     mesagen reproduce [--quick] [--only CLAIM] [--out DIR]   the paper's claims -> DIR/PAPER_RESULTS.md
 
 Exit status: 0 success, 1 ``--check`` found drift, 2 bad input (spec, config or arguments). Errors are
