@@ -83,7 +83,8 @@ class Layout:
 
     Attributes:
         states / new_states: state names and ``<name>_new``.
-        temps: non-1 × 1 temporaries (arrays), excluding ``o``; ``scalar_temps``: 1 × 1 temporaries (locals).
+        temps: non-1 × 1 temporaries (arrays), excluding ``o``, then the solves' workspace vectors;
+            ``scalar_temps``: 1 × 1 temporaries (locals).
         params / inputs: parameter and input symbol names (inputs in spec order, scalar and per-channel).
         vec_inputs: the per-channel inputs among ``inputs`` (a column K × 1 or V × 1 per token and head; the
             bodies read their elements and write their cotangents into a buffer argument ``g_<name>``).
