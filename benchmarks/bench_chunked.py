@@ -1,9 +1,11 @@
 """Speed and backward memory of the chunked form next to the recurrent form, every layer that offers it, one run.
 
-Run: ``python3 benchmarks/bench_chunked.py [--B 8] [--H 4] [--T 1024] [--K 32] [--chunks 64 16] [--repeats 3]``.
+Run: ``python3 benchmarks/bench_chunked.py [--B 8] [--H 4] [--T 1024] [--K 32] [--chunks 64 16] [--repeats 3]
+[--specs gated_delta kda]``.
 
 For each spec in ``generated/`` whose JAX module offers ``form="chunked"`` it prints one Markdown row
-per chunk size (float32, K = V, random time-varying gates): the forward wall time and the forward+backward wall time
+per chunk size (float32, K = V, random time-varying gates and step sizes; the delta-rule family's chunked form is
+the WY / UT one): the forward wall time and the forward+backward wall time
 (``jax.grad`` of a sum of the outputs with respect to q, k, v and the per-token inputs) of the recurrent and
 the chunked form, both jitted, medians of ``--repeats`` calls after a warm-up, with chunked ÷ recurrent
 ratios (what carries across machines), and the temporary memory XLA reports for the compiled
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=32)
     ap.add_argument("--chunks", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--specs", nargs="+", default=None, help="only these specs (default: every one with a chunked form)")
     args = ap.parse_args()
     B, H, T, K = args.B, args.H, args.T, args.K
     print(f"B={B}, H={H}, T={T}, K=V={K}, float32, {jax.devices()[0].device_kind}")
@@ -65,7 +68,9 @@ def main() -> None:
     print("| spec | chunk_size | recurrent fwd | chunked fwd | fwd ratio | recurrent fwd+bwd | chunked fwd+bwd | fwd+bwd ratio "
           "| bwd temp memory recurrent / chunked |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in SHIPPED:
+    for name in args.specs or SHIPPED:
+        if name not in SHIPPED:
+            raise SystemExit(f"--specs: unknown spec {name!r} (shipped: {SHIPPED})")
         if not (ROOT / "generated" / name / "layer_jax.py").exists():
             continue
         m = load(name)

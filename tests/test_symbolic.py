@@ -204,3 +204,20 @@ def test_wrong_decay_is_caught(name):
     bad = dataclasses.replace(d, recurrence=dataclasses.replace(d.recurrence, update=tuple(wrong)))
     with pytest.raises(DerivationError, match=f"spec '{name}', step '{d.spec.solver.kind}'"):
         verify(bad)
+
+
+def test_delta_chunk_identity_is_verified_and_catches_a_wrong_step(monkeypatch):
+    """The delta-rule family's chunked (WY) form is checked in float64 against the token recursion; an effective
+    step that is not the recursion's (2β instead of β) fails verification."""
+    from mesagen.symbolic import delta_chunk
+    from mesagen.symbolic.derive import derive
+    from mesagen.symbolic.verify import verify
+
+    for name in ("delta", "gated_delta", "kda"):
+        d = derive(load_spec(ROOT / "specs" / f"{name}.yaml"))
+        assert d.delta_chunk is not None and "delta_chunk" in [c.name for c in verify(d)]
+    assert derive(load_spec(ROOT / "specs" / "gla.yaml")).delta_chunk is None
+    monkeypatch.setitem(delta_chunk.EFFECTIVE_STEPS, "online_gd", lambda pc: 2 * pc.step)
+    d = derive(load_spec(ROOT / "specs" / "gated_delta.yaml"))
+    with pytest.raises(DerivationError, match="delta_chunk"):
+        verify(d)

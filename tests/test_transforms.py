@@ -37,13 +37,16 @@ def example_args(m, name, N, T, seed=0, batched_params=False):
     q, k, v, params, inputs = make_inputs(seed, name, b=N, t=T, h=H, k=K, v=V)
     rng = np.random.default_rng(seed + 100)
     if batched_params:
-        params = {n: x[None] * (1 - 0.1 * rng.random((N, 1))) for n, x in params.items()}  # stays in (0, 1] too
+        params = {n: x[None] * (1 - 0.1 * rng.random((N,) + (1,) * x.ndim)) for n, x in params.items()}  # stays in (0, 1] too
     base = m.init_state(N, H, K, V, {n: (x[0] if batched_params else x) for n, x in params.items()}, jnp.float64)
     state = type(base)(*(np.asarray(x) + 0.1 * rng.standard_normal(x.shape) for x in base))
-    if name == "ridge":  # P must stay symmetric positive definite: a small symmetric perturbation of I/λ
+    if name in ("ridge", "rls_forgetting"):  # P must stay symmetric positive definite: a small symmetric perturbation of I/λ
         P = np.asarray(base.P)
         eps = 0.05 * rng.standard_normal(P.shape)
         state = state._replace(P=P + 0.5 * (eps + np.swapaxes(eps, -1, -2)) * 0.1)
+    if name == "mesanet":  # the Gram sum H stays symmetric positive semi-definite: a reachable state
+        E = 0.3 * rng.standard_normal(np.shape(base.kk))
+        state = state._replace(kk=np.asarray(base.kk) + E @ np.swapaxes(E, -1, -2))
     return q, k, v, params, inputs, state
 
 

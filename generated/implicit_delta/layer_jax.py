@@ -13,10 +13,23 @@ parameters [H], in their constrained space. Position t answers after absorbing t
 
 Forms:
     recurrent   -- lax.scan over T of the per-head step; O(T·(K² + K·V)) per head.
+    chunked     -- chunkwise parallel, the WY / UT form of the delta rule (Yang et al. 2024, Sec. 3;
+                   gated: Yang et al. 2025): per chunk of C tokens (chunk_size, default 64) one
+                   unit lower-triangular solve (I + tril(diag(ε) K Kᵀ ⊙ Γ, −1)) U = diag(ε)(V − …)
+                   for the pseudo-values U, then masked matmuls; the state carried from chunk to
+                   chunk by lax.scan; O(T·C·(C + K + V) + T·K·V) per head. ε_t is the effective
+                   step of the delta update (_delta_step_head). Decays Γ are exp(G_t − G_i) of
+                   cumulative log gates within one chunk, masked to i ≤ t before the exp (see
+                   _delta_chunk_step).
 
 Backward of the recurrent form: reverse-mode autodiff through a two-level scan whose max(⌈√T⌉, 64)-token
 segments are rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation
 memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...).
+
+Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is rematerialised
+(jax.checkpoint): only the state entering each chunk is stored, ⌈T/C⌉ · B·H·K·V numbers besides the inputs,
+and one chunk's work arrays (O(B·H·C·(C·K + K + V)) with a per-channel gate, O(B·H·C·(C + K + V)) otherwise)
+are recomputed at a time; no per-token state is stored.
 
 Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or
 unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.
@@ -44,7 +57,7 @@ PARAMS = {}
 INPUTS = {
     "beta": {"shape": ('B', 'T', 'H'), "space": "linear", "domain": "positive", "role": "step_size"},
 }
-FORMS = ('recurrent',)
+FORMS = ('recurrent', 'chunked')
 FEATURE_MAP = 'identity'
 DEFAULT_SCALE = 1.0  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5
 _PARAM_NAMES = ()
@@ -126,6 +139,15 @@ def _step_head(S, q, k, v, u_beta):
     return o[:, 0], (S_new,)
 
 
+def _delta_step_head(k, u_beta):
+    """Chunked form: the effective step ε (a scalar) of the delta update S' + ε k (v − S'ᵀk)ᵀ for one head
+    and token; k [K] after the feature map, per-token inputs in linear space."""
+    k = k[:, None]  # a column
+    # effective step ε of the delta update  [1, 1]
+    eps = u_beta / (u_beta * k.T @ k + 1)
+    return jnp.reshape(eps, ())
+
+
 # ----------------------------------------------------------------------------------------------------
 # Batched frame: vmaps over heads and batch, lax.scan over time.
 
@@ -194,6 +216,140 @@ def _forward_recurrent(q, k, v, ps, state, inputs, scale):
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v) + _recurrent_inputs(inputs))
     final, o = _scan_recurrent(tuple(ps), state, xs)
     return jnp.swapaxes(o, 0, 1), final
+
+
+_GATE_INPUT = None  # index of the forget-gate input, or None
+_GATE_PARAM = None  # index of the forget-gate parameter (a constant decay per head), or None
+_PER_CHANNEL = False  # one gate per key channel
+_delta_steps = jax.vmap(jax.vmap(jax.vmap(_delta_step_head, in_axes=(0, 0)),
+                                 in_axes=(0, 0)), in_axes=(0, 0))
+
+
+def _delta_log_gates(ps, inputs, B, T, H):
+    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None without a gate."""
+    if _GATE_PARAM is not None:                                          # a constant decay γ per head
+        return jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
+    if _GATE_INPUT is None:
+        return None
+    g = inputs[_GATE_INPUT]
+    return g if _LOG_GATE is not None else jnp.log(g)
+
+
+def _unit_lower_solve(A, R):
+    """(I + A)⁻¹ R for a strictly lower-triangular A [..., C, C] and R [..., C, V], by forward substitution one
+    row at a time: u_t = r_t − Σ_{i<t} A_ti u_i (rows not yet computed are still 0). Never an inverse; XLA:CPU's
+    batched triangular solve is about ten times slower at these sizes."""
+
+    def row(t, U):
+        return U.at[..., t, :].set(R[..., t, :] - jnp.einsum("...i,...iv->...v", A[..., t, :], U))
+
+    return lax.fori_loop(0, A.shape[-1], row, jnp.zeros_like(R))
+
+
+def _delta_chunk_step(S, chunk):
+    """One chunk of C tokens of the delta rule for every (batch, head): the WY / UT form.
+
+    Args:
+        S: the state entering the chunk, [B, H, K, V].
+        chunk: (q, k, v, ε) or (q, k, v, ε, log α): q, k [B, C, H, K] (feature map and scale applied);
+            v [B, C, H, V]; ε the effective steps [B, C, H]; log α [B, C, H] or [B, C, H, K].
+
+    Returns:
+        (S leaving the chunk [B, H, K, V], o [B, C, H, V]).
+
+    With b_t = Σ_{start≤j≤t} log α_j (cumulative within the chunk) and the decays Γ_{t,i} = exp(b_t − b_i) for
+    i ≤ t (per key channel: a [K] vector), the token recursion S' = Γ S, S_t = S' + ε_t k_t (v_t − S'ᵀ k_t)ᵀ
+    gives S_t = exp(b_t) ⊙ S + Σ_{i≤t} (Γ_{t,i} ⊙ k_i) u_iᵀ with pseudo-values u_t = ε_t (v_t − S'ᵀ k_t) that solve
+    the unit lower-triangular system
+        u_t + ε_t Σ_{i<t} ⟨k_t, Γ_{t,i} ⊙ k_i⟩ u_i = ε_t (v_t − Sᵀ (exp(b_t) ⊙ k_t))
+    (one triangular solve per chunk and head, _unit_lower_solve); then
+        o_t = Sᵀ (exp(b_t) ⊙ q_t) + Σ_{i≤t} ⟨q_t, Γ_{t,i} ⊙ k_i⟩ u_i,
+        S ← exp(b_end) ⊙ S + Σ_i (Γ_{end,i} ⊙ k_i) u_iᵀ
+    (Yang et al. 2024, Sec. 3; gated: Yang et al. 2025; per key channel as KDA). As in _chunk_step of the gated
+    linear layers, the differences b_t − b_i are masked to i < t before the exp, the pairs i = t take the
+    constant 1, and b_end − b_i is a suffix sum of the gates: every exp is of a number ≤ 0, nothing is a
+    product of α's.
+    """
+    q, k, v, eps = chunk[0], chunk[1], chunk[2], chunk[3]
+    C = k.shape[1]
+    causal = jnp.tril(jnp.ones((C, C), dtype=bool))                     # [t, i]: i ≤ t
+    before = jnp.tril(jnp.ones((C, C), dtype=bool), -1)                 # i < t
+    if len(chunk) == 4:                                                 # no forget gate
+        qk = jnp.where(causal, jnp.einsum("bthk,bihk->bhti", q, k), 0)
+        kk = jnp.where(before, jnp.einsum("bthk,bihk->bhti", k, k), 0)
+        kS, qS, S_kept, k_end = (jnp.einsum("bthk,bhkv->bhtv", k, S), jnp.einsum("bthk,bhkv->bhtv", q, S), S, k)
+    else:
+        g = chunk[4]
+        b = jnp.cumsum(g, axis=1)                                       # [B, C, H(, K)]: b_t
+        diff = b[:, :, None] - b[:, None, :]                            # [B, t, i, H(, K)]: b_t − b_i
+        mask = before.reshape((1, C, C) + (1,) * (diff.ndim - 3))
+        diagonal = jnp.eye(C, dtype=g.dtype).reshape(mask.shape)
+        decay = jnp.where(mask, jnp.exp(jnp.where(mask, diff, 0)), diagonal)   # Γ_{t,i}; 1 at i = t, 0 above
+        rest = jnp.cumsum(g[:, :0:-1], axis=1)[:, ::-1]                 # Σ_{i<j≤end} log α_j for i < end
+        last = jnp.concatenate([jnp.exp(rest), jnp.ones_like(g[:, :1])], axis=1)   # Γ_{end,i}
+        end = jnp.exp(b[:, -1])                                         # exp(b_end), [B, H(, K)]
+        if _PER_CHANNEL:                                                # the decay sits on k's channels
+            qk = jnp.moveaxis(jnp.sum(q[:, :, None] * k[:, None] * decay, axis=-1), 3, 1)   # [B, H, t, i]
+            kk = jnp.where(before, jnp.moveaxis(jnp.sum(k[:, :, None] * k[:, None] * decay, axis=-1), 3, 1), 0)
+            kS = jnp.einsum("bthk,bhkv->bhtv", k * jnp.exp(b), S)
+            qS = jnp.einsum("bthk,bhkv->bhtv", q * jnp.exp(b), S)
+            S_kept, k_end = S * end[..., None], k * last
+        else:
+            dec = jnp.moveaxis(decay, 3, 1)                             # [B, H, t, i]
+            qk = jnp.einsum("bthk,bihk->bhti", q, k) * dec
+            kk = jnp.where(before, jnp.einsum("bthk,bihk->bhti", k, k) * dec, 0)
+            eb = jnp.moveaxis(jnp.exp(b), 1, 2)[..., None]              # [B, H, C, 1]
+            kS = eb * jnp.einsum("bthk,bhkv->bhtv", k, S)
+            qS = eb * jnp.einsum("bthk,bhkv->bhtv", q, S)
+            S_kept, k_end = S * end[:, :, None, None], k * last[..., None]
+    e = jnp.moveaxis(eps, 1, 2)[..., None]                              # [B, H, C, 1]
+    U = _unit_lower_solve(e * kk, e * (jnp.moveaxis(v, 1, 2) - kS))    # [B, H, C, V]: the pseudo-values
+    o = jnp.einsum("bhti,bhiv->bthv", qk, U) + jnp.moveaxis(qS, 1, 2)
+    return S_kept + jnp.einsum("bihk,bhiv->bhkv", k_end, U), o
+
+
+def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size):
+    """Chunkwise-parallel form of the delta rule (the WY / UT representation; see _delta_chunk_step).
+
+    The sequence is cut into ⌈T/C⌉ chunks of C = min(chunk_size, T) tokens; the tail is padded with neutral
+    tokens (q = k = v = 0, ε = 0, log α = 0: they change nothing) whose outputs are dropped. The effective step
+    ε_t of every token comes from the per-head program _delta_step_head (printed from the IR: ε = β for online
+    GD). A lax.scan over chunks carries S [B, H, K, V].
+
+    Backward: the body of the scan is rematerialised (jax.checkpoint), so reverse mode stores only the S
+    entering each chunk — ⌈T/C⌉ · B·H·K·V numbers, besides the inputs — and recomputes one chunk at a time:
+    O(B·H·C·(C·K + K + V)) work arrays with a per-channel gate, O(B·H·C·(C + K + V)) otherwise.
+    """
+    q, k = scale * _features(q), _features(k)
+    B, T, H, K = q.shape
+    if T == 0:                                                          # nothing to absorb
+        return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
+    eps = _delta_steps(k, *ps, *_recurrent_inputs(inputs))              # [B, T, H]
+    g = _delta_log_gates(ps, inputs, B, T, H)
+    C = min(chunk_size, T)
+    n = -(-T // C)
+
+    def chunks(a):
+        """[B, T, ...] → [n, B, C, ...], the tail padded with zeros (neutral tokens)."""
+        a = jnp.pad(a, ((0, 0), (0, n * C - T)) + ((0, 0),) * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((B, n, C) + a.shape[2:]), 1, 0)
+
+    xs = tuple(chunks(a) for a in (q, k, v, eps) + (() if g is None else (g,)))
+    S, o = lax.scan(jax.checkpoint(_delta_chunk_step), state[0], xs)
+    o = jnp.moveaxis(o, 0, 1).reshape((B, n * C, H, o.shape[-1]))[:, :T]
+    return o, State(S)
+
+
+_CHUNKED_IMPLS = {}
+
+
+def _chunked_impl(chunk_size):
+    """The chunked form with a fixed chunk size as an ``impl`` of _causal_forward, (q, k, v, ps, state, inputs,
+    scale) → (o, State), jitted; one function per size, kept, so that _causal_forward_jit's cache keys on it."""
+    if chunk_size not in _CHUNKED_IMPLS:
+        _CHUNKED_IMPLS[chunk_size] = jax.jit(
+            lambda q, k, v, ps, state, inputs, scale: _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size))
+    return _CHUNKED_IMPLS[chunk_size]
 
 
 def _causal_forward(impl, q, k, v, ps, state, inputs, scale):

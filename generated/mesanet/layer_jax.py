@@ -20,9 +20,9 @@ Backward of the recurrent form: reverse-mode autodiff through a two-level scan w
 segments are rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation
 memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...).
 
-Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan
-compose in any nesting; jvp (forward mode) is not available: the conjugate-gradient solve
-(_cg_solve) is differentiated implicitly by a custom VJP.
+Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jvp, jax.checkpoint and
+lax.scan compose in any nesting; the conjugate-gradient solve (_cg_solve) is differentiated
+implicitly (lax.custom_linear_solve), never through its iterations.
 Dtypes: q's dtype (float32 or float64) is the compute dtype; k, v, parameters, inputs and state may be
 any real floating dtype and are cast to it; outputs and state come back in it; anything else is a
 ValueError. Non-finite inputs: outputs and gradients at t depend only on positions <= t, also when a
@@ -158,29 +158,15 @@ def _cg_iterate(A, b):
     return lax.while_loop(cond, body, (0, x, r, r, rs))[1]
 
 
-@jax.custom_vjp
 def _cg_solve(A, b):
     """x ≈ A⁻¹ b by conjugate gradient (_cg_iterate), A [K, K] symmetric positive-definite, b [K, N].
 
-    Reverse mode by implicit differentiation, not through the iterations: for x = A⁻¹ b, b̄ = A⁻¹ x̄ (one more
-    conjugate-gradient solve with the cotangent; A is symmetric) and Ā = −b̄ xᵀ. A zero cotangent gives zero
-    gradients (the solve's guard), a tiny one a tiny gradient (the tolerance is relative). Forward mode (jvp)
-    is not defined (custom VJP)."""
-    return _cg_iterate(A, b)
-
-
-def _cg_solve_fwd(A, b):
-    x = _cg_iterate(A, b)
-    return x, (A, x)
-
-
-def _cg_solve_bwd(res, x_bar):
-    A, x = res
-    b_bar = _cg_iterate(A, x_bar)
-    return -b_bar @ x.T, b_bar
-
-
-_cg_solve.defvjp(_cg_solve_fwd, _cg_solve_bwd)
+    Differentiated implicitly, never through the iterations (lax.custom_linear_solve, symmetric): forward mode
+    is ẋ = A⁻¹(ḃ − Ȧ x), reverse mode b̄ = A⁻¹ x̄ and Ā = −b̄ xᵀ, each one more conjugate-gradient solve. A zero
+    cotangent gives zero gradients (b = 0 returns 0), a tiny one a tiny gradient (the tolerance is relative).
+    jit, vmap, grad, vjp, jvp, checkpoint and scan compose.
+    """
+    return lax.custom_linear_solve(lambda x: A @ x, b, lambda _, r: _cg_iterate(A, r), symmetric=True)
 def _features(x):
     """φ(x) = x / √(Σ x² + 1e-6) over the last axis (fla's l2norm, eps 1e-6)."""
     return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)

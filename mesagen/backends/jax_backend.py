@@ -147,6 +147,8 @@ class JaxBackend:
         L += [f"    return {rec.output}[:, 0], {_tuple(list(rec.new_names))}", "", ""]
         if ir.kernel is not None:
             L += self._kernel_heads(ir, p)
+        if ir.delta_chunk is not None:
+            L += self._delta_step_head(ir, p)
         L += self._frame(ir)
         return "\n".join(L).rstrip("\n") + "\n"
 
@@ -174,7 +176,16 @@ class JaxBackend:
         if ir.kernel is not None:
             lines += ["    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T",
                       "                   (von Oswald et al. 2023, Sec. 3)."]
-        if "chunked" in ir.forms:
+        if ir.delta_chunk is not None:
+            lines += ["    chunked     -- chunkwise parallel, the WY / UT form of the delta rule (Yang et al. 2024, Sec. 3;",
+                      "                   gated: Yang et al. 2025): per chunk of C tokens (chunk_size, default 64) one",
+                      "                   unit lower-triangular solve (I + tril(diag(ε) K Kᵀ ⊙ Γ, −1)) U = diag(ε)(V − …)",
+                      "                   for the pseudo-values U, then masked matmuls; the state carried from chunk to",
+                      "                   chunk by lax.scan; O(T·C·(C + K + V) + T·K·V) per head. ε_t is the effective",
+                      "                   step of the delta update (_delta_step_head). Decays Γ are exp(G_t − G_i) of",
+                      "                   cumulative log gates within one chunk, masked to i ≤ t before the exp (see",
+                      "                   _delta_chunk_step)."]
+        elif "chunked" in ir.forms:
             per_channel = bool(ir.decay and ir.decay.per_channel)
             lines += ["    chunked     -- chunkwise parallel: chunks of C tokens (chunk_size, default 64) as masked matmuls,",
                       "                   the state carried from chunk to chunk by lax.scan; O(T·C·K + T·K·V) per head.",
@@ -198,9 +209,9 @@ class JaxBackend:
                       "compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward",
                       "is a custom VJP)."]
         elif ir.cg:
-            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
-                      "compose in any nesting; jvp (forward mode) is not available: the conjugate-gradient solve",
-                      "(_cg_solve) is differentiated implicitly by a custom VJP."]
+            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jvp, jax.checkpoint and",
+                      "lax.scan compose in any nesting; the conjugate-gradient solve (_cg_solve) is differentiated",
+                      "implicitly (lax.custom_linear_solve), never through its iterations."]
         else:
             lines += ["Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or",
                       "unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting."]
@@ -265,6 +276,21 @@ class JaxBackend:
         L += [f"    return {_tuple(list(ir.recurrence.new_names))}", "", ""]
         return L
 
+    def _delta_step_head(self, ir: LayerIR, p: ArrayPrinter) -> list[str]:
+        """The per-head program of the chunked delta form: the effective step ε of one token (a scalar)."""
+        args = ", ".join(["k"] + [x.symbol for x in ir.params] + [x.symbol for x in ir.inputs])
+        L = [f"def _delta_step_head({args}):",
+             '    """Chunked form: the effective step ε (a scalar) of the delta update S\' + ε k (v − S\'ᵀk)ᵀ for one head',
+             '    and token; k [K] after the feature map, per-token inputs in linear space."""']
+        body = _program(p, ir.delta_chunk.step)
+        L += indent(_prelude(body, {"dtype": "dtype = k.dtype", "K": "K = k.shape[0]"}))
+        L += ["    k = k[:, None]  # a column"]
+        L += [f"    {x.symbol} = {x.symbol}[:, None]  # a per-channel input, as a column" for x in ir.inputs
+              if x.channel and _uses(body, x.symbol)]
+        L += indent(body)
+        L += ["    return jnp.reshape(eps, ())", "", ""]
+        return L
+
     def _frame(self, ir: LayerIR) -> list[str]:
         n_st, n_p, n_i = len(ir.recurrence.states), len(ir.params), len(ir.inputs)
         text = fill("jax_layer", "frame",
@@ -286,7 +312,17 @@ class JaxBackend:
         text += fill("jax_layer", "forward_recurrent")
         if ir.kernel is not None:
             text += fill("jax_layer", "forward_closed_form_decayed" if ir.kernel.decayed else "forward_closed_form")
-        if "chunked" in ir.forms:
+        if "chunked" in ir.forms and ir.delta_chunk is not None:
+            names = [x.name for x in ir.inputs]
+            dec = ir.decay
+            text += fill("jax_layer", "forward_chunked_delta",
+                         gate_input=names.index(dec.gate) if dec and dec.source == "input" else None,
+                         gate_param=[x.name for x in ir.params].index(dec.gate)
+                         if dec and dec.source == "parameter" else None,
+                         per_channel=bool(dec and dec.per_channel),
+                         delta_head_axes=repr((0,) * (1 + n_p + n_i)),
+                         delta_batch_axes=repr((0,) + (None,) * n_p + (0,) * n_i))
+        elif "chunked" in ir.forms:
             text += fill("jax_layer", "forward_chunked")
         text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")
         return text.splitlines()

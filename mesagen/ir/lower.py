@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from mesagen.ir.passes import MANDATORY, PASSES, namespace_user_symbols, to_stored_layout
 import sympy as sp
 
-from mesagen.ir.records import USER_PREFIX, Decay, InputDecl, LayerIR, ParamDecl
+from mesagen.ir.records import USER_PREFIX, Assign, Decay, DeltaChunkForm, InputDecl, LayerIR, ParamDecl
 
 if TYPE_CHECKING:  # the IR never imports the symbolic stage at run time (no import cycle)
     from mesagen.symbolic.derive import Derivation
@@ -52,6 +52,9 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
     forms = ("recurrent",)
     if kernel is not None:  # the parallel form; chunkwise too where no Gram sums are needed (KernelForm.chunkable)
         forms += ("closed_form", "chunked") if kernel.chunkable else ("closed_form",)
+    delta_chunk = _delta_chunk(d, mapping)
+    if delta_chunk is not None:  # a delta-rule recurrence: the chunked WY form
+        forms += ("chunked",)
     solver = spec.solver
     linear_solve = ("conjugate_gradient" if solver.kind == "conjugate_gradient" else
                     "cholesky" if solver.kind == "closed_form" else None)
@@ -59,4 +62,12 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
     return LayerIR(linear_solve=linear_solve, cg=cg, name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
                    description=" ".join(spec.description.split()), params=params, inputs=inputs,
                    recurrence=rec, kernel=kernel, forms=forms, decay=decay, importance=w.importance,
-                   feature_map=spec.objective.model.feature_map, default_scale=spec.readout.scale)
+                   feature_map=spec.objective.model.feature_map, default_scale=spec.readout.scale,
+                   delta_chunk=delta_chunk)
+
+
+def _delta_chunk(d: "Derivation", mapping: dict) -> DeltaChunkForm | None:
+    """The derivation's delta-rule chunk form with user symbols renamed to their code identifiers, or None."""
+    if d.delta_chunk is None:
+        return None
+    return DeltaChunkForm(tuple(Assign(a.target, a.expr.xreplace(mapping), a.shape, a.doc) for a in d.delta_chunk.step))

@@ -238,6 +238,31 @@ class KernelForm:
         return not self.uses_gram and _linear_in(cbar.summand, "v")
 
 
+@dataclass(frozen=True)
+class DeltaChunkForm:
+    """The chunked (WY / UT) form of a delta-rule recurrence with one state S = Wᵀ [K, V] per head:
+
+        S' = Diag(α_t) S_{t−1} (or α_t S_{t−1}),   S_t = S' + ε_t k_t (v_t − S'ᵀ k_t)ᵀ,   o_t = S_tᵀ q_t,
+
+    decay first (fla), with a scalar *effective step* ε_t per token and head. Within a chunk the pseudo-values
+    u_t = ε_t (v_t − S'ᵀ k_t) solve the unit lower-triangular system (I + tril(diag(ε) (K Kᵀ ⊙ Γ), −1)) U =
+    diag(ε) (V − (Γ K) S₀) (Γ: the in-chunk decays), after which outputs and the next state are masked matmuls
+    (Yang et al. 2024, "Parallelizing linear transformers with the delta rule over sequence length"; gated:
+    Yang et al. 2025, "Gated Delta Networks"). The forget gate is the layer's :class:`Decay`.
+
+    Attributes:
+        step: a single-assignment program that assigns ``eps`` (1 × 1) from ``k`` (K × 1, after the feature map)
+            and the step size's symbol: ε = β for online GD; another solver supplies its own (an implicit
+            delta step: ε = β / (1 + β kᵀk)).
+    """
+
+    step: tuple[Assign, ...]
+
+    def __post_init__(self) -> None:
+        if not self.step or self.step[-1].target != "eps" or tuple(self.step[-1].shape) != (1, 1):
+            raise ValueError("the step program of a DeltaChunkForm must end by assigning eps (1 × 1)")
+
+
 def _linear_in(expr: sp.Basic, name: str) -> bool:
     """Whether the matrix expression ``expr`` is linear in its matrix symbol ``name`` (homogeneous of degree 1:
     doubling the symbol doubles the expression); False when the symbol does not occur."""
@@ -336,7 +361,7 @@ class LayerIR:
         recurrence: the recurrent form (states in stored orientation, scheduled).
         kernel: the parallel form, or None when the solver has none.
         forms: the forms offered, "recurrent" first; ``closed_form`` exactly when a kernel form exists, ``chunked``
-            only where that kernel form is :attr:`KernelForm.chunkable`.
+            only where that kernel form is :attr:`KernelForm.chunkable` or a delta-rule chunk form exists.
         out_arg: the ``--out`` folder of the header's regenerate command, relative to the folder that holds
             the spec's folder (POSIX); empty for the default ``generated``.
         decay: the forget gate of decayed weights, or None (uniform weights).
@@ -346,6 +371,7 @@ class LayerIR:
         linear_solve: how the programs' inverses (all of symmetric positive-definite matrices: the exact
             solvers' Σ ω β k kᵀ + Λ) are computed: ``cholesky``, ``conjugate_gradient``, or None (no exact solver).
         cg: (max_iterations, tolerance) of ``conjugate_gradient``, else None.
+        delta_chunk: the chunked (WY) form of a delta-rule recurrence, or None (see :class:`DeltaChunkForm`).
     """
 
     name: str
@@ -364,6 +390,7 @@ class LayerIR:
     default_scale: float | str = 1.0
     linear_solve: str | None = None
     cg: tuple[int, float] | None = None
+    delta_chunk: DeltaChunkForm | None = None
 
     def __post_init__(self) -> None:
         if not self.forms or self.forms[0] != "recurrent":
@@ -372,8 +399,12 @@ class LayerIR:
             raise ValueError("backward 'implicit' needs a kernel form over the Gram sums")
         if ("closed_form" in self.forms) != (self.kernel is not None):
             raise ValueError("'closed_form' is offered exactly when a kernel form exists")
-        if "chunked" in self.forms and (self.kernel is None or not self.kernel.chunkable):
-            raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v")
+        if "chunked" in self.forms and (self.kernel is None or not self.kernel.chunkable) and self.delta_chunk is None:
+            raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v, or a delta-rule "
+                             "chunk form")
+        if self.delta_chunk is not None and ("chunked" not in self.forms or self.kernel is not None or [
+                (s.name, tuple(s.shape)) for s in self.recurrence.states] != [("S", ("K", "V"))]):
+            raise ValueError("a delta-rule chunk form needs one state S [K, V], no kernel form, and 'chunked' offered")
         if set(self.forms) - {"recurrent", "closed_form", "chunked"}:
             raise ValueError(f"unknown forms in {self.forms}")
         if self.linear_solve not in (None, "cholesky", "conjugate_gradient"):

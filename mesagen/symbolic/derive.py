@@ -16,9 +16,10 @@ import sympy as sp
 from sympy.matrices.expressions.matexpr import MatrixExpr
 
 from mesagen.errors import DerivationError
-from mesagen.ir.records import KernelForm, Recurrence
+from mesagen.ir.records import DeltaChunkForm, KernelForm, Recurrence
 from mesagen.spec.schema import Spec
 from mesagen.symbolic.algebra import Tokens, collect_right, gradient, mat, rank_one_factor, scaled_identity
+from mesagen.symbolic.delta_chunk import delta_chunk_form
 from mesagen.symbolic.rules import Pieces, gd_polynomial, rule_for  # noqa: F401 (gd_polynomial re-exported)
 
 
@@ -40,6 +41,8 @@ class Derivation:
         stored_names: state → (stored name, stored transposed).
         params: the symbols of parameters and inputs by name (a scalar Symbol, or a K×1 / V×1 MatrixSymbol for
             a per-channel input). A forget gate's symbol denotes α (linear space) in every program.
+        delta_chunk: the chunked (WY) form of a delta-rule solver, or None
+            (:func:`mesagen.symbolic.delta_chunk.delta_chunk_form`).
     """
 
     spec: Spec
@@ -56,6 +59,7 @@ class Derivation:
     kernel: KernelForm | None
     stored_names: dict[str, tuple[str, bool]]
     params: dict[str, sp.Basic]
+    delta_chunk: DeltaChunkForm | None = None
 
 
 def _fail(spec: Spec, step: str, reason: str) -> DerivationError:
@@ -149,4 +153,4 @@ def derive(spec: Spec) -> Derivation:
     rec, kernel, stored = rule.derive(pieces)
     return Derivation(spec=spec, tokens=tok, loss_term=loss, regularizer=R, grad_term=g_term, grad_reg=g_reg,
                       gram_term=gram, cross_term=cross, gram_reg=gram_reg, closed_form=closed, recurrence=rec,
-                      kernel=kernel, stored_names=stored, params=params)
+                      kernel=kernel, stored_names=stored, params=params, delta_chunk=delta_chunk_form(pieces))

@@ -31,6 +31,7 @@ from mesagen.errors import DerivationError
 from mesagen.ir.dims import mat
 from mesagen.ir.records import Accumulator, Assign, KernelForm, Recurrence, StateDecl
 from mesagen.symbolic.algebra import Tokens, evaluate, scaled_rank_one
+from mesagen.symbolic.delta_chunk import EFFECTIVE_STEPS
 
 if TYPE_CHECKING:
     from mesagen.spec.schema import Spec
@@ -517,6 +518,18 @@ def proximal_step_size(pc: Pieces) -> sp.Expr:
     return general.subs(beta, pc.step) if pc.step is not beta else general
 
 
+def _proximal_step_matrix(pc: Pieces):
+    """(ε as derived, its numerator, its denominator as a 1 × 1 matrix expression in k): ε = num · den⁻¹ with
+    den = 1 + β kᵀk affine in n = kᵀk (checked)."""
+    eps_expr = proximal_step_size(pc)
+    n_sym = sp.Symbol("n", positive=True)
+    num, den = sp.fraction(sp.together(eps_expr))
+    den_m = den.subs(n_sym, 0) * sp.Identity(1) + sp.diff(den, n_sym) * (pc.tok.k.T * pc.tok.k)
+    if sp.simplify(den - den.subs(n_sym, 0) - sp.diff(den, n_sym) * n_sym) != 0:
+        raise DerivationError(pc.spec.name, "implicit_online_gd", f"ε = {eps_expr}: denominator not affine in kᵀk")
+    return eps_expr, num, den_m
+
+
 def _implicit_online_gd(pc: Pieces):
     """Wd = decay(W) (decay first), then the exact proximal step W' = Wd + ε e kᵀ, e = v − Wd k, with
     ε = β / (1 + β kᵀk) derived by :func:`proximal_step_size` (the objective of Longhorn, Liu et al. 2024, solved
@@ -524,15 +537,10 @@ def _implicit_online_gd(pc: Pieces):
     tok, u = pc.tok, pc.u
     if u is None or pc.cross != tok.v * u.T or isinstance(pc.step, sp.MatrixSymbol):
         raise DerivationError(pc.spec.name, "implicit_online_gd", "needs ∇ℓ = (W u − v) uᵀ and a scalar step size")
-    eps_expr = proximal_step_size(pc)
+    eps_expr, num, den_m = _proximal_step_matrix(pc)
     n_sym = sp.Symbol("n", positive=True)
     W, v, q = tok.W, tok.v, tok.q
     e, eps = mat("e", "V", 1), mat("eps", 1, 1)
-    num, den = sp.fraction(sp.together(eps_expr))
-    # ε as a 1 × 1 matrix expression: num · (den(n = kᵀk))⁻¹, den = 1 + β n is affine in n
-    den_m = den.subs(n_sym, 0) * sp.Identity(1) + sp.diff(den, n_sym) * (u.T * u)
-    if sp.simplify(den - den.subs(n_sym, 0) - sp.diff(den, n_sym) * n_sym) != 0:
-        raise DerivationError(pc.spec.name, "implicit_online_gd", f"ε = {eps_expr}: denominator not affine in kᵀk")
     update: tuple[Assign, ...] = ()
     Wd = W
     if pc.gate is not None:
@@ -610,3 +618,12 @@ def rule_for(spec: "Spec") -> SolverRule:
     if kind not in RULES:
         raise DerivationError(spec.name, "solver", f"no rule for solver kind {kind!r} (known: {sorted(RULES)})")
     return RULES[kind]
+
+
+def _implicit_effective_step(pc: Pieces) -> sp.Basic:
+    """The effective step of the proximal delta rule for its chunked (WY) form: ε = β (1 + β kᵀk)⁻¹ (1 × 1)."""
+    _, num, den_m = _proximal_step_matrix(pc)
+    return num * sp.Inverse(den_m)
+
+
+EFFECTIVE_STEPS["implicit_online_gd"] = _implicit_effective_step

@@ -261,6 +261,58 @@ def _check_float(d: Derivation, seed: int) -> Check:
                  measured=f"max relative error {worst:.1e}")
 
 
+DELTA_CHUNK = 4  # chunk size of the chunk-identity check: FLOAT_T = 11 tokens are two full chunks and a tail of 3
+
+
+def _check_delta_chunk(d: Derivation, seed: int) -> Check:
+    """float64: the chunked (WY) form of a delta-rule solver (mesagen.symbolic.delta_chunk.chunked_float, with
+    ε_t from the form's own step program through sympy.lambdify) against the token recursion (the derived
+    update and readout through sympy.lambdify), from a random nonzero initial state, with time-varying gates
+    and step sizes: outputs at every t and the final state."""
+    from mesagen.symbolic.delta_chunk import chunked_float
+
+    rng = np.random.default_rng(seed + 1)
+    Kd, Vd = FLOAT_DIMS["K"], FLOAT_DIMS["V"]
+    rec = d.recurrence
+    fns = [_lambdified(a, Kd, Vd) for a in rec.update + rec.readout]
+    step_fns = [_lambdified(a, Kd, Vd) for a in d.delta_chunk.step]
+    if [st.name for st in rec.states] != ["W"]:
+        raise DerivationError(d.spec.name, "delta_chunk", "the chunked delta form needs the one state W")
+    scal: dict = {n: 0.3 + 0.5 * rng.random() for n in d.spec.parameters}
+    width = {"d_k": Kd, "d_v": Vd}
+    series = {n: 0.3 + 0.7 * rng.random((FLOAT_T, width[x.shape[3]]) if len(x.shape) == 4 else (FLOAT_T,))
+              for n, x in d.spec.inputs.items()}  # time-varying; gates α ∈ (0.3, 1], the programs' linear space
+    ks, vs, qs = (rng.standard_normal((FLOAT_T, n)) for n in (Kd, Vd, Kd))
+    W0 = rng.standard_normal((Vd, Kd))
+    W, got_o, eps = W0, [], []
+    for t in range(FLOAT_T):
+        env = {"W": W, "k": ks[t][:, None], "v": vs[t][:, None], "q": qs[t][:, None], **scal}
+        for n, x in series.items():
+            env[n] = x[t][:, None] if np.ndim(x[t]) else x[t]
+            if np.ndim(x[t]):
+                env[f"diag_{n}"] = np.diag(x[t])
+        for target, names, fn in step_fns:
+            env[target] = np.asarray(fn(*[env[n] for n in names]), dtype=np.float64)
+        eps.append(float(np.reshape(env["eps"], ())))
+        for target, names, fn in fns:
+            env[target] = np.asarray(fn(*[env[n] for n in names]), dtype=np.float64)
+        W = env[rec.new("W")]
+        got_o.append(env[rec.output][:, 0])
+    w = d.spec.objective.weights
+    gate = None if w.kind != "decayed" else series[w.gate] if w.gate in series else np.full(FLOAT_T, scal[w.gate])
+    log_alpha = np.zeros(FLOAT_T) if gate is None else np.log(gate)
+    o, WT = chunked_float(W0, qs, ks, vs, np.array(eps), log_alpha, DELTA_CHUNK)
+    scale = max(1.0, float(np.max(np.abs(got_o))), float(np.max(np.abs(W))))
+    worst = max(float(np.max(np.abs(o - np.array(got_o)))), float(np.max(np.abs(WT - W)))) / scale
+    if not worst <= FLOAT_RTOL:
+        raise DerivationError(d.spec.name, "delta_chunk", f"the chunked (WY) form differs from the recursion by "
+                              f"{worst:.3e} (> {FLOAT_RTOL})")
+    return Check("delta_chunk", "numeric", f"chunked WY form (unit lower-triangular solve for the pseudo-values, "
+                 f"in-chunk decays from cumulative log gates) vs. the recursion over T = {FLOAT_T} in chunks of "
+                 f"{DELTA_CHUNK}, d_k = {Kd}, d_v = {Vd}, nonzero initial state: outputs and final state, max "
+                 f"relative error ≤ {FLOAT_RTOL:.0e}", measured=f"max relative error {worst:.1e}")
+
+
 def verify(d: Derivation, seed: int = 0) -> tuple[Check, ...]:
     """Run every check that applies to the derivation.
 
@@ -283,4 +335,6 @@ def verify(d: Derivation, seed: int = 0) -> tuple[Check, ...]:
     if d.kernel is not None:
         checks.append(_check_kernel(d, rng, vals))
     checks.append(_check_float(d, seed))
+    if d.delta_chunk is not None:
+        checks.append(_check_delta_chunk(d, seed))
     return tuple(checks)
