@@ -457,6 +457,11 @@ class KernelLayerIR:
             raise ValueError("a kernel layer takes at most one input, a forget gate [B, T, H]")
 
     @property
+    def params(self) -> tuple[ParamDecl, ...]:
+        """The learned parameters: none (as :attr:`LayerIR.params`, for code that lists a layer's parameters)."""
+        return ()
+
+    @property
     def gate(self) -> InputDecl | None:
         """The forget-gate input, or None (softmax attention without decay)."""
         return self.inputs[0] if self.inputs else None

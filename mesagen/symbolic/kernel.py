@@ -1,6 +1,6 @@
 """Kernel regression (softmax attention): derive and verify the constant model with kernel weights.
 
-The objective (docs/family.md §9, docs/specs.md §2.8) is, per head and query position t,
+The objective (docs/family.md §9, docs/specs.md §2) is, per head and query position t,
 
     w_t = argmin_w  Σ_{i≤t} κ_{t,i} ½‖v_i − w‖²,   κ_{t,i} = exp(scale · φ(k_i)ᵀ φ(q_t)) · ω_{t,i},
 
