@@ -15,7 +15,8 @@ import textwrap
 from mesagen.backends.common import CODEGEN_FORMAT, assign_comment, header, indent, shape_text
 from mesagen.backends.printing import ArrayPrinter
 from mesagen.backends.templates import fill
-from mesagen.ir.records import Assign, LayerIR
+from mesagen.backends.jax_kernel import emit_kernel_jax
+from mesagen.ir.records import Assign, KernelLayerIR, LayerIR
 
 
 def _program(printer: ArrayPrinter, assigns: tuple[Assign, ...]) -> list[str]:
@@ -83,6 +84,8 @@ class JaxBackend:
 
     def emit(self, ir: LayerIR, derivation=None, checks=()) -> str:
         """Return the module text (see the module docstring); deterministic."""
+        if isinstance(ir, KernelLayerIR):  # softmax / forgetting attention: a KV-cache frame of its own
+            return emit_kernel_jax(ir)
         rec = ir.recurrence
         spd = ir.linear_solve is not None  # exact solvers: every inverse is of Σ ω β k kᵀ + Λ (Λ > 0) or its inverse
         p = ArrayPrinter(spd=spd, solve="_cg_solve" if ir.cg else None)

@@ -423,3 +423,45 @@ class LayerIR:
     def gate_input(self) -> InputDecl | None:
         """The per-token forget-gate input, or None."""
         return next((i for i in self.inputs if i.role == "gate"), None)
+
+
+@dataclass(frozen=True)
+class KernelLayerIR:
+    """A kernel-regression layer (constant model, kernel weights: softmax / forgetting attention, docs/family.md §9).
+
+    It has no per-head matrix program: its state is a KV cache and every form is fixed by the frame
+    (mesagen.backends.templates.jax_kernel); the IR names what varies between specs.
+
+    Attributes:
+        name, spec_path, spec_sha256, description, out_arg: as in :class:`LayerIR`.
+        inputs: the per-token inputs (only the forget gate, role ``gate``, or none).
+        feature_map: φ applied to q and k before the kernel.
+        default_scale: the kernel's temperature when the caller passes none (a float or ``"inverse_sqrt_dk"``).
+        forms: the forms offered (``recurrent``: exact masked attention; ``chunked``: online softmax).
+    """
+
+    name: str
+    spec_path: str
+    spec_sha256: str
+    description: str
+    inputs: tuple[InputDecl, ...]
+    feature_map: str = "identity"
+    default_scale: float | str = 1.0
+    forms: tuple[str, ...] = ("recurrent", "chunked")
+    out_arg: str = ""
+
+    def __post_init__(self) -> None:
+        if self.forms != ("recurrent", "chunked"):
+            raise ValueError(f"a kernel layer offers the forms ('recurrent', 'chunked'), got {self.forms}")
+        if len(self.inputs) > 1 or any(x.role != "gate" or x.shape != ("B", "T", "H") for x in self.inputs):
+            raise ValueError("a kernel layer takes at most one input, a forget gate [B, T, H]")
+
+    @property
+    def params(self) -> tuple[ParamDecl, ...]:
+        """The learned parameters: none (as :attr:`LayerIR.params`, for code that lists a layer's parameters)."""
+        return ()
+
+    @property
+    def gate(self) -> InputDecl | None:
+        """The forget-gate input, or None (softmax attention without decay)."""
+        return self.inputs[0] if self.inputs else None
