@@ -164,7 +164,14 @@ class JaxBackend:
         if ir.kernel is not None:
             lines += ["    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T",
                       "                   (von Oswald et al. 2023, Sec. 3)."]
-        if "chunked" in ir.forms:
+        ridge_chunked = "chunked" in ir.forms and not ir.kernel.chunkable
+        if ridge_chunked:
+            lines += ["    chunked     -- exact chunkwise-parallel ridge form: chunks of C tokens (chunk_size, default 64);",
+                      "                   per chunk one Cholesky factorisation of the Gram sums entering it (K × K) and",
+                      "                   one of I + K P Kᵀ (C × C) solve every position's system by prefix Woodbury;",
+                      "                   O(T·(C·K + K² + K·V) + T/C·K³) per head, no sequential loop (see",
+                      "                   _forward_chunked)."]
+        elif "chunked" in ir.forms:
             per_channel = bool(ir.decay and ir.decay.per_channel)
             lines += ["    chunked     -- chunkwise parallel: chunks of C tokens (chunk_size, default 64) as masked matmuls,",
                       "                   the state carried from chunk to chunk by lax.scan; O(T·C·K + T·K·V) per head.",
@@ -176,7 +183,14 @@ class JaxBackend:
                           "                   factorised q ⊙ exp(G_t) against k ⊙ exp(−G_i), whose exp(−G_i) overflows",
                           "                   in float32 once a chunk's log gates sum below about −88: exact for any C."]
         lines += [""] + textwrap.wrap(f"Backward of the recurrent form: {backward}.", 110) + [""]
-        if "chunked" in ir.forms:
+        if ridge_chunked:
+            lines += textwrap.wrap(
+                "Backward of the chunked form: implicit differentiation as for the recurrent form (a custom VJP; y_t "
+                "= Ā_t⁻¹ C̄_tᵀ ḡ_t is one more prefix solve with the chunk's recomputed factorisations, never a reverse "
+                "downdate). Activation memory: the inputs and the statistics entering every chunk, ⌈T/C⌉ · "
+                "B·H·(K² + K·V) numbers, are all that is stored between forward and backward (no per-token state); "
+                "the backward's transient work arrays are O(B·H·T·(C + K + V)).", 110) + [""]
+        elif "chunked" in ir.forms:
             lines += textwrap.wrap(
                 "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
                 "rematerialised (jax.checkpoint): only the state entering each chunk is stored, ⌈T/C⌉ · B·H·K·V "
@@ -184,9 +198,11 @@ class JaxBackend:
                 "gate, O(B·H·C·(C + K + V)) otherwise) are recomputed at a time; no per-token state is stored.",
                 110) + [""]
         if rec.backward == "implicit":
-            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
-                      "compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward",
-                      "is a custom VJP)."]
+            custom = ("the recurrent and chunked forms' backwards are custom VJPs" if ridge_chunked else
+                      "the recurrent form's backward is a custom VJP")
+            lines += textwrap.wrap("Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, "
+                                   "jax.checkpoint and lax.scan compose in any nesting; jvp (forward mode) works for "
+                                   f"closed_form only ({custom}).", 110)
         else:
             lines += ["Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or",
                       "unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting."]
@@ -268,6 +284,6 @@ class JaxBackend:
         if ir.kernel is not None:
             text += fill("jax_layer", "forward_closed_form_decayed" if ir.kernel.decayed else "forward_closed_form")
         if "chunked" in ir.forms:
-            text += fill("jax_layer", "forward_chunked")
+            text += fill("jax_layer", "forward_chunked" if ir.kernel.chunkable else "forward_chunked_ridge")
         text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")
         return text.splitlines()

@@ -51,7 +51,7 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
             rec, kernel = fn(rec, kernel, names)
     forms = ("recurrent",)
     if kernel is not None:  # the parallel form; chunkwise too where no Gram sums are needed (KernelForm.chunkable)
-        forms += ("closed_form", "chunked") if kernel.chunkable else ("closed_form",)
+        forms += ("closed_form", "chunked") if kernel.chunkable or kernel.gram_chunkable else ("closed_form",)
     return LayerIR(name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256,
                    description=" ".join(spec.description.split()), params=params, inputs=inputs,
                    recurrence=rec, kernel=kernel, forms=forms, decay=decay, importance=w.importance,
