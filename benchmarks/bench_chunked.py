@@ -2,12 +2,14 @@
 
 Run: ``python3 benchmarks/bench_chunked.py [--B 8] [--H 4] [--T 1024] [--K 32] [--chunks 64 16] [--repeats 3]``.
 
-For each spec in ``generated/`` whose JAX module offers ``form="chunked"`` it prints one Markdown row
+For each spec in ``generated/`` whose JAX module offers ``form="chunked"`` (``--only`` narrows the list; the
+ridge layer's chunked form is the exact prefix-Woodbury one) it prints one Markdown row
 per chunk size (float32, K = V, random time-varying gates): the forward wall time and the forward+backward wall time
 (``jax.grad`` of a sum of the outputs with respect to q, k, v and the per-token inputs) of the recurrent and
 the chunked form, both jitted, medians of ``--repeats`` calls after a warm-up, with chunked ÷ recurrent
 ratios (what carries across machines), and the temporary memory XLA reports for the compiled
-forward+backward of each form (``compile().memory_analysis().temp_size_in_bytes``).
+forward+backward of each form (``compile().memory_analysis().temp_size_in_bytes``). ``--compare`` adds the
+recurrent form of specs without a chunked form (default gated_delta) as a reference row.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=32)
     ap.add_argument("--chunks", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=[], help="spec names to measure (default: every chunked one)")
+    ap.add_argument("--compare", nargs="*", default=["gated_delta"],
+                    help="specs without a chunked form whose recurrent form is timed for comparison")
     args = ap.parse_args()
     B, H, T, K = args.B, args.H, args.T, args.K
     print(f"B={B}, H={H}, T={T}, K=V={K}, float32, {jax.devices()[0].device_kind}")
@@ -69,7 +74,7 @@ def main() -> None:
         if not (ROOT / "generated" / name / "layer_jax.py").exists():
             continue
         m = load(name)
-        if "chunked" not in m.FORMS:
+        if "chunked" not in m.FORMS or (args.only and name not in args.only):
             continue
         data = make_inputs(1, name, b=B, t=T, h=H, k=K, v=K, dtype=np.float32)
         rf, rb, rm = measure(m, "recurrent", data, args.repeats)
@@ -77,6 +82,12 @@ def main() -> None:
             cf, cb, cm = measure(m, "chunked", data, args.repeats, chunk_size=C)
             print(f"| {name} | {C} | {1e3 * rf:.1f} ms | {1e3 * cf:.1f} ms | {cf / rf:.3f} | {1e3 * rb:.1f} ms | "
                   f"{1e3 * cb:.1f} ms | {cb / rb:.3f} | {rm / 2**20:.1f} MiB / {cm / 2**20:.1f} MiB |", flush=True)
+    for name in args.compare:
+        m = load(name)
+        rf, rb, rm = measure(m, "recurrent", make_inputs(1, name, b=B, t=T, h=H, k=K, v=K, dtype=np.float32),
+                             args.repeats)
+        print(f"| {name} (recurrent only) | – | {1e3 * rf:.1f} ms | – | – | {1e3 * rb:.1f} ms | – | – | "
+              f"{rm / 2**20:.1f} MiB / – |", flush=True)
 
 
 if __name__ == "__main__":
