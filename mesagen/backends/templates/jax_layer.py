@@ -498,19 +498,30 @@ def _chunked_impl(chunk_size):
 # ==== section: forward_chunked_ridge ====
 
 
-def _tril_solve(L, b):
-    """L⁻¹ b for lower-triangular L [..., n, n] (nonzero diagonal) and b [..., n, m], by forward substitution one
-    row at a time over every leading (batch) axis at once: on XLA:CPU this is 4-15× faster than the batched
-    lax.linalg.triangular_solve at n = 32..64 (benchmarks/bench_chunked.py measures the form that uses it)."""
+def _tril_inv(L):
+    """L⁻¹ for lower-triangular L [..., n, n] with a nonzero diagonal, by recursive doubling over diagonal blocks:
+    [[L₁₁, 0], [L₂₁, L₂₂]]⁻¹ = [[L₁₁⁻¹, 0], [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]], every block of one size at once (⌈log₂ n⌉
+    rounds of batched matmuls; n is padded with an identity block to a power of two). On XLA:CPU at n = 32..64
+    this is 1.5-2× faster than forward substitution one row at a time, and 5-15× faster than the batched
+    lax.linalg.triangular_solve."""
     n = L.shape[-1]
-
-    def row(i, y):
-        Li = lax.dynamic_index_in_dim(L, i, axis=-2, keepdims=False)             # [..., n]
-        bi = lax.dynamic_index_in_dim(b, i, axis=-2, keepdims=False)             # [..., m]
-        yi = (bi - jnp.einsum("...j,...jm->...m", Li, y)) / Li[..., i][..., None]
-        return lax.dynamic_update_index_in_dim(y, yi, i, axis=-2)
-
-    return lax.fori_loop(0, n, row, jnp.zeros_like(b))
+    size = 1 << max(n - 1, 0).bit_length()
+    lead = L.shape[:-2]
+    if size != n:                                                       # [[L, 0], [0, I]]
+        L = jnp.pad(L, [(0, 0)] * len(lead) + [(0, size - n)] * 2)
+        L = L + jnp.diag(jnp.arange(size) >= n).astype(L.dtype)
+    inv = (1 / jnp.diagonal(L, axis1=-2, axis2=-1))[..., None, None]     # [..., size, 1, 1]: 1 × 1 blocks
+    s = 1
+    while s < size:
+        nb = size // (2 * s)
+        blocks = jnp.diagonal(L.reshape(lead + (nb, 2 * s, nb, 2 * s)), axis1=-4, axis2=-2)   # [..., 2s, 2s, nb]
+        L21 = jnp.moveaxis(blocks, -1, -3)[..., s:, :s]                  # [..., nb, s, s]
+        I11, I22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        I21 = -I22 @ L21 @ I11
+        inv = jnp.concatenate([jnp.concatenate([I11, jnp.zeros_like(I11)], -1),
+                               jnp.concatenate([I21, I22], -1)], -2)
+        s *= 2
+    return inv[..., 0, :n, :n]
 
 
 def _prefix_ridge_solve(A, k, rhs):
@@ -527,19 +538,19 @@ def _prefix_ridge_solve(A, k, rhs):
     With P = A⁻¹ (a Cholesky A = L_A L_Aᵀ and L_A⁻¹) and I + K P Kᵀ = L Lᵀ (C × C), the leading t × t block of L
     factors the prefix-t system, so by Woodbury
         x_t = P r_t − Σ_{j≤t} Z_j Y_{j,t},   Y = L⁻¹ (K P Rᵀ),   Zᵀ = L⁻¹ (K P)
-    (Y masked to j ≤ t): two Cholesky factorisations (K × K and C × C) and one forward substitution with C·m + K
-    right-hand columns for all C positions and m right-hand sides; no recurrence over the positions, no general
-    inverse, and each chunk starts from a fresh factorisation of A (no rank-one rounding carried over).
+    (Y masked to j ≤ t): two Cholesky factorisations (K × K and C × C), the inverses of their triangular factors
+    (_tril_inv) and matmuls for all C positions and m right-hand sides; no recurrence over the positions, and
+    each chunk starts from a fresh factorisation of A (no rank-one rounding carried over).
     """
-    K, C = A.shape[-1], k.shape[-2]
-    eye_K = jnp.eye(K, dtype=A.dtype)
-    W = _tril_solve(jnp.linalg.cholesky(A), jnp.broadcast_to(eye_K, A.shape))        # L_A⁻¹
+    C = k.shape[-2]
+    W = _tril_inv(jnp.linalg.cholesky(A))                                           # L_A⁻¹
     P = jnp.einsum("...ji,...jk->...ik", W, W)                                      # A⁻¹ = L_A⁻ᵀ L_A⁻¹
     Pk = jnp.einsum("...cj,...jk->...ck", k, P)                                     # rows (P k_j)ᵀ
     M = jnp.eye(C, dtype=A.dtype) + jnp.einsum("...ik,...jk->...ij", k, Pk)         # I + K P Kᵀ
     L = jnp.linalg.cholesky(M)
     Pr = [jnp.einsum("...tj,...jk->...tk", r, P) for r in rhs]                      # rows (P r_t)ᵀ
-    sol = _tril_solve(L, jnp.concatenate([jnp.einsum("...jk,...tk->...jt", k, x) for x in Pr] + [Pk], axis=-1))
+    sol = jnp.einsum("...ij,...jm->...im", _tril_inv(L),
+                     jnp.concatenate([jnp.einsum("...jk,...tk->...jt", k, x) for x in Pr] + [Pk], axis=-1))
     Zt = sol[..., C * len(rhs):]                                                    # [..., C, K]: rows of Zᵀ
     upper = jnp.triu(jnp.ones((C, C), dtype=bool))                                 # [j, t]: j ≤ t
     return tuple(x - jnp.einsum("...jt,...jk->...tk", jnp.where(upper, sol[..., i * C:(i + 1) * C], 0), Zt)
