@@ -351,14 +351,15 @@ def test_ridge_chunked_equals_recurrent_with_every_gradient(gen, x64, T, sizes):
                      rtol=RIDGE_TOL)
 
 
-@pytest.mark.parametrize("lam,spread", [(1e-3, 1.0), (1e-2, 10.0)])
-def test_ridge_chunked_ill_conditioned(gen, x64, lam, spread):
-    """cond(Ā_t) up to about 1e4 (λ = 1e-3 with unit keys; λ = 1e-2 with keys growing tenfold over T = 96): still
-    ≤ 1e-10 relative to the recurrent form, outputs, states and every gradient (C = 32, three chunks)."""
+def test_ridge_chunked_ill_conditioned(gen, x64):
+    """cond(Ā_t) about 1e4 (λ = 1e-3, keys growing threefold over T = 40): still ≤ 1e-10 relative to the recurrent
+    form, outputs, states and every gradient (C = 16: two chunks and a tail)."""
     m = gen["ridge"]
-    q, k, v, params, state = ridge_args(m, 96, seed=7, lam=lam, spread=spread)
+    q, k, v, params, state = ridge_args(m, 40, seed=7, lam=1e-3, spread=3.0)
+    A = np.cumsum(np.einsum("bthk,bthj->bthkj", k, k), axis=1) + 1e-3 * np.eye(K)
+    assert 3e3 < np.max(np.linalg.cond(A)) < 3e4
     want = ridge_value_and_grads(m, "recurrent", q, k, v, params, state)
-    assert_close(ridge_value_and_grads(m, "chunked", q, k, v, params, state, chunk_size=32), want, lam,
+    assert_close(ridge_value_and_grads(m, "chunked", q, k, v, params, state, chunk_size=16), want, "ill",
                  rtol=RIDGE_TOL)
 
 
@@ -380,9 +381,9 @@ def test_ridge_chunked_continues_from_a_final_state(gen, x64):
 
 
 def test_ridge_chunked_transforms_compose(gen, x64):
-    """T = 5 in chunks of 2: jit, vmap of per-example calls (λ unbatched and batched), grad of the vmapped loss,
-    jax.checkpoint, and a lax.scan over two calls carrying the state all equal the recurrent form; jvp is refused
-    (a custom VJP), with JAX's message."""
+    """T = 5 in chunks of 2 (several chunks and a padded tail; tests/test_transforms.py covers every transformation
+    with one chunk): jit, vmap of per-example calls (λ unbatched) and grad of the vmapped loss equal the recurrent
+    form; jvp is refused (a custom VJP), with JAX's message."""
     m = gen["ridge"]
     q, k, v, params, state = ridge_args(m, 5, seed=11, b=3)
     kw = dict(form="chunked", chunk_size=2)
@@ -397,12 +398,6 @@ def test_ridge_chunked_transforms_compose(gen, x64):
     assert_close(jax.jit(lambda *a: m.forward(*a, params, initial_state=state, output_final_state=True, **kw))(
         q, k, v), want, "jit", rtol=RIDGE_TOL)
     assert_close(jax.vmap(one, in_axes=(0, 0, 0, 0, None))(q, k, v, state, lam), want, "vmap", rtol=RIDGE_TOL)
-    lams = jnp.stack([lam, 1.5 * lam, 2 * lam])
-    for b in range(3):
-        got = jax.vmap(one)(q, k, v, state, lams)
-        ref = m.forward(q[b:b + 1], k[b:b + 1], v[b:b + 1], {"lam": lams[b]}, output_final_state=True,
-                        initial_state=jax.tree.map(lambda x: x[b:b + 1], state))
-        assert_close(jax.tree.map(lambda x: x[b:b + 1], got), ref, ("batched lam", b), rtol=RIDGE_TOL)
 
     def loss(q, k, v, lam):
         return jnp.sum(jax.vmap(one, in_axes=(0, 0, 0, 0, None))(q, k, v, state, lam)[0] ** 2)
@@ -410,24 +405,8 @@ def test_ridge_chunked_transforms_compose(gen, x64):
     def loss_rec(q, k, v, lam):
         return jnp.sum(m.forward(q, k, v, {"lam": lam}, initial_state=state)[0] ** 2)
 
-    want_g = jax.grad(loss_rec, (0, 1, 2, 3))(q, k, v, lam)
-    assert_close(jax.jit(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, lam), want_g, "grad of vmap", rtol=RIDGE_TOL)
-    assert_close(jax.grad(jax.checkpoint(loss), (0, 1, 2, 3))(q, k, v, lam), want_g, "checkpoint", rtol=RIDGE_TOL)
-
-    def scan_loss(q, k, v):
-        def body(st, x):
-            o, fin = m.forward(*x, params, initial_state=st, output_final_state=True, **kw)
-            return fin, o
-        halves = tuple(jnp.stack([a[:, :2], a[:, 2:4]]) for a in (q, k, v))
-        fin, o = jax.lax.scan(body, state, halves)
-        return jnp.sum(o ** 2) + jnp.sum(fin.S)
-
-    def scan_rec(q, k, v):
-        o, fin = m.forward(q[:, :4], k[:, :4], v[:, :4], params, initial_state=state, output_final_state=True)
-        return jnp.sum(o ** 2) + jnp.sum(fin.S)
-
-    assert_close(jax.grad(scan_loss, (0, 1, 2))(q, k, v), jax.grad(scan_rec, (0, 1, 2))(q, k, v), "scan",
-                 rtol=RIDGE_TOL)
+    assert_close(jax.jit(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, lam), jax.grad(loss_rec, (0, 1, 2, 3))(q, k, v, lam),
+                 "grad of vmap", rtol=RIDGE_TOL)
     with pytest.raises(TypeError, match="custom_vjp"):
         jax.jvp(lambda q: m.forward(q, k, v, params, **kw)[0], (q,), (q,))
 
