@@ -243,7 +243,13 @@ class KernelForm:
         exactly (the preconditioner is the solve with the Gram sums, which hold the regulariser), the summands are
         the rank-one k kᵀ and v kᵀ, and the weights are uniform. Then every position of a chunk solves a rank-C
         update of the Ā entering the chunk, all at once by prefix Woodbury (one K × K and one C × C Cholesky
-        factorisation per chunk), and only C̄, Ā are carried from chunk to chunk."""
+        factorisation per chunk), and only C̄, Ā are carried from chunk to chunk.
+
+        Not yet offered, and designed to be a small addition: both sums decayed by one per-head gate with the
+        regulariser inside Ā (exponentially weighted ridge, ``rls_forgetting``). With Γ_t the gate product
+        within the chunk, Ā_t = Γ_t (Ā_c + Σ_{j≤t} k̃_j k̃_jᵀ) and C̄_t = Γ_t (C̄_c + Σ_{j≤t} ṽ_j k̃_jᵀ) for
+        k̃_j = Γ_j^{-1/2} k_j, ṽ_j = Γ_j^{-1/2} v_j, so Γ_t cancels from o_t = C̄_t Ā_t⁻¹ q_t: the same chunk
+        step on scaled keys and values (from cumulative log gates), and Γ_end scaling the carried sums."""
         if not self.uses_gram or self.decayed:
             return False
         x = next(a for a in self.precondition if a.target == "x")
