@@ -33,6 +33,18 @@ def test_shipped_derivations_verify(name):
     assert ("stationarity" in checks) == (name in ("ridge", "rls_forgetting", "mesanet"))  # the exact solvers
     assert ("parallel_form" in checks) == (name in ("linear", "gd", "ridge", "simple_gla", "retention", "gla",
                                                    "rls_forgetting", "mesanet"))
+    assert ("chunked_form" in checks) == (name == "ridge")  # the exact chunkwise ridge form (prefix Woodbury)
+
+
+def test_wrong_chunked_ridge_identity_is_caught(monkeypatch):
+    """The float64 check of the chunked ridge form fails when the prefix mask is dropped (every position would
+    see its whole chunk): it compares against the kernel form, not against itself."""
+    import mesagen.symbolic.verify as verify_module
+
+    d = derive(load_spec(ROOT / "specs" / "ridge.yaml"))
+    monkeypatch.setattr(verify_module.np, "triu", lambda a: a)
+    with pytest.raises(DerivationError, match="step 'chunked'"):
+        verify(d)
 
 
 def test_gradient_is_term_by_term():
