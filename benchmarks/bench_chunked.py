@@ -5,7 +5,7 @@ Run: ``python3 benchmarks/bench_chunked.py [--B 8] [--H 4] [--T 1024] [--K 32] [
 
 For each spec in ``generated/`` whose JAX module offers ``form="chunked"`` it prints one Markdown row
 per chunk size (float32, K = V, random time-varying gates and step sizes; the delta-rule family's chunked form is
-the WY / UT one): the forward wall time and the forward+backward wall time
+the WY / UT one, the ridge layer's the exact prefix-Woodbury one): the forward wall time and the forward+backward wall time
 (``jax.grad`` of a sum of the outputs with respect to q, k, v and the per-token inputs) of the recurrent and
 the chunked form, both jitted, medians of ``--repeats`` calls after a warm-up, with chunked ÷ recurrent
 ratios (what carries across machines), and the temporary memory XLA reports for the compiled

@@ -3,7 +3,8 @@
     mesagen build SPEC... [--out DIR] [--check] [--force]   compile specs into DIR/NAME/ (default ./generated)
     mesagen list [SPEC_DIR]                          specs with their parameters, inputs and forms
     mesagen derive SPEC                              print the derivation (Markdown + LaTeX)
-    mesagen train CONFIG ... / mesagen eval RUN_DIR  (the trainer; see README)
+    mesagen train CONFIG ... / mesagen eval RUN_DIR / mesagen sample RUN_DIR  (the trainer; see README, docs/lm.md)
+    mesagen reproduce [--quick] [--only CLAIM] [--out DIR]   the paper's claims -> DIR/PAPER_RESULTS.md
 
 Exit status: 0 success, 1 ``--check`` found drift, 2 bad input (spec, config or arguments). Errors are
 one line on stderr naming the file, line, column and field -- never a traceback.
@@ -114,7 +115,22 @@ def parser() -> argparse.ArgumentParser:
     from mesagen.runtime.cli_train import add_subparsers
 
     add_subparsers(sub)
+    r = sub.add_parser("reproduce", help="run the paper's experiments and write PAPER_RESULTS.md (docs/paper.md)")
+    r.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, numbers not meaningful")
+    r.add_argument("--only", metavar="CLAIM", help="one claim: 1 ... 9 or family (the other rows: not run)")
+    r.add_argument("--out", default="paper_results", help="output folder (default: paper_results)")
+    r.set_defaults(func=_reproduce)
     return ap
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from mesagen.runtime.reproduce import reproduce
+
+    try:
+        reproduce(args.out, quick=args.quick, only=args.only)
+    except ValueError as exc:
+        raise MesagenError(str(exc)) from None
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,11 @@ from pathlib import Path
 from mesagen.backends import BACKENDS
 from mesagen.errors import MesagenError
 from mesagen.ir.lower import lower
-from mesagen.ir.records import LayerIR
+from mesagen.ir.records import InputDecl, KernelLayerIR, LayerIR
 from mesagen.spec.loader import load_spec, spec_sha256
 from mesagen.spec.schema import Spec
 from mesagen.symbolic.derive import Derivation, derive
+from mesagen.symbolic.kernel import KernelDerivation, derive_kernel, verify_kernel
 from mesagen.symbolic.verify import Check, verify
 
 
@@ -31,9 +32,9 @@ class Compiled:
     """
 
     spec: Spec
-    derivation: Derivation
+    derivation: Derivation | KernelDerivation
     checks: tuple[Check, ...]
-    ir: LayerIR
+    ir: LayerIR | KernelLayerIR
     files: dict[str, str]
 
 
@@ -125,10 +126,42 @@ def compile_spec(spec: Spec, spec_path: str, backends: tuple[str, ...] | None = 
         DerivationError: a derived identity failed verification (nothing is emitted).
         KeyError: an unknown backend name.
     """
+    if spec.objective.model.kind == "constant":
+        return _compile_kernel(spec, spec_path, backends, out_arg)
     derivation = derive(spec)
     checks = verify(derivation, seed=VERIFY_SEED)
     ir = dataclasses.replace(lower(derivation, spec_path, spec_sha256(spec)), out_arg=out_arg)
     names = tuple(BACKENDS) if backends is None else backends
+    files = {f"{spec.name}/{BACKENDS[b].filename}": BACKENDS[b].emit(ir, derivation, checks) for b in names}
+    return Compiled(spec, derivation, checks, ir, files)
+
+
+#: The backends that emit a kernel-regression layer (constant model with kernel weights). The Numba backends do
+#: not yet: such a spec compiles only with ``backends`` limited to these, so ``mesagen build`` refuses it
+#: (see docs/family.md §9).
+KERNEL_BACKENDS = ("jax", "md")
+
+
+def _compile_kernel(spec: Spec, spec_path: str, backends: tuple[str, ...] | None, out_arg: str) -> Compiled:
+    """:func:`compile_spec` for a constant model with kernel weights (softmax / forgetting attention).
+
+    Raises:
+        MesagenError: a requested backend does not emit kernel-regression layers (the Numba backends).
+        DerivationError: a derived identity failed verification.
+    """
+    names = tuple(BACKENDS) if backends is None else backends
+    missing = [b for b in names if b not in KERNEL_BACKENDS]
+    if missing:
+        raise MesagenError(f"{spec_path}: the {', '.join(missing)} backend(s) do not emit kernel-regression layers "
+                           f"(constant model, kernel weights) yet; only {list(KERNEL_BACKENDS)} do")
+    derivation = derive_kernel(spec)
+    checks = verify_kernel(derivation, seed=VERIFY_SEED)
+    axis = {"batch": "B", "time": "T", "heads": "H", "d_k": "K", "d_v": "V"}
+    inputs = tuple(InputDecl(n, x.space, x.domain, tuple(axis[a] for a in x.shape), "gate")
+                   for n, x in spec.inputs.items())
+    ir = KernelLayerIR(name=spec.name, spec_path=spec_path, spec_sha256=spec_sha256(spec),
+                       description=" ".join(spec.description.split()), inputs=inputs,
+                       feature_map=spec.objective.model.feature_map, default_scale=spec.readout.scale, out_arg=out_arg)
     files = {f"{spec.name}/{BACKENDS[b].filename}": BACKENDS[b].emit(ir, derivation, checks) for b in names}
     return Compiled(spec, derivation, checks, ir, files)
 

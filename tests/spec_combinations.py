@@ -143,7 +143,12 @@ def _v2(c: Combination, label: str, edit) -> Combination:
 
 
 def _gate(doc, shape=None, space="log", parameter=False):
+    """A forget gate ``alpha`` of the given shape and space (or a per-head parameter). With the Sherman–Morrison
+    recurrence the regulariser decays with the data (RLS with forgetting): the only decayed objective whose exact
+    solution a rank-one recursion keeps -- the compiler refuses the other with its reason (tests/test_solvers_v2.py)."""
     doc["objective"]["weights"] = {"kind": "decayed", "gate": "alpha"}
+    if doc["solver"] == {"kind": "closed_form", "recurrence": "sherman_morrison"}:
+        doc["objective"]["regularizer"]["decays_with_data"] = True
     if parameter:
         doc["parameters"]["alpha"] = {"shape": ["heads"], "init": 0.9, "domain": "positive_unit_interval"}
     else:

@@ -18,8 +18,10 @@ import pytest
 from conftest import SHIPPED, load_generated, make_inputs
 from test_family_v2 import compile_text
 
-CHUNKED = [n for n in SHIPPED if "chunked" in load_generated(n).FORMS]
+CHUNKED = [n for n in SHIPPED if "chunked" in load_generated(n).FORMS
+           and not getattr(load_generated(n), "_USES_GRAM", False)]  # ridge: its own tests below
 DELTA = ["delta", "gated_delta", "kda", "implicit_delta"]  # the WY form of the delta rule (implicit_delta: ε = β/(1 + β kᵀk))
+RIDGE_TOL = 1e-10  # exact ridge chunked vs recurrent, float64, cond(Ā_t) ≤ 1e4 (see test_ridge_*)
 B, H, K, V = 2, 2, 3, 5
 RTOL = 1e-12
 
@@ -63,13 +65,15 @@ def assert_close(got, want, what, rtol=RTOL):
 
 
 def test_forms_come_from_the_ir():
-    """chunked where the kernel form reads no Gram sums (not gd: x = p(Ā) q; not ridge), and for the delta-rule
-    family (online GD: the WY form, a DeltaChunkForm in the IR)."""
+    """chunked where the kernel form reads no Gram sums (not gd: x = p(Ā) q), for the delta-rule family (online GD:
+    the WY form, a DeltaChunkForm in the IR), and for the exact ridge solve x = Ā⁻¹ q over rank-one sums
+    (KernelForm.gram_chunkable; tested separately below)."""
     assert CHUNKED == ["linear", "delta", "simple_gla", "retention", "gla", "gated_delta", "kda", "implicit_delta"]
     assert [n for n in CHUNKED if hasattr(load_generated(n), "_delta_chunk_step")] == DELTA
+    assert [n for n in SHIPPED if "chunked" in load_generated(n).FORMS and n not in CHUNKED] == ["ridge"]
     for n in SHIPPED:
         forms = load_generated(n).FORMS
-        assert forms[0] == "recurrent" and ("chunked" in forms) == (n in CHUNKED), (n, forms)
+        assert forms[0] == "recurrent" and ("chunked" in forms) == (n in CHUNKED + ["ridge"]), (n, forms)
 
 
 @pytest.mark.parametrize("name,T", [(n, T) for n in CHUNKED for T in ((1, 70) if n in DELTA else (1, 5, 64, 130))])
@@ -169,7 +173,7 @@ def test_continuing_from_a_final_state(gen, x64, name):
 
 
 @pytest.mark.parametrize("field", ["q", "k", "v"])
-@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("name", CHUNKED + ["ridge"])
 def test_nonfinite_input_stays_causal_across_chunks(gen, x64, name, field):
     """NaN at position 5 of a 9-token sequence in chunks of 2: outputs before 5 equal a clean run's, the
     non-finite outputs are the recurrence's, and with the loss on t < 5 every gradient is finite and equal to
@@ -213,11 +217,11 @@ def test_chunk_size_is_validated(gen, x64):
             m.forward(q, k, v, params, form=form, chunk_size=16, **inputs)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         jax.jit(lambda c: m.forward(q, k, v, params, form="chunked", chunk_size=c, **inputs)[0])(2)
-    ridge = gen["ridge"]
+    gd = gen["gd"]
     with pytest.raises(ValueError, match="unknown form 'chunked'"):
-        ridge.forward(q, k, v, {"lam": np.ones(H)}, form="chunked")
+        gd.forward(q, k, v, {"eta": np.ones(H)}, form="chunked")
     with pytest.raises(ValueError, match="chunk_size applies"):
-        ridge.forward(q, k, v, {"lam": np.ones(H)}, chunk_size=4)
+        gd.forward(q, k, v, {"eta": np.ones(H)}, chunk_size=4)
 
 
 def test_empty_sequence(gen, x64):
@@ -327,3 +331,133 @@ def test_delta_backward_memory_grows_linearly_without_per_token_states(gen, name
         assert c1024 < 1.5 * recurrent, (c1024, recurrent)
     else:
         assert c1024 - 1024 * slope < 12 * C * C * K * 4, (c1024, slope, recurrent)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The exact chunkwise ridge (mesa) form: prefix Woodbury per chunk, custom VJP by implicit differentiation.
+
+
+def ridge_args(m, T, seed=0, b=B, lam=None, spread=1.0):
+    """q, k, v, params and a reachable (SPD) initial state (S, P = (M Mᵀ + λI)⁻¹), float64; keys scaled by a
+    factor geometric in t from 1 to ``spread`` (a conditioning knob)."""
+    q, k, v, params, _ = make_inputs(seed, "ridge", b=b, t=T, h=H, k=K, v=V)
+    if lam is not None:
+        params = {"lam": np.full(H, lam)}
+    k = k * np.geomspace(1.0, spread, max(T, 1))[None, :T, None, None]
+    rng = np.random.default_rng(seed + 1)
+    M = rng.standard_normal((b, H, K, K))
+    P = np.linalg.inv(0.3 * M @ np.swapaxes(M, -1, -2) + params["lam"][None, :, None, None] * np.eye(K))
+    return q, k, v, params, m.State(0.3 * rng.standard_normal((b, H, K, V)), P)
+
+
+def ridge_value_and_grads(m, form, q, k, v, params, state, seed=5, **kw):
+    """Outputs, final state and the gradients w.r.t. q, k, v, λ, initial state of ⟨do, o⟩ + ⟨dS, final⟩; and,
+    from the default initial state (P₀ = I/λ, where λ acts), the gradients w.r.t. q, k, v and λ."""
+    rng = np.random.default_rng(seed)
+    do = rng.standard_normal(q.shape[:3] + (V,))
+    dS = [rng.standard_normal(x.shape) for x in state]
+
+    def f(q, k, v, params, state):
+        o, fin = m.forward(q, k, v, params, initial_state=state, output_final_state=True, form=form, **kw)
+        return jnp.sum(o * do) + sum(jnp.sum(a * b) for a, b in zip(fin, dS)), (o, fin)
+
+    def g(q, k, v, params):
+        o, fin = m.forward(q, k, v, params, output_final_state=True, form=form, **kw)
+        return jnp.sum(o * do) + sum(jnp.sum(a * b) for a, b in zip(fin, dS))
+
+    return (jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, params, state),
+            jax.grad(g, argnums=(0, 1, 2, 3))(q, k, v, params))
+
+
+@pytest.mark.parametrize("T,sizes", [(1, (64,)), (7, (1, 3)), (40, (16,))])
+def test_ridge_chunked_equals_recurrent_with_every_gradient(gen, x64, T, sizes):
+    """Outputs, final states and the gradients of q, k, v, λ and the initial state (S, P) agree with the recurrent
+    form to ≤ 1e-10 relative in float64: T = 1, T < C, T a multiple of C (C = 1), not a multiple (a padded
+    tail). Measured: ≤ 6e-15."""
+    m = gen["ridge"]
+    q, k, v, params, state = ridge_args(m, T)
+    want = ridge_value_and_grads(m, "recurrent", q, k, v, params, state)
+    assert float(np.max(np.abs(want[1][3]["lam"]))) > 0
+    for C in sizes:
+        assert_close(ridge_value_and_grads(m, "chunked", q, k, v, params, state, chunk_size=C), want, (T, C),
+                     rtol=RIDGE_TOL)
+
+
+def test_ridge_chunked_ill_conditioned(gen, x64):
+    """cond(Ā_t) about 1e4 (λ = 1e-3, keys growing threefold over T = 40): still ≤ 1e-10 relative to the recurrent
+    form, outputs, states and every gradient (C = 16: two chunks and a tail)."""
+    m = gen["ridge"]
+    q, k, v, params, state = ridge_args(m, 40, seed=7, lam=1e-3, spread=3.0)
+    A = np.cumsum(np.einsum("bthk,bthj->bthkj", k, k), axis=1) + 1e-3 * np.eye(K)
+    assert 3e3 < np.max(np.linalg.cond(A)) < 3e4
+    want = ridge_value_and_grads(m, "recurrent", q, k, v, params, state)
+    assert_close(ridge_value_and_grads(m, "chunked", q, k, v, params, state, chunk_size=16), want, "ill",
+                 rtol=RIDGE_TOL)
+
+
+def test_ridge_chunked_continues_from_a_final_state(gen, x64):
+    """Prefill 7 tokens chunked, then 6 more from its final state: one 13-token recurrent call's outputs and
+    state; the empty sequence returns the initial state."""
+    m = gen["ridge"]
+    q, k, v, params, state = ridge_args(m, 13, seed=2)
+    first = m.forward(q[:, :7], k[:, :7], v[:, :7], params, initial_state=state, output_final_state=True,
+                      form="chunked", chunk_size=3)
+    second = m.forward(q[:, 7:], k[:, 7:], v[:, 7:], params, initial_state=first[1], output_final_state=True,
+                       form="chunked", chunk_size=4)
+    want = m.forward(q, k, v, params, initial_state=state, output_final_state=True)
+    assert_close((jnp.concatenate([first[0], second[0]], axis=1), second[1]), want, "continue", rtol=RIDGE_TOL)
+    o, fin = m.forward(q[:, :0], k[:, :0], v[:, :0], params, initial_state=state, output_final_state=True,
+                       form="chunked")
+    assert o.shape == (B, 0, H, V)
+    np.testing.assert_array_equal(fin[1], state[1])
+
+
+def test_ridge_chunked_transforms_compose(gen, x64):
+    """T = 5 in chunks of 2 (several chunks and a padded tail; tests/test_transforms.py covers every transformation
+    with one chunk): jit, vmap of per-example calls (λ unbatched) and grad of the vmapped loss equal the recurrent
+    form; jvp is refused (a custom VJP), with JAX's message."""
+    m = gen["ridge"]
+    q, k, v, params, state = ridge_args(m, 5, seed=11, b=3)
+    kw = dict(form="chunked", chunk_size=2)
+
+    def one(q, k, v, state, lam):
+        o, fin = m.forward(q[None], k[None], v[None], {"lam": lam}, output_final_state=True,
+                           initial_state=jax.tree.map(lambda x: x[None], state), **kw)
+        return o[0], jax.tree.map(lambda x: x[0], fin)
+
+    want = m.forward(q, k, v, params, initial_state=state, output_final_state=True)
+    lam = jnp.asarray(params["lam"])
+    assert_close(jax.jit(lambda *a: m.forward(*a, params, initial_state=state, output_final_state=True, **kw))(
+        q, k, v), want, "jit", rtol=RIDGE_TOL)
+    assert_close(jax.vmap(one, in_axes=(0, 0, 0, 0, None))(q, k, v, state, lam), want, "vmap", rtol=RIDGE_TOL)
+
+    def loss(q, k, v, lam):
+        return jnp.sum(jax.vmap(one, in_axes=(0, 0, 0, 0, None))(q, k, v, state, lam)[0] ** 2)
+
+    def loss_rec(q, k, v, lam):
+        return jnp.sum(m.forward(q, k, v, {"lam": lam}, initial_state=state)[0] ** 2)
+
+    assert_close(jax.jit(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, lam), jax.grad(loss_rec, (0, 1, 2, 3))(q, k, v, lam),
+                 "grad of vmap", rtol=RIDGE_TOL)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda q: m.forward(q, k, v, params, **kw)[0], (q,), (q,))
+
+
+def test_ridge_chunked_backward_stores_chunk_boundary_statistics(gen):
+    """T = 4096, K = V = 64, C = 64, float32, B = H = 1. The compiled grad's temporary memory (XLA:CPU) is far below
+    one state per token (T·K² floats = 64 MiB) and close to the recurrent form's (√T checkpoints plus one
+    segment of per-token states). Measured: 12.0 MiB chunked (stored between forward and backward: the inputs,
+    3 MiB, and the statistics entering each of the 64 chunks, 2 MiB; the rest is the backward's transient work
+    arrays) against 11.1 MiB recurrent."""
+    m = gen["ridge"]
+    T, K = MEM_T, MEM_K
+    q, k, v, params, _ = make_inputs(0, "ridge", b=1, t=T, h=1, k=K, v=K, dtype=np.float32)
+
+    def loss(form, **kw):
+        return lambda q, k, v: jnp.sum(m.forward(q, k, v, params, form=form, **kw)[0])
+
+    chunked = _temp_bytes(loss("chunked", chunk_size=64), q, k, v)
+    recurrent = _temp_bytes(loss("recurrent"), q, k, v)
+    per_token_states = T * K * K * 4
+    assert chunked < per_token_states / 4, (chunked, per_token_states)
+    assert chunked < 1.5 * recurrent, (chunked, recurrent)

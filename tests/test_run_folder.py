@@ -187,7 +187,7 @@ def test_config_reports_every_mistake_with_line_and_column(tmp_path, capsys):
     with pytest.raises(ConfigError) as info:
         load_config(p)
     assert info.value.lines == [
-        f"{p}:3:3: model.tokens: Input should be 'constructed' or 'standard' (got 'constructd')",
+        f"{p}:3:3: model.tokens: Input should be 'constructed', 'standard' or 'bytes' (got 'constructd')",
         f"{p}:4:3: model.heads: Input should be greater than or equal to 1 (got -1)",
         f"{p}:5:12: model.blocks[0].layer: expected 'softmax', 'generated:NAME' or a path to a .py file "
         "(got 'nope')",

@@ -15,10 +15,11 @@ import pytest
 import sympy as sp
 
 from conftest import ROOT, load_generated, make_inputs
-from mesagen.errors import DerivationError
+from mesagen.errors import DerivationError, SpecError
 from mesagen.pipeline import compile_file
 from mesagen.reference import solvers
 from mesagen.spec.loader import load_spec
+from mesagen.spec.schema import ClosedFormSolver
 from mesagen.symbolic.derive import derive
 from mesagen.symbolic.rules import proximal_step_size
 
@@ -58,12 +59,18 @@ def test_proximal_step_size_is_derived():
 
 
 def test_sherman_morrison_refused_for_a_regulariser_that_does_not_decay(tmp_path):
-    """mesanet's regulariser does not decay with the data: no rank-one recursion, and the error names the solvers
-    that apply."""
+    """mesanet's regulariser does not decay with the data: no rank-one recursion. The loader refuses the spec at
+    solver.recurrence, and the derivation's proof refuses it too when handed such a spec directly; both messages
+    name the solvers that apply."""
     text = _spec_text("mesanet", **{"solver: {kind: conjugate_gradient, max_iterations: 30, tolerance: 1.0e-6}":
                                     "solver: {kind: closed_form, recurrence: sherman_morrison}"})
+    with pytest.raises(SpecError) as e:
+        load_spec(_load(tmp_path, "mesanet", text))
+    assert "solver.recurrence" in str(e.value) and "cholesky" in str(e.value) and "conjugate_gradient" in str(e.value)
+    spec = load_spec(ROOT / "specs" / "mesanet.yaml")
+    bypass = spec.model_copy(update={"solver": ClosedFormSolver(kind="closed_form", recurrence="sherman_morrison")})
     with pytest.raises(DerivationError) as e:
-        derive(load_spec(_load(tmp_path, "mesanet", text)))
+        derive(bypass)
     msg = str(e.value)
     assert "decays_with_data" in msg and "cholesky" in msg and "conjugate_gradient" in msg
 

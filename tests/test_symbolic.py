@@ -30,8 +30,21 @@ def test_shipped_derivations_verify(name):
     d = derive(load_spec(ROOT / "specs" / f"{name}.yaml"))
     checks = {c.name for c in verify(d)}
     assert {"gradient", "float64"} <= checks
-    assert ("stationarity" in checks) == (name == "ridge")
-    assert ("parallel_form" in checks) == (name in ("linear", "gd", "ridge", "simple_gla", "retention", "gla"))
+    assert ("stationarity" in checks) == (name in ("ridge", "rls_forgetting", "mesanet"))  # the exact solvers
+    assert ("parallel_form" in checks) == (name in ("linear", "gd", "ridge", "simple_gla", "retention", "gla",
+                                                   "rls_forgetting", "mesanet"))
+    assert ("chunked_form" in checks) == (name == "ridge")  # the exact chunkwise ridge form (prefix Woodbury)
+
+
+def test_wrong_chunked_ridge_identity_is_caught(monkeypatch):
+    """The float64 check of the chunked ridge form fails when the prefix mask is dropped (every position would
+    see its whole chunk): it compares against the kernel form, not against itself."""
+    import mesagen.symbolic.verify as verify_module
+
+    d = derive(load_spec(ROOT / "specs" / "ridge.yaml"))
+    monkeypatch.setattr(verify_module.np, "triu", lambda a: a)
+    with pytest.raises(DerivationError, match="step 'chunked'"):
+        verify(d)
 
 
 def test_gradient_is_term_by_term():
@@ -179,10 +192,10 @@ def test_unknown_solver_kind_is_a_loud_error():
 
     spec = load_spec(ROOT / "specs" / "delta.yaml")
     fake = spec.model_copy(update={"solver": spec.solver.model_copy(update={"kind": "newton"})})
-    with pytest.raises(DerivationError, match=r"no rule for solver kind 'newton' \(known: \['closed_form', 'gd', "
-                                              r"'online_gd'\]\)"):
+    with pytest.raises(DerivationError, match=r"no rule for solver kind 'newton' \(known: \['closed_form', "
+                                              r"'conjugate_gradient', 'gd', 'implicit_online_gd', 'online_gd'\]\)"):
         rule_for(fake)
-    assert sorted(RULES) == ["closed_form", "gd", "online_gd"]
+    assert sorted(RULES) == ["closed_form", "conjugate_gradient", "gd", "implicit_online_gd", "online_gd"]
     for rule in RULES.values():
         assert rule.description and callable(rule.derive) and callable(rule.exact_target) and callable(rule.float_target)
 

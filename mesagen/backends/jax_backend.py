@@ -15,7 +15,8 @@ import textwrap
 from mesagen.backends.common import CODEGEN_FORMAT, assign_comment, header, indent, shape_text
 from mesagen.backends.printing import ArrayPrinter
 from mesagen.backends.templates import fill
-from mesagen.ir.records import Assign, LayerIR
+from mesagen.backends.jax_kernel import emit_kernel_jax
+from mesagen.ir.records import Assign, KernelLayerIR, LayerIR
 
 
 def _program(printer: ArrayPrinter, assigns: tuple[Assign, ...]) -> list[str]:
@@ -83,6 +84,8 @@ class JaxBackend:
 
     def emit(self, ir: LayerIR, derivation=None, checks=()) -> str:
         """Return the module text (see the module docstring); deterministic."""
+        if isinstance(ir, KernelLayerIR):  # softmax / forgetting attention: a KV-cache frame of its own
+            return emit_kernel_jax(ir)
         rec = ir.recurrence
         spd = ir.linear_solve is not None  # exact solvers: every inverse is of Σ ω β k kᵀ + Λ (Λ > 0) or its inverse
         p = ArrayPrinter(spd=spd, solve="_cg_solve" if ir.cg else None)
@@ -176,6 +179,7 @@ class JaxBackend:
         if ir.kernel is not None:
             lines += ["    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T",
                       "                   (von Oswald et al. 2023, Sec. 3)."]
+        ridge_chunked = "chunked" in ir.forms and ir.kernel is not None and not ir.kernel.chunkable
         if ir.delta_chunk is not None:
             lines += ["    chunked     -- chunkwise parallel, the WY / UT form of the delta rule (Yang et al. 2024, Sec. 3;",
                       "                   gated: Yang et al. 2025): per chunk of C tokens (chunk_size, default 64) one",
@@ -185,6 +189,12 @@ class JaxBackend:
                       "                   step of the delta update (_delta_step_head). Decays Γ are exp(G_t − G_i) of",
                       "                   cumulative log gates within one chunk, masked to i ≤ t before the exp (see",
                       "                   _delta_chunk_step)."]
+        elif ridge_chunked:
+            lines += ["    chunked     -- exact chunkwise-parallel ridge form: chunks of C tokens (chunk_size, default 64);",
+                      "                   per chunk one Cholesky factorisation of the Gram sums entering it (K × K) and",
+                      "                   one of I + K P Kᵀ (C × C) solve every position's system by prefix Woodbury;",
+                      "                   O(T·(C·K + K² + K·V) + T/C·K³) per head, no sequential loop (see",
+                      "                   _forward_chunked)."]
         elif "chunked" in ir.forms:
             per_channel = bool(ir.decay and ir.decay.per_channel)
             lines += ["    chunked     -- chunkwise parallel: chunks of C tokens (chunk_size, default 64) as masked matmuls,",
@@ -197,7 +207,14 @@ class JaxBackend:
                           "                   factorised q ⊙ exp(G_t) against k ⊙ exp(−G_i), whose exp(−G_i) overflows",
                           "                   in float32 once a chunk's log gates sum below about −88: exact for any C."]
         lines += [""] + textwrap.wrap(f"Backward of the recurrent form: {backward}.", 110) + [""]
-        if "chunked" in ir.forms:
+        if ridge_chunked:
+            lines += textwrap.wrap(
+                "Backward of the chunked form: implicit differentiation as for the recurrent form (a custom VJP; y_t "
+                "= Ā_t⁻¹ C̄_tᵀ ḡ_t is one more prefix solve with the chunk's recomputed factorisations, never a reverse "
+                "downdate). Activation memory: the inputs and the statistics entering every chunk, ⌈T/C⌉ · "
+                "B·H·(K² + K·V) numbers, are all that is stored between forward and backward (no per-token state); "
+                "the backward's transient work arrays are O(B·H·T·(C + K + V)).", 110) + [""]
+        elif "chunked" in ir.forms:
             lines += textwrap.wrap(
                 "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
                 "rematerialised (jax.checkpoint): only the state entering each chunk is stored, ⌈T/C⌉ · B·H·K·V "
@@ -205,9 +222,11 @@ class JaxBackend:
                 "gate, O(B·H·C·(C + K + V)) otherwise) are recomputed at a time; no per-token state is stored.",
                 110) + [""]
         if rec.backward == "implicit":
-            lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jax.checkpoint and lax.scan",
-                      "compose in any nesting; jvp (forward mode) works for closed_form only (the recurrent form's backward",
-                      "is a custom VJP)."]
+            custom = ("the recurrent and chunked forms' backwards are custom VJPs" if ridge_chunked else
+                      "the recurrent form's backward is a custom VJP")
+            lines += textwrap.wrap("Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, "
+                                   "jax.checkpoint and lax.scan compose in any nesting; jvp (forward mode) works for "
+                                   f"closed_form only ({custom}).", 110)
         elif ir.cg:
             lines += ["Transformations: jit, vmap (batched or unbatched parameters), grad, vjp, jvp, jax.checkpoint and",
                       "lax.scan compose in any nesting; the conjugate-gradient solve (_cg_solve) is differentiated",
@@ -323,6 +342,6 @@ class JaxBackend:
                          delta_head_axes=repr((0,) * (1 + n_p + n_i)),
                          delta_batch_axes=repr((0,) + (None,) * n_p + (0,) * n_i))
         elif "chunked" in ir.forms:
-            text += fill("jax_layer", "forward_chunked")
+            text += fill("jax_layer", "forward_chunked" if ir.kernel.chunkable else "forward_chunked_ridge")
         text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")
         return text.splitlines()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sympy as sp
 
 from mesagen.backends.common import header
-from mesagen.ir.records import USER_PREFIX, Assign, LayerIR
+from mesagen.ir.records import USER_PREFIX, Assign, KernelLayerIR, LayerIR
 
 
 def _tex(e: sp.Basic) -> str:
@@ -30,6 +30,8 @@ class MarkdownBackend:
 
     def emit(self, ir: LayerIR, derivation, checks) -> str:
         """Return the Markdown text; deterministic."""
+        if isinstance(ir, KernelLayerIR):
+            return _kernel_markdown(ir, derivation, checks)
         d = derivation
         s = d.spec
         L = [header(ir, "md", "<!--"), f"# Derivation of `{ir.name}`", "", ir.description, ""]
@@ -98,3 +100,47 @@ class MarkdownBackend:
               "| check | method | what holds |", "|---|---|---|"]
         L += [f"| {c.name} | {c.method} | {c.detail.replace('|', '/')} |" for c in checks]
         return "\n".join(L).rstrip("\n") + "\n"
+
+
+def _kernel_markdown(ir: KernelLayerIR, d, checks) -> str:
+    """DERIVATION.md of a kernel-regression layer (a :class:`~mesagen.symbolic.kernel.KernelDerivation`)."""
+    s = d.spec
+    L = [header(ir, "md", "<!--"), f"# Derivation of `{ir.name}`", "", ir.description, ""]
+    L += ["Kernel regression (Nadaraya–Watson; causal softmax attention): conventions of mesagen docs/family.md §1 "
+          "and §9. Per head and query position $t$, the model is a constant $w \\in \\mathbb{R}^{V}$; "
+          "$k, q \\in \\mathbb{R}^{K}$, $v \\in \\mathbb{R}^{V}$.", ""]
+    L += ["## 1. Objective", "",
+          f"Loss `{s.objective.loss}`, weights `kernel`" + (f" with the forget gate `{d.gate}` ({d.gate_space} space)"
+                                                            if d.gate else "")
+          + f", regulariser `none`, model `constant` (feature map `{s.objective.model.feature_map}`), solver "
+          "`closed_form` with recurrence `kv_cache`.", "",
+          "$$ w_t = \\arg\\min_w \\sum_{i \\le t} \\kappa_{t,i} \\, \\ell_i(w), \\qquad "
+          f"\\kappa \\, \\ell_i(w) = {_tex(d.loss_term)}, \\qquad "
+          f"\\log \\kappa_{{t,i}} = {sp.latex(d.logit)} $$", "",
+          "with $s = \\varphi(k_i)^\\top \\varphi(q_t)$, the query scale `" + str(s.readout.scale) + "`"
+          + (" and $G_t = \\sum_{j \\le t} \\log \\alpha_j$ the cumulative log gate, so that "
+             "$e^{G_t - G_i} = \\prod_{j=i+1}^{t} \\alpha_j = \\omega_{t,i}$." if d.gate else "."), "",
+          "## 2. Gradient (one term)", "",
+          f"$$ \\nabla_w \\left({_tex(d.loss_term)}\\right) = {_tex(d.grad_term)} = w \\, ({_tex(d.gram_term)}) - "
+          f"{_tex(d.cross_term)} $$", "",
+          "## 3. Stationarity and closed form", "",
+          "$\\sum_{i \\le t} \\kappa_{t,i} (w - v_i) = 0$, i.e. $w \\, a_t = C_t$ with "
+          "$a_t = \\sum_{i \\le t} \\kappa_{t,i} > 0$ and $C_t = \\sum_{i \\le t} \\kappa_{t,i} v_i$ "
+          "(the Hessian $a_t I$ is positive definite: the minimiser is unique):", "",
+          f"$$ w_t^* = {_tex(d.closed_form)} = \\frac{{\\sum_{{i \\le t}} \\kappa_{{t,i}} v_i}}"
+          "{\\sum_{i \\le t} \\kappa_{t,i}}, \\qquad o_t = w_t^* $$", "",
+          "## 4. Forms", "",
+          "The state is a KV cache (keys, values and each cached token's log decay relative to the newest token). "
+          "Both forms compute $C_t / a_t$ with the maximum logit $m_t$ subtracted ($\\kappa \\to \\kappa e^{-m_t}$ "
+          "leaves $w_t^*$ unchanged):", "",
+          "- `recurrent`: exact masked attention, all logits of a call at once, explicitly normalised;",
+          "- `chunked`: blockwise online softmax over key blocks: $m \\leftarrow \\max(m, \\max_i l_{t,i})$, "
+          "$a \\leftarrow a \\, e^{m_{old} - m} + \\sum_i e^{l_{t,i} - m}$, "
+          "$C \\leftarrow C \\, e^{m_{old} - m} + \\sum_i e^{l_{t,i} - m} v_i$, $o_t = C / a$;",
+          "- `step` (decoding): the token is written into the cache's next slot, every cached log decay gets "
+          "$\\log \\alpha_t$ added, and the query attends over the cache.", "",
+          "Backward: reverse-mode autodiff of these forms (the chunked form's block body rematerialised).", ""]
+    L += ["## Verification", "", "Every identity below was checked before any code was emitted.", "",
+          "| check | method | what holds |", "|---|---|---|"]
+    L += [f"| {c.name} | {c.method} | {c.detail.replace('|', '/')} |" for c in checks]
+    return "\n".join(L).rstrip("\n") + "\n"

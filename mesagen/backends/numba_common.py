@@ -83,7 +83,8 @@ class Layout:
 
     Attributes:
         states / new_states: state names and ``<name>_new``.
-        temps: non-1 × 1 temporaries (arrays), excluding ``o``; ``scalar_temps``: 1 × 1 temporaries (locals).
+        temps: non-1 × 1 temporaries (arrays), excluding ``o``, then the solves' workspace vectors;
+            ``scalar_temps``: 1 × 1 temporaries (locals).
         params / inputs: parameter and input symbol names (inputs in spec order, scalar and per-channel).
         vec_inputs: the per-channel inputs among ``inputs`` (a column K × 1 or V × 1 per token and head; the
             bodies read their elements and write their cotangents into a buffer argument ``g_<name>``).
@@ -248,7 +249,7 @@ def _solve_forward(s: Solve) -> Block:
 def _solve_adjoint(s: Solve, shapes: dict) -> list:
     """The pullback of ``x = M⁻¹ b`` by implicit differentiation: b̄ = M⁻¹ x̄ (one more solve with the cotangent,
     M symmetric; zero when x̄ is zero, never 0/0), M̄ += −b̄ xᵀ (the adjoint of a linear solve, e.g. Giles 2008,
-    "Collected matrix derivative results", §2.2.3)."""
+    "Collected matrix derivative results": for C = A⁻¹B, B̄ = A⁻ᵀC̄ and Ā = −A⁻ᵀC̄Cᵀ)."""
     gx, gb, gm = grad_name(s.target), grad_name(s.rhs), grad_name(s.matrix)
     block = Block((f"# pull back {s.target} -> {s.rhs}: b̄ = M⁻¹ x̄ (implicit differentiation)",
                    _solve_call(s, gx, gb)), frozenset({gb, *s.work}))

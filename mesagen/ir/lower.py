@@ -51,7 +51,7 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
             rec, kernel = fn(rec, kernel, names)
     forms = ("recurrent",)
     if kernel is not None:  # the parallel form; chunkwise too where no Gram sums are needed (KernelForm.chunkable)
-        forms += ("closed_form", "chunked") if kernel.chunkable else ("closed_form",)
+        forms += ("closed_form", "chunked") if kernel.chunkable or kernel.gram_chunkable else ("closed_form",)
     delta_chunk = _delta_chunk(d, mapping)
     if delta_chunk is not None:  # a delta-rule recurrence: the chunked WY form
         forms += ("chunked",)

@@ -237,6 +237,38 @@ class KernelForm:
         cbar = next(a for a in self.accumulators if a.name == "Cbar")
         return not self.uses_gram and _linear_in(cbar.summand, "v")
 
+    @property
+    def gram_chunkable(self) -> bool:
+        """Whether the layer has the exact chunkwise ridge form (``form="chunked"`` over the Gram sums): x_t = Ā_t⁻¹ q_t
+        exactly (the preconditioner is the solve with the Gram sums, which hold the regulariser), the summands are
+        the rank-one k kᵀ and v kᵀ, and the weights are uniform. Then every position of a chunk solves a rank-C
+        update of the Ā entering the chunk, all at once by prefix Woodbury (one K × K and one C × C Cholesky
+        factorisation per chunk), and only C̄, Ā are carried from chunk to chunk.
+
+        Not yet offered, and designed to be a small addition: both sums decayed by one per-head gate with the
+        regulariser inside Ā (exponentially weighted ridge, ``rls_forgetting``). With Γ_t the gate product
+        within the chunk, Ā_t = Γ_t (Ā_c + Σ_{j≤t} k̃_j k̃_jᵀ) and C̄_t = Γ_t (C̄_c + Σ_{j≤t} ṽ_j k̃_jᵀ) for
+        k̃_j = Γ_j^{-1/2} k_j, ṽ_j = Γ_j^{-1/2} v_j, so Γ_t cancels from o_t = C̄_t Ā_t⁻¹ q_t: the same chunk
+        step on scaled keys and values (from cumulative log gates), and Γ_end scaling the carried sums."""
+        if not self.uses_gram or self.decayed:
+            return False
+        x = next(a for a in self.precondition if a.target == "x")
+        sums = {a.name: a.summand for a in self.accumulators}
+        k, v, q = (sp.MatrixSymbol(n, *s) for n, s in (("k", (_KD, 1)), ("v", (_VD, 1)), ("q", (_KD, 1))))
+        abar = sp.MatrixSymbol("Abar", _KD, _KD)
+        want = {"x": sp.Inverse(abar) * q, "Abar": k * k.T, "Cbar": v * k.T}
+        return len(self.precondition) == 1 and all(
+            _same(e, want[n]) for n, e in (("x", x.expr), ("Abar", sums["Abar"]), ("Cbar", sums["Cbar"])))
+
+
+_KD = sp.Symbol("K", integer=True, positive=True)
+_VD = sp.Symbol("V", integer=True, positive=True)
+
+
+def _same(a: sp.Basic, b: sp.Basic) -> bool:
+    """Whether two matrix expressions are structurally equal once both are canonicalised (sympy's ``doit``)."""
+    return a.doit() == b.doit()
+
 
 @dataclass(frozen=True)
 class DeltaChunkForm:
@@ -361,7 +393,8 @@ class LayerIR:
         recurrence: the recurrent form (states in stored orientation, scheduled).
         kernel: the parallel form, or None when the solver has none.
         forms: the forms offered, "recurrent" first; ``closed_form`` exactly when a kernel form exists, ``chunked``
-            only where that kernel form is :attr:`KernelForm.chunkable` or a delta-rule chunk form exists.
+            only where that kernel form is :attr:`KernelForm.chunkable` or :attr:`KernelForm.gram_chunkable`, or a
+            delta-rule chunk form exists.
         out_arg: the ``--out`` folder of the header's regenerate command, relative to the folder that holds
             the spec's folder (POSIX); empty for the default ``generated``.
         decay: the forget gate of decayed weights, or None (uniform weights).
@@ -399,9 +432,10 @@ class LayerIR:
             raise ValueError("backward 'implicit' needs a kernel form over the Gram sums")
         if ("closed_form" in self.forms) != (self.kernel is not None):
             raise ValueError("'closed_form' is offered exactly when a kernel form exists")
-        if "chunked" in self.forms and (self.kernel is None or not self.kernel.chunkable) and self.delta_chunk is None:
-            raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v, or a delta-rule "
-                             "chunk form")
+        if "chunked" in self.forms and (self.kernel is None or not (self.kernel.chunkable or self.kernel.gram_chunkable)
+                                        ) and self.delta_chunk is None:
+            raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v, the exact ridge solve "
+                             "x = Ā⁻¹ q over the rank-one sums k kᵀ, v kᵀ, or a delta-rule chunk form")
         if self.delta_chunk is not None and ("chunked" not in self.forms or self.kernel is not None or [
                 (s.name, tuple(s.shape)) for s in self.recurrence.states] != [("S", ("K", "V"))]):
             raise ValueError("a delta-rule chunk form needs one state S [K, V], no kernel form, and 'chunked' offered")
@@ -423,3 +457,45 @@ class LayerIR:
     def gate_input(self) -> InputDecl | None:
         """The per-token forget-gate input, or None."""
         return next((i for i in self.inputs if i.role == "gate"), None)
+
+
+@dataclass(frozen=True)
+class KernelLayerIR:
+    """A kernel-regression layer (constant model, kernel weights: softmax / forgetting attention, docs/family.md §9).
+
+    It has no per-head matrix program: its state is a KV cache and every form is fixed by the frame
+    (mesagen.backends.templates.jax_kernel); the IR names what varies between specs.
+
+    Attributes:
+        name, spec_path, spec_sha256, description, out_arg: as in :class:`LayerIR`.
+        inputs: the per-token inputs (only the forget gate, role ``gate``, or none).
+        feature_map: φ applied to q and k before the kernel.
+        default_scale: the kernel's temperature when the caller passes none (a float or ``"inverse_sqrt_dk"``).
+        forms: the forms offered (``recurrent``: exact masked attention; ``chunked``: online softmax).
+    """
+
+    name: str
+    spec_path: str
+    spec_sha256: str
+    description: str
+    inputs: tuple[InputDecl, ...]
+    feature_map: str = "identity"
+    default_scale: float | str = 1.0
+    forms: tuple[str, ...] = ("recurrent", "chunked")
+    out_arg: str = ""
+
+    def __post_init__(self) -> None:
+        if self.forms != ("recurrent", "chunked"):
+            raise ValueError(f"a kernel layer offers the forms ('recurrent', 'chunked'), got {self.forms}")
+        if len(self.inputs) > 1 or any(x.role != "gate" or x.shape != ("B", "T", "H") for x in self.inputs):
+            raise ValueError("a kernel layer takes at most one input, a forget gate [B, T, H]")
+
+    @property
+    def params(self) -> tuple[ParamDecl, ...]:
+        """The learned parameters: none (as :attr:`LayerIR.params`, for code that lists a layer's parameters)."""
+        return ()
+
+    @property
+    def gate(self) -> InputDecl | None:
+        """The forget-gate input, or None (softmax attention without decay)."""
+        return self.inputs[0] if self.inputs else None

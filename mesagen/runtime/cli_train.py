@@ -1,6 +1,6 @@
 """``mesagen train`` and ``mesagen eval`` subcommands (wired into ``mesagen.cli`` by ``add_subparsers``).
 
-    mesagen train CONFIG [--steps N] [--out DIR] [--seed S] [--overwrite] [--generated DIR] [DISTRIBUTED]
+    mesagen train CONFIG [--steps N] [--out DIR] [--seed S] [--text PATH] [--overwrite] [--generated DIR] [DISTRIBUTED]
     mesagen train --resume RUN_DIR [--generated DIR] [DISTRIBUTED]
 
 DISTRIBUTED (multi-host data parallelism, docs/parallel.md): ``--distributed`` calls
@@ -8,6 +8,9 @@ DISTRIBUTED (multi-host data parallelism, docs/parallel.md): ``--distributed`` c
 ``JAX_COORDINATOR_ADDRESS`` environment variable); ``--coordinator HOST:PORT --num-processes N --process-id I``
 pass its arguments explicitly (and imply ``--distributed``).
     mesagen eval RUN_DIR [--generated DIR]
+    mesagen sample RUN_DIR --prompt TEXT --tokens N [--temperature T] [--seed S] [--generated DIR]
+
+``--text PATH`` (a file or folder) sets ``task.corpus`` of a text config (docs/lm.md).
 
 Exit status: 0 on success, 2 on a bad config / missing layer / missing run / missing dependency (one line per
 mistake on stderr, no traceback), 130 / 143 after SIGINT / SIGTERM (the checkpoint is saved and the resume
@@ -82,7 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with use_generated_dir(args.generated):
             if args.resume:
-                if args.config or args.steps is not None or args.seed is not None or args.out or args.overwrite:
+                if (args.config or args.steps is not None or args.seed is not None or args.out or args.overwrite
+                        or args.text):
                     print("mesagen train: --resume takes only RUN_DIR (the run's config.yaml is used as is)",
                           file=sys.stderr)
                     return 2
@@ -94,7 +98,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 print("mesagen train: give CONFIG or --resume RUN_DIR", file=sys.stderr)
                 return 2
             loaded = load_config(args.config)
-            config = loaded.with_overrides(steps=args.steps, seed=args.seed)
+            if args.text is not None and not Path(args.text).exists():
+                print(f"mesagen train: --text {args.text}: no such file or folder", file=sys.stderr)
+                return 2
+            config = loaded.with_overrides(steps=args.steps, seed=args.seed, text=args.text)
             change = loaded.schedule_change(config)
             if change:
                 print(f"mesagen train: {change}")
@@ -129,6 +136,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Handler of ``mesagen sample``: print the prompt's continuation; returns the exit status (2 on bad input)."""
+    try:
+        from mesagen.runtime.generate import sample_run
+        from mesagen.runtime.loader import use_generated_dir
+    except ImportError as exc:
+        hint = missing_dependency(exc)
+        if hint is None:
+            raise
+        print(f"mesagen sample: {hint}", file=sys.stderr)
+        return 2
+    try:
+        with use_generated_dir(args.generated):
+            text = sample_run(args.run_dir, args.prompt, args.tokens, temperature=args.temperature, seed=args.seed)
+    except MesagenError as exc:
+        return _fail("mesagen sample", exc)
+    sys.stdout.write(args.prompt + text + "\n")
+    return 0
+
+
 def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     """Register ``train`` and ``eval`` on an argparse subparsers object; each sets ``func`` to its handler."""
     p = subparsers.add_parser("train", help="train a model on a paper task (YAML run config)")
@@ -136,6 +163,9 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int,
                    help="override train.steps (a warm-up + cosine schedule is rescaled in proportion)")
     p.add_argument("--seed", type=int, help="override train.seed")
+    p.add_argument("--text", metavar="PATH",
+                   help="text task: train on this file or folder (sets task.corpus; default corpus: the Python "
+                        "standard library's sources)")
     p.add_argument("--out", help="run folder (default runs/NAME)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -155,6 +185,14 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("run_dir", help="run folder written by mesagen train")
     e.add_argument("--generated", metavar="DIR", help=gen_help)
     e.set_defaults(func=cmd_eval)
+    s = subparsers.add_parser("sample", help="continue a prompt with a trained byte-level language model")
+    s.add_argument("run_dir", help="run folder of a text run (task.kind: text)")
+    s.add_argument("--prompt", default="", help="the context, UTF-8 (default: empty, starts from a newline)")
+    s.add_argument("--tokens", type=int, default=200, help="bytes to generate (default 200)")
+    s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 = greedy (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--generated", metavar="DIR", help=gen_help)
+    s.set_defaults(func=cmd_sample)
 
 
 def main(argv: list[str] | None = None) -> int:

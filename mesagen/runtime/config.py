@@ -8,14 +8,15 @@ and exits with status 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
-from mesagen.data import DynamicsConfig
+from mesagen.data import DynamicsConfig, TextConfig
 from mesagen.errors import MesagenError
 
 
@@ -55,6 +56,10 @@ class BlockConfig(_Frozen):
         scale: the query scale passed to a v2 module (``forward(..., scale=)``, fla's meaning: q is multiplied
             by it after the feature map); null (default) means the spec's ``DEFAULT_SCALE``. v1 modules (no
             ``DEFAULT_SCALE``) take no scale: setting it for one is an error when the model is built.
+        qk_norm: ``none`` (default) or ``l2``: the wrapper divides every head's query and key by their L2
+            norm (eps 1e-6) before the layer -- for a spec whose feature map is the identity (the mesa layer
+            ``ridge``) this is the L2-normalised q/k of gated DeltaNet, applied in the trainer instead of the
+            spec; generated layers only (softmax attention takes none).
     """
 
     layer: str
@@ -65,6 +70,7 @@ class BlockConfig(_Frozen):
     spec_sha256: str | None = None
     backend: Literal["jax", "numba_cpu"] = "jax"
     scale: float | None = Field(None, gt=0.0)
+    qk_norm: Literal["none", "l2"] = "none"
 
     @field_validator("layer")
     @classmethod
@@ -73,13 +79,22 @@ class BlockConfig(_Frozen):
             raise ValueError("expected 'softmax', 'generated:NAME' or a path to a .py file")
         return v
 
+    @model_validator(mode="after")
+    def _softmax_norm(self) -> "BlockConfig":
+        if self.layer == "softmax" and self.qk_norm != "none":
+            raise ValueError("qk_norm: softmax attention takes no qk_norm (generated layers only)")
+        return self
+
 
 class ModelConfig(_Frozen):
     """Model architecture (paper Table 1).
 
     Attributes:
-        tokens: ``constructed`` (``[0, s_t, s_t, s_{t-1}]``, read-out from the first D entries, no embedding)
-            or ``standard`` (``s_t`` through a learned embedding and output projection).
+        tokens: ``constructed`` (``[0, s_t, s_t, s_{t-1}]``, read-out from the first D entries, no embedding),
+            ``standard`` (``s_t`` through a learned embedding and output projection) or ``bytes`` (the text
+            task: byte ids through a learned ``(256, d_model)`` embedding table, logits over the 256 bytes).
+        tie_embeddings: ``bytes`` tokens only: the output projection is the embedding table's transpose (plus a
+            learned bias) instead of a separate ``(d_model, 256)`` matrix.
         d_model: residual width (40; must be 4 D for constructed tokens).
         heads, d_k, d_v: default per-block sizes (``d_v`` defaults to ``d_k``).
         blocks: the layer of every block, in order; a bare string is shorthand for ``{layer: ...}``.
@@ -103,7 +118,8 @@ class ModelConfig(_Frozen):
             is built. Default: none (every parameter starts at its spec's ``init``).
     """
 
-    tokens: Literal["constructed", "standard"]
+    tokens: Literal["constructed", "standard", "bytes"]
+    tie_embeddings: bool = False
     d_model: int = Field(40, ge=1)
     heads: int = Field(4, ge=1)
     d_k: int = Field(20, ge=1)
@@ -158,6 +174,9 @@ class TrainConfig(_Frozen):
             built. Default: none (every parameter at the schedule's rate). Why: with Adam a raw value moves
             at most about the summed learning rate, ≈ 0.31 over the mesa configs' schedule, far less than the
             ln(1000) ≈ 6.9 that λ needs from 1 to 1e-3 (docs/paper.md §5).
+        precision: ``float32`` (default) or ``bfloat16``: mixed precision -- embeddings, projections, MLPs and
+            the read-out compute in bfloat16 from float32 master parameters; LayerNorm, softmax, the loss, the
+            residual stream and every generated layer stay float32 (docs/lm.md, "Precision").
     """
 
     steps: int = Field(ge=1)
@@ -172,6 +191,7 @@ class TrainConfig(_Frozen):
     progress: bool = True
     devices: int | None = Field(None, ge=1)
     param_lr_scale: dict[str, PositiveFloat] = Field(default_factory=dict)
+    precision: Literal["float32", "bfloat16"] = "float32"
 
 
 class EvalConfig(_Frozen):
@@ -183,12 +203,23 @@ class EvalConfig(_Frozen):
     seed: int = 1_000_003
 
 
+def _task_tag(v: Any) -> str:
+    kind = v.get("kind") if isinstance(v, dict) else getattr(v, "kind", None)
+    return "text" if kind == "text" else "dynamics"
+
+
+#: ``task:`` -- a dynamics task (paper tasks; ``kind`` omitted means ``fully_observed``) or ``{kind: text}``.
+TaskConfig = Annotated[Union[Annotated[DynamicsConfig, Tag("dynamics")], Annotated[TextConfig, Tag("text")]],
+                       Discriminator(_task_tag)]
+
+
 class RunConfig(_Frozen):
-    """A whole run: task, model, training and evaluation."""
+    """A whole run: task (:class:`~mesagen.data.DynamicsConfig` or :class:`~mesagen.data.TextConfig`, chosen
+    by ``task.kind``), model, training and evaluation."""
 
     name: str = "run"
     description: str = ""
-    task: DynamicsConfig = DynamicsConfig()
+    task: TaskConfig = DynamicsConfig()
     model: ModelConfig
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
@@ -197,7 +228,14 @@ class RunConfig(_Frozen):
     def _consistent(self) -> "RunConfig":
         # Every cross-field problem, one "dotted.field: reason" line each (``_format`` splits and locates them).
         problems = []
-        if self.model.tokens == "constructed" and self.model.d_model != 4 * self.task.observed_dim:
+        text = isinstance(self.task, TextConfig)
+        if text and self.model.tokens != "bytes":
+            problems.append(f"model.tokens: the text task needs tokens: bytes, got {self.model.tokens!r}")
+        if not text and self.model.tokens == "bytes":
+            problems.append("model.tokens: bytes tokens need the text task (task: {kind: text, ...})")
+        if self.model.tie_embeddings and self.model.tokens != "bytes":
+            problems.append("model.tie_embeddings: only bytes tokens have an embedding table to tie")
+        if not text and self.model.tokens == "constructed" and self.model.d_model != 4 * self.task.observed_dim:
             problems.append(f"model.d_model: must be 4 * state dim = {4 * self.task.observed_dim} for "
                             f"constructed tokens, got {self.model.d_model}")
         sched = self.train.schedule
@@ -210,8 +248,15 @@ class RunConfig(_Frozen):
             raise ValueError("\n".join(problems))
         return self
 
-    def with_overrides(self, *, steps: int | None = None, seed: int | None = None) -> "RunConfig":
-        """Return a copy with ``train.steps`` / ``train.seed`` replaced (CLI ``--steps`` / ``--seed``).
+    @property
+    def is_text(self) -> bool:
+        """Whether the task is byte-level language modelling (``task.kind: text``)."""
+        return isinstance(self.task, TextConfig)
+
+    def with_overrides(self, *, steps: int | None = None, seed: int | None = None,
+                       text: str | None = None) -> "RunConfig":
+        """Return a copy with ``train.steps`` / ``train.seed`` / ``task.corpus`` replaced (CLI ``--steps`` /
+        ``--seed`` / ``--text``).
 
         A new ``steps`` rescales a ``warmup_cosine`` schedule with it: ``warmup_steps`` and ``decay_steps``
         (if set) are multiplied by ``steps / train.steps`` and rounded (warm-up kept below the run length),
@@ -223,8 +268,20 @@ class RunConfig(_Frozen):
             seed: new ``train.seed``, or None to keep it.
 
         Raises:
-            ConfigError: the overridden config is invalid (e.g. ``steps`` < 1).
+            ConfigError: the overridden config is invalid (e.g. ``steps`` < 1), or ``text`` is given for a config
+                whose task is not ``text``.
         """
+        config = self
+        if text is not None:
+            if not self.is_text:
+                raise ConfigError(f"--text {text}: the config's task is {self.task.kind!r}; --text needs a config "
+                                  "with task: {kind: text, ...} (e.g. configs/lm_softmax.yaml)")
+            config = self.model_copy(update={"task": self.task.model_copy(update={"corpus": str(text)})})
+            if steps is None and seed is None:
+                return config
+        return config._with_train(steps=steps, seed=seed)
+
+    def _with_train(self, *, steps: int | None, seed: int | None) -> "RunConfig":
         update: dict[str, Any] = {"seed": seed} if seed is not None else {}
         if steps is not None and steps != self.train.steps:
             update["steps"] = steps
@@ -276,6 +333,8 @@ def _format(err: ValidationError, root: Any = None) -> list[str]:
     lines = []
     for e in errors:
         loc = tuple(e["loc"])
+        if loc[:1] == ("task",) and loc[1:2] in (("dynamics",), ("text",)):
+            loc = loc[:1] + loc[2:]                     # drop the discriminated union's tag
         if e["type"] == "too_short" and any(tuple(o["loc"][:len(loc)]) == loc and o is not e for o in errors):
             continue  # pydantic's follow-up of an invalid item ("at least 1 item after validation, not 0")
         if not loc and e["type"] == "value_error":      # RunConfig._consistent: "dotted.field: reason" lines

@@ -1,4 +1,8 @@
-"""Held-out evaluation of a run against the baselines, per position t, with a table and figures."""
+"""Held-out evaluation of a run against the baselines, per position t, with a table and figures.
+
+Text runs (``task.kind: text``) have no baselines: their evaluation is the next-byte cross-entropy per position
+on the validation windows, in nats, bits per byte and perplexity, and the in-context-learning score.
+"""
 
 from __future__ import annotations
 
@@ -72,6 +76,8 @@ def write_evaluation(run_dir: Path, trainer, model, *, steps: int | None = None,
         The ``eval.json`` content.
     """
     run_dir = Path(run_dir)
+    if trainer.config.is_text:
+        return write_text_evaluation(run_dir, trainer, model, steps=steps, wall_s=wall_s)
     base_path = run_dir / "baselines.json"
     base = json.loads(base_path.read_text()) if base_path.exists() else None
     if base is None or base.get("eval") != trainer.config.eval.model_dump() or base.get("task") != trainer.config.task.model_dump():
@@ -90,6 +96,37 @@ def write_evaluation(run_dir: Path, trainer, model, *, steps: int | None = None,
     print(f"{trainer.config.name}: held-out loss (0.5 * squared error summed over dims), "
           f"gd1 eta={base['fitted']['gd1_eta']:.4f}, ridge lambda={base['fitted']['ridge_lambda']:.2e}")
     print(format_table(curves))
+    return result
+
+
+def write_text_evaluation(run_dir: Path, trainer, model, *, steps: int | None = None,
+                          wall_s: float | None = None) -> dict:
+    """Text runs: evaluate ``model`` on the validation windows; write ``eval.json`` (per-position loss in nats,
+    its mean, bits per byte, perplexity, ICL score, the number of validation sequences and tokens, the corpus
+    record and :func:`provenance`), ``per_t.png`` (bits per byte per position) and ``training.png``; print a
+    summary line.
+
+    Returns:
+        The ``eval.json`` content.
+    """
+    from mesagen.runtime.train import model_param_count, read_metrics, text_metrics
+
+    per_t = trainer.evaluate(model)
+    prov = provenance(trainer, model, trainer.config.train.steps if steps is None else steps, wall_s)
+    scores = text_metrics(per_t)
+    n_seq = int(trainer.eval_tokens.shape[0])
+    result = {"name": trainer.config.name, **scores, "mean": {"model": scores["eval_loss"]},
+              "per_t": {"model": per_t.tolist()}, "eval_sequences": n_seq, "eval_tokens": n_seq * per_t.shape[0],
+              "corpus": trainer.data.corpus.record, "param_count": model_param_count(model),
+              "precision": trainer.config.train.precision, **prov}
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    named = f"{trainer.config.name} ({prov['model']}, {prov['steps_trained']} steps)"
+    plot_per_t({"model": per_t / np.log(2.0)}, run_dir / "per_t.png", title=f"validation bits per byte per "
+               f"position: {named}", xlabel="bytes of context t", ylabel="bits per byte")
+    plot_training(read_metrics(run_dir), run_dir / "training.png", title=named, ylabel="cross-entropy (nats/byte)")
+    print(f"{trainer.config.name}: validation {scores['eval_bpb']:.4f} bits/byte, perplexity "
+          f"{scores['eval_ppl']:.3f}, ICL score {scores['eval_icl']:+.4f} nats ({n_seq} sequences of "
+          f"{per_t.shape[0]} bytes)")
     return result
 
 

@@ -20,29 +20,30 @@ _LABEL = {"model": "model", "gd1": "GD-1 (tuned η)", "ridge": "ridge LSQ (tuned
           "predict_zero": "predict 0", "predict_last": "predict s_t"}
 
 
-def plot_per_t(curves: dict[str, np.ndarray], path: Path, title: str = "") -> None:
+def plot_per_t(curves: dict[str, np.ndarray], path: Path, title: str = "", *, xlabel: str = "context pairs t",
+               ylabel: str = "loss ½‖ŝ − s‖²") -> None:
     """Loss against the number of context pairs t, log scale, like the paper's Figs. 2-4.
 
     Args:
         curves: name -> ``(T,)`` losses (names ``model``, ``gd1``, ``ridge``, ... get fixed styles).
         path: output PNG.
-        title: figure title.
+        title: figure title.  xlabel, ylabel: axis labels (defaults: the dynamics task's).
     """
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for name, c in curves.items():
         color, ls, lw = _STYLE.get(name, (None, "-", 1.5))
         ax.plot(np.arange(len(c)), c, ls, color=color, lw=lw, label=f"{_LABEL.get(name, name)} ({np.mean(c):.3f})")
-    _finish(fig, ax, path, title, "context pairs t", "loss ½‖ŝ − s‖²", legend_size=7)
+    _finish(fig, ax, path, title, xlabel, ylabel, legend_size=7)
 
 
-def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
+def plot_training(metrics: list[dict], path: Path, title: str = "", *, ylabel: str = "loss") -> None:
     """Training loss and held-out mean loss against the step (log scale); the learned layer parameters
     recorded with them (``params`` of ``metrics.jsonl``, e.g. λ per head) on a second, right-hand axis.
 
     Args:
         metrics: the records of ``metrics.jsonl``.
         path: output PNG.
-        title: figure title.
+        title: figure title.  ylabel: the loss axis label.
     """
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     tr = [(r["step"], r["train_loss"]) for r in metrics if "train_loss" in r]
@@ -64,7 +65,7 @@ def plot_training(metrics: list[dict], path: Path, title: str = "") -> None:
         ax2.set_ylabel("learned layer parameter", fontsize=8)
         ax2.legend(fontsize=6, loc="upper right")
     # loss falls from the upper left: its legend goes lower left, the parameters' upper right
-    _finish(fig, ax, path, title, "step", "loss", legend_size=8, legend_loc="lower left" if series else "best")
+    _finish(fig, ax, path, title, "step", ylabel, legend_size=8, legend_loc="lower left" if series else "best")
 
 
 def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend_size: int,

@@ -203,6 +203,36 @@ def _normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
     return std * jax.random.normal(key, shape, jnp.float32)
 
 
+def mixed_einsum(spec: str, x: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
+    """``jnp.einsum(spec, x, w)`` computed in ``dtype`` (both operands cast; None: no cast).
+
+    Mixed precision (``train.precision: bfloat16``): the float32 master weight ``w`` is cast at use, so
+    gradients reach it in float32 (the cast's VJP casts back).
+    """
+    if dtype is None:
+        return jnp.einsum(spec, x, w)
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype))
+
+
+def _upcast(x: jax.Array, dtype) -> jax.Array:
+    """``x`` in float32 when computed in a reduced ``dtype``; unchanged when ``dtype`` is None (full precision,
+    float32 or -- in float64 tests -- float64)."""
+    return x if dtype is None else x.astype(jnp.float32)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / sqrt(sum x^2 + eps)`` over the last axis (a head's query or key), any shape and floating dtype."""
+    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + eps)
+
+
+def _qk_input(x: jax.Array, pos: jax.Array | None) -> jax.Array:
+    """The query/key path input: ``x (..., d_model)`` joined with positional features ``pos (..., d_pos)``
+    broadcast over the leading axes (``pos`` None: ``x``)."""
+    if pos is None:
+        return x
+    return jnp.concatenate([x, jnp.broadcast_to(pos, x.shape[:-1] + pos.shape[-1:]).astype(x.dtype)], -1)
+
+
 class GeneratedAttention(eqx.Module):
     """Multi-head wrapper around a generated layer module (v1 or v2 contract).
 
@@ -232,11 +262,13 @@ class GeneratedAttention(eqx.Module):
     form: str = eqx.field(static=True)
     param_space: tuple[tuple[str, str], ...] = eqx.field(static=True)
     scale: float | None = eqx.field(static=True)
+    qk_norm: str = eqx.field(static=True, default="none")
 
     def __init__(self, layer: ModuleType, d_model: int, heads: int, d_k: int, d_v: int, *, key: jax.Array,
                  init_std: float, d_pos: int = 0, form: str | None = None,
                  param_space: Mapping[str, str] | None = None, positive_space: str = "log",
-                 scale: float | None = None, param_init: Mapping[str, float] | None = None) -> None:
+                 scale: float | None = None, param_init: Mapping[str, float] | None = None,
+                 qk_norm: str = "none") -> None:
         """Initialise projections ~ N(0, init_std^2), spec parameters at the module's ``init_params`` (or at
         ``param_init``), input biases at 0 (gates: :data:`GATE_BIAS_INIT`).
 
@@ -250,6 +282,7 @@ class GeneratedAttention(eqx.Module):
             param_init: ``{name: value}``, the initial value of a spec parameter in constrained space (every
                 head), replacing ``init_params``; names the layer lacks are ignored (the model-level setting
                 names parameters of other layers too; :class:`~mesagen.runtime.model.Model` checks them).
+            qk_norm: ``none`` or ``l2`` (q and k divided by their per-head L2 norm before the layer).
 
         Raises:
             LayerLoadError: ``form`` not offered; an unknown domain, space or input shape; ``param_space``
@@ -308,6 +341,9 @@ class GeneratedAttention(eqx.Module):
         self.layer, self.form = layer, form
         self.param_space = tuple(sorted(spaces.items()))
         self.scale = scale
+        if qk_norm not in ("none", "l2"):
+            raise LayerLoadError(f"unknown qk_norm {qk_norm!r}; known: ('none', 'l2')")
+        self.qk_norm = qk_norm
 
     def params(self) -> dict[str, jax.Array]:
         """The spec's parameters in constrained space, e.g. ``{"lam": exp(raw)}``: name -> ``(heads,)``."""
@@ -315,33 +351,73 @@ class GeneratedAttention(eqx.Module):
         return {n: constrain(self.raw_params[n], s["domain"], spaces.get(n, "log"))
                 for n, s in self.layer.PARAMS.items()}
 
-    def inputs(self, x: jax.Array) -> dict[str, jax.Array]:
-        """The per-token inputs for a block input ``x (batch, time, d_model)``: name -> ``(batch, time, heads)``
-        or ``(batch, time, heads, d_k | d_v)`` as declared, mapped into the input's domain and space."""
+    def inputs(self, x: jax.Array, dtype=None) -> dict[str, jax.Array]:
+        """The per-token inputs for a block input ``x (..., d_model)`` (``(batch, time, d_model)`` in training,
+        ``(batch, d_model)`` when decoding): name -> ``(..., heads)`` or ``(..., heads, d_k | d_v)`` as
+        declared, mapped into the input's domain and space; float32 (projections computed in ``dtype``)."""
         out = {}
         for n, s in self.layer.INPUTS.items():
             w = self.input_w[n]
-            z = (jnp.einsum("btd,dh->bth", x, w) if w.ndim == 2 else jnp.einsum("btd,dhc->bthc", x, w))
-            out[n] = input_map(z + self.input_b[n], s["domain"], s["space"])
+            z = (mixed_einsum("...d,dh->...h", x, w, dtype) if w.ndim == 2
+                 else mixed_einsum("...d,dhc->...hc", x, w, dtype))
+            out[n] = input_map(_upcast(z, dtype) + self.input_b[n], s["domain"], s["space"])
         return out
 
-    def __call__(self, x: jax.Array, pos: jax.Array | None = None) -> jax.Array:
+    def _qkv(self, x: jax.Array, pos: jax.Array | None, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Float32 ``q, k (..., heads, d_k)``, ``v (..., heads, d_v)`` of ``x (..., d_model)`` (projections in
+        ``dtype``, cast to float32 at the layer boundary; L2-normalised q, k if ``qk_norm == "l2"``)."""
+        qk_in = _qk_input(x, pos)
+        q = _upcast(mixed_einsum("...d,dhk->...hk", qk_in, self.wq, dtype), dtype)
+        k = _upcast(mixed_einsum("...d,dhk->...hk", qk_in, self.wk, dtype), dtype)
+        v = _upcast(mixed_einsum("...d,dhv->...hv", x, self.wv, dtype), dtype)
+        if self.qk_norm == "l2":
+            q, k = l2_normalize(q), l2_normalize(k)
+        return q, k, v
+
+    def _extra(self) -> dict:
+        return {"scale": self.scale} if hasattr(self.layer, "DEFAULT_SCALE") else {}
+
+    def __call__(self, x: jax.Array, pos: jax.Array | None = None, *, dtype=None) -> jax.Array:
         """Apply the layer.
 
         Args:
-            x: ``(batch, time, d_model)`` float32.
+            x: ``(batch, time, d_model)`` float32 (or ``dtype``).
             pos: optional ``(time, d_pos)`` features concatenated to the query/key path only.
+            dtype: compute dtype of the projections (None: float32, as the parameters); the generated layer
+                itself always runs in float32 (its modules refuse a bfloat16 q: cast at the boundary).
 
         Returns:
-            ``(batch, time, d_model)``.
+            ``(batch, time, d_model)`` in ``dtype`` (float32 if None).
         """
-        qk_in = x if pos is None else jnp.concatenate([x, jnp.broadcast_to(pos, x.shape[:2] + pos.shape[-1:])], -1)
-        q = jnp.einsum("btd,dhk->bthk", qk_in, self.wq)
-        k = jnp.einsum("btd,dhk->bthk", qk_in, self.wk)
-        v = jnp.einsum("btd,dhv->bthv", x, self.wv)
-        extra = {"scale": self.scale} if hasattr(self.layer, "DEFAULT_SCALE") else {}
-        o, _ = self.layer.forward(q, k, v, self.params(), form=self.form, **extra, **self.inputs(x))
-        return jnp.einsum("bthv,hvd->btd", o, self.wo)
+        q, k, v = self._qkv(x, pos, dtype)
+        o, _ = self.layer.forward(q, k, v, self.params(), form=self.form, **self._extra(), **self.inputs(x, dtype))
+        return mixed_einsum("bthv,hvd->btd", o, self.wo, dtype)
+
+    def init_cache(self, batch: int, max_len: int):
+        """Decoding state for :meth:`step`: the generated module's ``init_state`` (``[B, H, ...]`` in the
+        parameters' dtype, its size independent of ``max_len``: constant memory per token)."""
+        del max_len
+        if not hasattr(self.layer, "step"):
+            raise LayerLoadError(f"layer {self.layer.SPEC_NAME!r} ({type(self.layer).__name__}) has no step "
+                                 "function; decode with the jax backend")
+        h, d_k = self.wq.shape[1:]
+        return self.layer.init_state(batch, h, d_k, self.wv.shape[-1], self.params(), self.wq.dtype)
+
+    def step(self, x_t: jax.Array, cache, t: jax.Array, pos_t: jax.Array | None = None):
+        """Decode one position with the module's ``step(state, q_t, k_t, v_t, params, **inputs_t)``.
+
+        Args:
+            x_t: ``(batch, d_model)`` float32 block input at position ``t``.
+            cache: the state from :meth:`init_cache` or the previous step.  t: the position (unused: the
+                state carries the past).  pos_t: ``(d_pos,)`` positional features of position t, or None.
+
+        Returns:
+            ``(out (batch, d_model), new cache)``; equals :meth:`__call__` at position t to float round-off.
+        """
+        del t
+        q, k, v = self._qkv(x_t, pos_t, None)
+        o, cache = self.layer.step(cache, q, k, v, self.params(), **self._extra(), **self.inputs(x_t))
+        return jnp.einsum("bhv,hvd->bd", o, self.wo), cache
 
 
 class SoftmaxAttention(eqx.Module):
@@ -365,14 +441,49 @@ class SoftmaxAttention(eqx.Module):
         self.wv = _normal(kv, (d_model, heads, d_v), init_std)
         self.wo = _normal(ko, (heads, d_v, d_model), init_std)
 
-    def __call__(self, x: jax.Array, pos: jax.Array | None = None) -> jax.Array:
-        """``(batch, time, d_model) -> (batch, time, d_model)``; ``pos (time, d_pos)`` joins q/k only."""
-        qk_in = x if pos is None else jnp.concatenate([x, jnp.broadcast_to(pos, x.shape[:2] + pos.shape[-1:])], -1)
-        q = jnp.einsum("btd,dhk->bhtk", qk_in, self.wq)
-        k = jnp.einsum("btd,dhk->bhtk", qk_in, self.wk)
-        v = jnp.einsum("btd,dhv->bhtv", x, self.wv)
+    def __call__(self, x: jax.Array, pos: jax.Array | None = None, *, dtype=None) -> jax.Array:
+        """``(batch, time, d_model) -> (batch, time, d_model)``; ``pos (time, d_pos)`` joins q/k only.
+
+        ``dtype`` (None: float32): compute dtype of the projections and of the score / value products; the
+        softmax itself is taken in float32. The result is in ``dtype``.
+        """
+        qk_in = _qk_input(x, pos)
+        q = mixed_einsum("btd,dhk->bhtk", qk_in, self.wq, dtype)
+        k = mixed_einsum("btd,dhk->bhtk", qk_in, self.wk, dtype)
+        v = mixed_einsum("btd,dhv->bhtv", x, self.wv, dtype)
         t = x.shape[1]
-        scores = jnp.einsum("bhtk,bhsk->bhts", q, k) / jnp.sqrt(q.shape[-1])
+        scores = _upcast(jnp.einsum("bhtk,bhsk->bhts", q, k), dtype) / jnp.sqrt(q.shape[-1])
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
-        o = jnp.einsum("bhts,bhsv->bthv", jax.nn.softmax(scores, axis=-1), v)
-        return jnp.einsum("bthv,hvd->btd", o, self.wo)
+        p = jax.nn.softmax(scores, axis=-1)
+        o = jnp.einsum("bhts,bhsv->bthv", p if dtype is None else p.astype(dtype), v)
+        return mixed_einsum("bthv,hvd->btd", o, self.wo, dtype)
+
+    def init_cache(self, batch: int, max_len: int) -> tuple[jax.Array, jax.Array]:
+        """KV cache for :meth:`step`: ``(k (batch, heads, max_len, d_k), v (batch, heads, max_len, d_v))``
+        zeros in the parameters' dtype (memory grows with the positions decoded: softmax attention keeps every
+        key/value)."""
+        h, d_k = self.wq.shape[1:]
+        return (jnp.zeros((batch, h, max_len, d_k), self.wq.dtype),
+                jnp.zeros((batch, h, max_len, self.wv.shape[-1]), self.wv.dtype))
+
+    def step(self, x_t: jax.Array, cache, t: jax.Array, pos_t: jax.Array | None = None):
+        """Decode position ``t`` (int scalar, < max_len): write its key/value into the cache and attend over
+        positions 0..t.
+
+        Args:
+            x_t: ``(batch, d_model)`` float32.  cache: from :meth:`init_cache` or the previous step.
+            pos_t: ``(d_pos,)`` positional features of position t, or None.
+
+        Returns:
+            ``(out (batch, d_model), new cache)``; equals :meth:`__call__` at position t to float round-off.
+        """
+        qk_in = _qk_input(x_t, pos_t)
+        q = jnp.einsum("bd,dhk->bhk", qk_in, self.wq)
+        k = jnp.einsum("bd,dhk->bhk", qk_in, self.wk)
+        v = jnp.einsum("bd,dhv->bhv", x_t, self.wv)
+        kc = jax.lax.dynamic_update_slice_in_dim(cache[0], k[:, :, None].astype(cache[0].dtype), t, axis=2)
+        vc = jax.lax.dynamic_update_slice_in_dim(cache[1], v[:, :, None].astype(cache[1].dtype), t, axis=2)
+        scores = jnp.einsum("bhk,bhsk->bhs", q, kc) / jnp.sqrt(q.shape[-1])
+        scores = jnp.where(jnp.arange(kc.shape[2]) <= t, scores, -jnp.inf)
+        o = jnp.einsum("bhs,bhsv->bhv", jax.nn.softmax(scores, axis=-1), vc)
+        return jnp.einsum("bhv,hvd->bd", o, self.wo), (kc, vc)

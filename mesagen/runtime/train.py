@@ -15,6 +15,13 @@ files, batch, mesagen and jax versions, initial parameters); training records ca
 time so far), ``steps_per_s`` and ``tokens_per_s`` of the logging window (the first window includes
 compilation); evaluation records carry the learned layer parameters in constrained space.
 
+Text task (``task.kind: text``, :mod:`mesagen.data.text`): batches are windows of a byte corpus drawn on the
+host from ``numpy.random.default_rng([train.seed, step])`` (also a pure function of the step), the loss is the
+mean next-byte cross-entropy in nats; evaluation records add bits per byte, perplexity and the in-context-
+learning score, and ``corpus.json`` records the corpus (source, Python version for the default corpus, files,
+bytes, sha256). ``train.precision: bfloat16`` runs the model in mixed precision
+(:class:`mesagen.runtime.model.Model`).
+
 Data parallelism (:mod:`mesagen.runtime.parallel`): the step shards its batch over a one-axis mesh of
 ``train.devices`` devices (default all) with model and optimiser state replicated; the start record and the
 checkpoint header record the devices and the mesh. In multi-process runs only process 0 writes files.
@@ -39,7 +46,8 @@ import optax
 from tqdm import tqdm
 
 from mesagen import __version__
-from mesagen.data import constructed_tokens, raw_tokens, sample_states
+from mesagen.data import (VOCAB_SIZE, CorpusError, TextData, bits_per_byte, constructed_tokens, icl_score,
+                          raw_tokens, sample_states)
 from mesagen.errors import MesagenError
 from mesagen.runtime import parallel
 from mesagen.runtime.config import RunConfig, ScheduleConfig, TrainConfig, dump_config
@@ -83,6 +91,31 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 def batch_from_states(config: RunConfig, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Tokens and targets for the configured token type: ``((B, T, 4D or D), (B, T, D))``."""
     return constructed_tokens(states) if config.model.tokens == "constructed" else raw_tokens(states)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token next-byte cross-entropy in nats: ``logits (..., 256)`` float, ``targets (...)`` int ->
+    ``(...)`` float32 (``-log softmax(logits)[target]``, computed in float32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def compute_dtype(t: TrainConfig):
+    """The model's compute dtype for ``train.precision``: None (float32, as the parameters) or ``jnp.bfloat16``."""
+    return jnp.bfloat16 if t.precision == "bfloat16" else None
+
+
+def model_out_dim(config: RunConfig) -> int:
+    """The model's output size: 256 (bytes) for the text task, else the task's observed state dimension D."""
+    return VOCAB_SIZE if config.is_text else config.task.observed_dim
+
+
+def text_metrics(per_t: np.ndarray) -> dict:
+    """``eval_loss`` (nats per byte), ``eval_bpb`` (bits per byte), ``eval_ppl`` (per-byte perplexity,
+    exp(loss)) and ``eval_icl`` (:func:`mesagen.data.icl_score`, nats) of a per-position loss curve ``(T,)``."""
+    loss = float(np.mean(per_t))
+    return {"eval_loss": loss, "eval_bpb": bits_per_byte(loss), "eval_ppl": float(np.exp(loss)),
+            "eval_icl": icl_score(per_t)}
 
 
 def paper_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -133,14 +166,25 @@ class Trainer:
         self.optimizer = make_optimizer(config.train)
         init_key, self._data_key = jax.random.split(jax.random.PRNGKey(config.train.seed))
         self._init_key = init_key
-        eval_states = sample_states(jax.random.PRNGKey(config.eval.seed), config.task, config.eval.batch)
-        self.eval_states = np.asarray(eval_states)
-        self.eval_tokens, self.eval_targets = batch_from_states(config, eval_states)
-        eval_sharding = self._shard if config.eval.batch % self.mesh.shape[parallel.DATA_AXIS] == 0 else self._rep
+        self.dtype = compute_dtype(config.train)
+        self.data: TextData | None = None
+        if config.is_text:
+            self.data = TextData(config.task)           # CorpusError: missing / empty / too small corpus
+            windows = self.data.valid_batch(config.eval.batch)
+            self.eval_states = None
+            self.eval_tokens, self.eval_targets = windows[:, :-1], windows[:, 1:]
+        else:
+            eval_states = sample_states(jax.random.PRNGKey(config.eval.seed), config.task, config.eval.batch)
+            self.eval_states = np.asarray(eval_states)
+            self.eval_tokens, self.eval_targets = batch_from_states(config, eval_states)
+        n_eval = self.eval_tokens.shape[0]
+        eval_sharding = self._shard if n_eval % self.mesh.shape[parallel.DATA_AXIS] == 0 else self._rep
         self.eval_tokens = parallel.place(self.eval_tokens, eval_sharding)
-        self._step = eqx.filter_jit(self._step_impl)
+        self._step = eqx.filter_jit(self._text_step_impl if config.is_text else self._step_impl)
         # predictions gathered to every device, so every process can read them (multi-host)
-        self._predict = eqx.filter_jit(lambda m, x: parallel.constrain(m(x), self._rep))
+        self._predict = eqx.filter_jit(lambda m, x: parallel.constrain(m(x, self.dtype), self._rep))
+        self._token_loss = eqx.filter_jit(
+            lambda m, x, y: parallel.constrain(cross_entropy(m(x, self.dtype), y), self._rep))
         if layer_sha256:
             from mesagen.runtime.loader import LayerLoadError
             found = layer_hashes(self.initial_state().model)
@@ -154,7 +198,7 @@ class Trainer:
             LayerLoadError: a layer cannot be loaded, or ``model.param_space`` / ``model.param_init`` /
                 ``train.param_lr_scale`` names a parameter no generated layer of the model has.
         """
-        model = Model(self.config.model, self.config.task.observed_dim, key=self._init_key)
+        model = Model(self.config.model, model_out_dim(self.config), key=self._init_key)
         check_param_names(model, self.config.train.param_lr_scale, "train.param_lr_scale")
         return self.place(TrainState(model, self.optimizer.init(eqx.filter(model, eqx.is_inexact_array)), 0,
                                      self._data_key))
@@ -174,19 +218,38 @@ class Trainer:
         states = sample_states(jax.random.fold_in(data_key, step), self.config.task, self.config.train.batch_size)
         states = jax.lax.with_sharding_constraint(states, self._shard)      # data parallel: batch over "data"
         tokens, targets = batch_from_states(self.config, states)
-        loss, grads = eqx.filter_value_and_grad(lambda m: paper_loss(m(tokens), targets))(model)
+        loss, grads = eqx.filter_value_and_grad(lambda m: paper_loss(m(tokens, self.dtype), targets))(model)
+        updates, opt_state = self.optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        model, opt_state = parallel.constrain((eqx.apply_updates(model, updates), opt_state), self._rep)
+        return model, opt_state, loss
+
+    def _text_step_impl(self, model, opt_state, window):
+        self.traces += 1                                    # runs at trace time only
+        window = jax.lax.with_sharding_constraint(window, self._shard)
+        tokens, targets = window[:, :-1], window[:, 1:]
+        loss, grads = eqx.filter_value_and_grad(
+            lambda m: jnp.mean(cross_entropy(m(tokens, self.dtype), targets)))(model)
         updates, opt_state = self.optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         model, opt_state = parallel.constrain((eqx.apply_updates(model, updates), opt_state), self._rep)
         return model, opt_state, loss
 
     def step(self, state: TrainState) -> tuple[TrainState, jax.Array]:
         """One optimiser step on a fresh batch; returns the new state and the (device) training loss."""
-        model, opt_state, loss = self._step(state.model, state.opt_state, jnp.asarray(state.step, jnp.int32),
-                                             state.data_key)
+        if self.data is not None:
+            window = self.data.train_batch(self.config.train.seed, state.step, self.config.train.batch_size)
+            model, opt_state, loss = self._step(state.model, state.opt_state, parallel.place(window, self._shard))
+        else:
+            model, opt_state, loss = self._step(state.model, state.opt_state, jnp.asarray(state.step, jnp.int32),
+                                                 state.data_key)
         return TrainState(model, opt_state, state.step + 1, state.data_key), loss
 
     def evaluate(self, model: Model) -> np.ndarray:
-        """Per-position held-out loss, float64 ``(T,)`` (position t has t context pairs)."""
+        """Per-position held-out loss, float64 ``(T,)``: position t has t context pairs (dynamics; 0.5 x
+        squared error) or t bytes of context (text; next-byte cross-entropy in nats), mean over the held-out
+        sequences."""
+        if self.data is not None:
+            ce = self._token_loss(model, self.eval_tokens, jnp.asarray(self.eval_targets))
+            return np.asarray(ce, np.float64).mean(0)
         pred = np.asarray(self._predict(model, self.eval_tokens), np.float64)
         err = pred - np.asarray(self.eval_targets, np.float64)
         return 0.5 * np.mean(np.sum(err ** 2, -1), 0)
@@ -237,7 +300,8 @@ CHECKPOINT_MAGIC = b"mesagen-checkpoint 1\n"
 
 #: Files mesagen writes into a run folder: ``--overwrite`` replaces these and never touches anything else.
 RUN_FILES = ("config.yaml", "layers.json", "metrics.jsonl", "checkpoint.eqx", "checkpoint.eqx.tmp",
-             "checkpoint.json", "checkpoint.tmp", "baselines.json", "eval.json", "per_t.png", "training.png")
+             "checkpoint.json", "checkpoint.tmp", "baselines.json", "eval.json", "per_t.png", "training.png",
+             "corpus.json")
 
 
 class CheckpointError(MesagenError):
@@ -310,6 +374,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """All records of ``run_dir/metrics.jsonl``."""
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def model_param_count(model: Model) -> int:
+    """Number of trainable scalars of ``model`` (every inexact array leaf)."""
+    return int(sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))))
 
 
 def learned_params(model: Model) -> dict[str, dict[str, list[float]]]:
@@ -423,6 +492,14 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
             raise CheckpointError(f"{run_dir}: no checkpoint.eqx to resume from")
         header = read_checkpoint_header(ckpt)
         trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
+        if trainer.data is not None and (run_dir / "corpus.json").is_file():
+            stored = json.loads((run_dir / "corpus.json").read_text())
+            if stored.get("sha256") != trainer.data.corpus.record.get("sha256") or \
+                    stored.get("bytes") != trainer.data.corpus.record.get("bytes"):
+                raise CorpusError(f"{run_dir}: the corpus changed since the run started ({stored.get('bytes')} "
+                                  f"bytes, sha256 {stored.get('sha256')} -> {trainer.data.corpus.record.get('bytes')} "
+                                  f"bytes, sha256 {trainer.data.corpus.record.get('sha256')}); the default corpus "
+                                  "depends on the Python version. Retrain with --overwrite")
         state = trainer.load(ckpt)
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= state.step]
         if primary:
@@ -449,10 +526,15 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
             dump_config(config, run_dir / "config.yaml")
             (run_dir / "layers.json").write_text(json.dumps(layer_hashes(state.model), indent=1) + "\n")
             metrics.write_text("")
+            if trainer.data is not None:
+                (run_dir / "corpus.json").write_text(json.dumps(trainer.data.corpus.record, indent=1) + "\n")
+        extra = {} if trainer.data is None else {"corpus": trainer.data.corpus.record,
+                                                 "eval_sequences": int(trainer.eval_tokens.shape[0])}
         _append(metrics, {"step": 0, "event": "start", "model": describe_model(config),
                           "layers": layer_provenance(state.model), "batch_size": tc.batch_size, **trainer.layout(),
-                          "seq_len": config.task.seq_len, "mesagen_version": __version__,
-                          "jax_version": jax.__version__, "params": learned_params(state.model)})
+                          "seq_len": config.task.seq_len, "precision": tc.precision, **extra,
+                          "mesagen_version": __version__, "jax_version": jax.__version__,
+                          "params": learned_params(state.model)})
         losses, wall = [], 0.0
     schedule = make_schedule(tc.schedule, tc.steps)
     end = min(stop_at or tc.steps, tc.steps)
@@ -483,7 +565,8 @@ def train(config: RunConfig, run_dir: str | Path, *, resume: bool = False, stop_
                 bar.set_postfix(loss=f"{mean:.4f}")
             if s % tc.eval_every == 0 or last:
                 per_t = trainer.evaluate(state.model)
-                _append(metrics, {"step": s, "eval_loss": float(per_t.mean()), "eval_per_t": per_t.tolist(),
+                scores = text_metrics(per_t) if trainer.data is not None else {"eval_loss": float(per_t.mean())}
+                _append(metrics, {"step": s, **scores, "eval_per_t": per_t.tolist(),
                                   "params": learned_params(state.model)})
             if s % tc.checkpoint_every == 0 or last or s == end:
                 wall = wall_before + time.perf_counter() - loop_start

@@ -58,9 +58,14 @@ class Weights(_Record):
     ``gate`` names an input ``[batch, time, heads]`` (a scalar gate per token and head), an input
     ``[batch, time, heads, d_k]`` (a gate per key channel: the memory forgets per channel, GLA) or a
     parameter ``[heads]`` (a constant decay per head, RetNet). v2 only.
+
+    ``kernel`` (v2, with ``model: {kind: constant}`` only): query-dependent kernel weights
+    κ_{t,i} = exp(scale · φ(k_i)ᵀ φ(q_t)), times ω_{t,i} = ∏_{j=i+1}^{t} α_j when a ``gate`` is given (an input
+    ``[batch, time, heads]``, log or linear space): Nadaraya–Watson regression = causal softmax attention
+    (forgetting attention with the gate; Lin et al. 2025).
     """
 
-    kind: Literal["uniform", "decayed"]
+    kind: Literal["uniform", "decayed", "kernel"]
     gate: Identifier | None = None
     importance: Identifier | None = None
 
@@ -83,9 +88,12 @@ class Regularizer(_Record):
 class Model(_Record):
     """The in-context model ``v ≈ W φ(k)``, queried at φ(q): ``linear``, with the feature map φ ``identity``,
     ``l2_normalize`` (φ(x) = x / √(Σ x² + 10⁻⁶), fla's l2norm) or ``elu_plus_one`` (φ(x) = elu(x) + 1;
-    Katharopoulos et al. 2020). The last two are v2."""
+    Katharopoulos et al. 2020). The last two are v2.
 
-    kind: Literal["linear"]
+    ``constant`` (v2): v ≈ w ∈ R^V, fitted with kernel weights (``weights: {kind: kernel}``); its minimiser is
+    the kernel-weighted mean w_t = Σ κ_{t,i} v_i / Σ κ_{t,i} (softmax attention; docs/family.md §9)."""
+
+    kind: Literal["linear", "constant"]
     feature_map: Literal["identity", "l2_normalize", "elu_plus_one"] = "identity"
 
 
@@ -102,10 +110,13 @@ class ClosedFormSolver(_Record):
     """Exact minimiser, kept recursively by ``sherman_morrison`` (rank-1 inverse updates; recursive least squares;
     with decayed weights only when the regulariser decays with the data) or, v2, by ``cholesky``: the running
     sums H_t = Σ ω β k kᵀ and G_t = Σ ω β v kᵀ are the state and every position solves (H_t + Λ) x_t = q_t by a
-    Cholesky factorisation (a direct per-position solve; never a general inverse)."""
+    Cholesky factorisation (a direct per-position solve; never a general inverse).
+
+    ``kv_cache`` (v2, constant model with kernel weights only): the exact kernel-weighted mean, computed from
+    the cached keys and values (the state is a KV cache; softmax attention with the maximum logit subtracted)."""
 
     kind: Literal["closed_form"]
-    recurrence: Literal["sherman_morrison", "cholesky"]
+    recurrence: Literal["sherman_morrison", "cholesky", "kv_cache"]
 
 
 class ConjugateGradientSolver(_Record):
@@ -319,7 +330,8 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
         errs.append((("solver", "kind"), f"the {solver.kind} solver needs spec_version: 2"))
     if solver.kind == "closed_form" and solver.recurrence == "cholesky" and spec.spec_version < 2:
         errs.append((("solver", "recurrence"), "the cholesky recurrence needs spec_version: 2"))
-    if exact and reg.kind != "ridge":
+    kv_cache = solver.kind == "closed_form" and solver.recurrence == "kv_cache"
+    if exact and reg.kind != "ridge" and not kv_cache:
         errs.append((("solver", "kind"), f"unsupported combination: the {solver.kind} solver needs a ridge "
                      "regularizer (without it Σ k kᵀ is singular for t < d_k)"))
     if solver.kind == "implicit_online_gd" and reg.kind != "none":
@@ -360,6 +372,8 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
 
     v2 = spec.spec_version >= 2
     w = spec.objective.weights
+    if spec.objective.model.kind == "constant" or w.kind == "kernel" or kv_cache:
+        unresolved |= _kernel_errors(spec, errs, used)
     if w.kind == "uniform" and w.gate is not None:
         errs.append((("objective", "weights", "gate"), "uniform weights take no gate (use kind: decayed)"))
     if w.kind == "decayed":
@@ -461,3 +475,63 @@ def semantic_errors(spec: Spec) -> list[tuple[tuple[str | int, ...], str]]:
             if name not in used and name in names:
                 errs.append(((group, name), f"{name!r} is declared but no axis of the objective or solver uses it"))
     return errs
+
+
+def _kernel_errors(spec: Spec, errs: list, used: set[str]) -> bool:
+    """The rules of kernel regression (softmax attention, docs/family.md §9): a constant model, kernel weights
+    (optionally decayed by a forget-gate input [batch, time, heads]), no regulariser, the closed_form solver with
+    the kv_cache recurrence, spec_version 2. Appends ``(field_path, reason)`` to ``errs``, adds the gate to
+    ``used``; returns whether a reference failed to resolve."""
+    w, solver, model = spec.objective.weights, spec.solver, spec.objective.model
+    kv_cache = solver.kind == "closed_form" and solver.recurrence == "kv_cache"
+    if spec.spec_version < 2:
+        errs.append((("objective", "model", "kind") if model.kind == "constant" else ("objective", "weights", "kind")
+                     if w.kind == "kernel" else ("solver", "recurrence"),
+                     "kernel regression (a constant model, kernel weights, the kv_cache recurrence) needs "
+                     "spec_version: 2"))
+        return False
+    if model.kind == "constant" and w.kind != "kernel":
+        errs.append((("objective", "weights", "kind"), f"unsupported combination: a constant model needs kernel "
+                     f"weights (weights: {{kind: kernel}}, softmax attention), not {w.kind!r}: with "
+                     "query-independent weights every query gets the same weighted mean of the values"))
+    if w.kind == "kernel" and model.kind != "constant":
+        errs.append((("objective", "weights", "kind"), "unsupported combination: kernel weights (query-dependent, "
+                     f"softmax attention) need model kind 'constant', not {model.kind!r}"))
+    if model.kind == "constant" and not kv_cache:
+        errs.append((("solver",), "unsupported combination: a constant model with kernel weights is solved by "
+                     "solver {kind: closed_form, recurrence: kv_cache} (the exact kernel-weighted mean), not "
+                     f"{solver.kind}" + (f" with recurrence {solver.recurrence}" if solver.kind == "closed_form" else "")))
+    if kv_cache and model.kind != "constant":
+        errs.append((("solver", "recurrence"), "unsupported combination: the kv_cache recurrence solves a constant "
+                     "model with kernel weights (softmax attention); a linear model needs sherman_morrison or "
+                     "cholesky"))
+    if model.kind == "constant" and spec.objective.regularizer.kind != "none":
+        errs.append((("objective", "regularizer", "kind"), "unsupported combination: kernel regression takes no "
+                     "regulariser (regularizer: {kind: none}); its minimiser Σ κ v / Σ κ is unique since κ > 0"))
+    if w.kind != "kernel":
+        return False
+    if w.importance is not None:
+        errs.append((("objective", "weights", "importance"), "unsupported combination: kernel weights take no "
+                     "importance weights"))
+    if w.gate is None:
+        return False
+    if w.gate in spec.inputs:
+        used.add(w.gate)
+        g = spec.inputs[w.gate]
+        want = "nonpositive" if g.space == "log" else "positive_unit_interval"
+        if g.domain != want:
+            errs.append((("inputs", w.gate, "domain"), f"a forget gate in {g.space} space "
+                         f"({'g = log α ≤ 0' if g.space == 'log' else 'α ∈ (0, 1]'}) must have domain {want!r}, "
+                         f"not {g.domain!r}"))
+        if g.shape[3:]:
+            errs.append((("inputs", w.gate, "shape"), "unsupported combination: the forget gate of kernel weights "
+                         "is one scalar per token and head, [batch, time, heads] (it adds Σ g to the logits)"))
+        return False
+    if w.gate in spec.parameters:
+        used.add(w.gate)
+        errs.append((("objective", "weights", "gate"), f"unsupported combination: {w.gate!r} is a parameter; the "
+                     "forget gate of kernel weights is a per-token input [batch, time, heads]"))
+        return False
+    errs.append((("objective", "weights", "gate"), f"{w.gate!r} is not a declared input (declared inputs: "
+                 f"{sorted(spec.inputs)})"))
+    return True

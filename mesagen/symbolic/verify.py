@@ -311,6 +311,50 @@ def _check_delta_chunk(d: Derivation, seed: int) -> Check:
                  f"in-chunk decays from cumulative log gates) vs. the recursion over T = {FLOAT_T} in chunks of "
                  f"{DELTA_CHUNK}, d_k = {Kd}, d_v = {Vd}, nonzero initial state: outputs and final state, max "
                  f"relative error ≤ {FLOAT_RTOL:.0e}", measured=f"max relative error {worst:.1e}")
+CHUNK = 4  # chunk length of the float64 check of the chunked ridge form (FLOAT_T = 11: two chunks and a tail)
+
+
+def _check_chunked(d: Derivation, seed: int) -> Check:
+    """float64: the exact chunkwise ridge form (prefix Woodbury) equals the kernel's own definition.
+
+    The reference runs the kernel form token by token (C̄_t, Ā_t running sums from non-default initial sums,
+    x_t from the precondition program through sympy.lambdify, o_t = C̄_t x_t). The chunked side follows the
+    generated form: per chunk of CHUNK tokens, P = Ā_c⁻¹ from a Cholesky factor, I + K P Kᵀ = L Lᵀ, and
+    x_t = P q_t − (P Kᵀ L⁻ᵀ)[:, :t+1] (L⁻¹ K P q_t)[:t+1]; the sums carried from chunk to chunk.
+    """
+    rng = np.random.default_rng(seed + 1)
+    Kd, Vd = FLOAT_DIMS["K"], FLOAT_DIMS["V"]
+    kf = d.kernel
+    (_, names, fn), = [_lambdified(a, Kd, Vd) for a in kf.precondition]
+    M = rng.standard_normal((Kd, Kd))
+    A0 = M @ M.T + (0.3 + 0.5 * rng.random()) * np.eye(Kd)
+    C0 = rng.standard_normal((Vd, Kd))
+    ks, vs, qs = (rng.standard_normal((FLOAT_T, n)) for n in (Kd, Vd, Kd))
+    want, A, C = [], A0.copy(), C0.copy()
+    for t in range(FLOAT_T):
+        A, C = A + np.outer(ks[t], ks[t]), C + np.outer(vs[t], ks[t])
+        env = {"Abar": A, "q": qs[t][:, None]}
+        want.append(C @ np.asarray(fn(*[env[n] for n in names]), dtype=np.float64)[:, 0])
+    got, A, C = [], A0.copy(), C0.copy()
+    for s in range(0, FLOAT_T, CHUNK):
+        k, v, q = ks[s:s + CHUNK], vs[s:s + CHUNK], qs[s:s + CHUNK]
+        n = len(k)
+        LA_inv = np.linalg.inv(np.linalg.cholesky(A))
+        P = LA_inv.T @ LA_inv
+        L = np.linalg.cholesky(np.eye(n) + k @ P @ k.T)
+        Y = np.linalg.solve(L, k @ P @ q.T)                    # [j, t]
+        Zt = np.linalg.solve(L, k @ P)                         # rows of Zᵀ
+        X = q @ P - np.triu(Y).T @ Zt                          # rows x_tᵀ
+        got += list(X @ C.T + np.tril(X @ k.T) @ v)
+        A, C = A + k.T @ k, C + v.T @ k
+    worst = max(float(np.max(np.abs(g - w)) / max(1.0, float(np.max(np.abs(w))))) for g, w in zip(got, want))
+    if not worst <= FLOAT_RTOL:
+        raise DerivationError(d.spec.name, "chunked", f"the chunkwise form differs from the parallel form by "
+                              f"{worst:.3e} (> {FLOAT_RTOL})")
+    return Check("chunked_form", "numeric", f"exact chunkwise form (prefix Woodbury: per chunk Cholesky of Ā_c and of "
+                 f"I + K Ā_c⁻¹ Kᵀ) vs. the parallel form token by token, float64, T = {FLOAT_T} in chunks of {CHUNK}, "
+                 f"d_k = {Kd}, d_v = {Vd}, non-default initial sums: max relative error ≤ {FLOAT_RTOL:.0e}",
+                 measured=f"max relative error {worst:.1e}")
 
 
 def verify(d: Derivation, seed: int = 0) -> tuple[Check, ...]:
@@ -337,4 +381,6 @@ def verify(d: Derivation, seed: int = 0) -> tuple[Check, ...]:
     checks.append(_check_float(d, seed))
     if d.delta_chunk is not None:
         checks.append(_check_delta_chunk(d, seed))
+    if d.kernel is not None and d.kernel.gram_chunkable:
+        checks.append(_check_chunked(d, seed))
     return tuple(checks)

@@ -1,0 +1,308 @@
+"""Analyses of trained models behind the paper's claims (docs/paper.md §6; used by ``mesagen reproduce``).
+
+* :func:`linear_effective_weights` / :func:`linear_forward_np` / :func:`block_project`: the one-layer linear
+  self-attention model on constructed tokens as per-head products W_KQ = η W_K W_Qᵀ and W_PV = W_V W_O
+  (von Oswald et al. 2023, Prop. 1; the paper's Sec. 3), and their projection onto the GD construction's block
+  structure.
+* :func:`gd_k_predictions` / :func:`fit_gd_k`: k steps of full-batch gradient descent from W = 0 on the
+  in-context least-squares loss, step size line-searched per k (the curves deeper linear models are compared to;
+  the paper's Prop. 2 is a preconditioned variant of this iteration).
+* :func:`probe_r2`: linear (ridge) probes of a residual stream, fitted and scored on different sequences.
+* :func:`preconditioned_inputs`: the probe target (S Sᵀ + λI)⁻¹ s_t of the paper's Sec. 4.
+
+Shapes: ``B`` sequences, ``T`` positions, ``D`` state dimension, ``H`` heads, ``d`` residual width (4 D for
+constructed tokens). Everything here is numpy float64 unless a docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mesagen.runtime.layers import GeneratedAttention
+
+#: Constructed-token slots e_t = [0, s_t, s_t, s_{t-1}] (paper Sec. 3): index of each D-wide slot.
+SLOT_OUT, SLOT_CUR_A, SLOT_CUR_B, SLOT_PREV = 0, 1, 2, 3
+
+
+def linear_effective_weights(attn: GeneratedAttention) -> tuple[np.ndarray, np.ndarray]:
+    """Per-head effective matrices of a generated ``linear`` layer (o_t = η Σ_{i≤t} v_i k_iᵀ q_t).
+
+    Args:
+        attn: the block's :class:`GeneratedAttention` wrapping ``generated:linear`` (no positional features).
+
+    Returns:
+        ``(kq, pv)``, float64 ``[H, d, d]`` each: ``kq[h] = η_h · scale · W_K[h] W_Q[h]ᵀ`` (rows: key input,
+        columns: query input) and ``pv[h] = W_V[h] W_O[h]`` (rows: value input, columns: output), so that the
+        layer's output is ``o_t = Σ_h Σ_{i≤t} (e_iᵀ kq[h] e_t) e_iᵀ pv[h]``.
+
+    Raises:
+        ValueError: if the layer is not the ``linear`` spec or its q/k path carries positional features.
+    """
+    if getattr(attn.layer, "SPEC_NAME", None) != "linear":
+        raise ValueError(f"attn: expected a generated 'linear' layer, got {getattr(attn.layer, 'SPEC_NAME', attn)!r}")
+    wq, wk = np.asarray(attn.wq, np.float64), np.asarray(attn.wk, np.float64)
+    if wq.shape[0] != attn.wv.shape[0]:
+        raise ValueError("attn: the q/k path has positional features; the block analysis needs plain tokens")
+    wv, wo = np.asarray(attn.wv, np.float64), np.asarray(attn.wo, np.float64)
+    eta = np.asarray(attn.params()["eta"], np.float64)
+    scale = float(attn.scale if attn.scale is not None else getattr(attn.layer, "DEFAULT_SCALE", 1.0))
+    kq = np.einsum("h,ahk,bhk->hab", eta * scale, wk, wq)
+    pv = np.einsum("ahv,hvb->hab", wv, wo)
+    return kq, pv
+
+
+def linear_forward_np(tokens: np.ndarray, kq: np.ndarray, pv: np.ndarray, out_dim: int,
+                      clip: float | None) -> np.ndarray:
+    """Prediction of a one-layer linear model on constructed tokens from its effective matrices.
+
+    Args:
+        tokens: ``[B, T, d]`` constructed tokens. kq, pv: ``[H, d, d]`` (:func:`linear_effective_weights`).
+        out_dim: D, the prediction is read from the first D entries. clip: the residual clip (None: none).
+
+    Returns:
+        float64 ``[B, T, D]``: ``clip(e_t + o_t)[:D]`` with the causal (i ≤ t) sum of the layer.
+    """
+    e = np.asarray(tokens, np.float64)
+    t = e.shape[1]
+    causal = np.tril(np.ones((t, t)))
+    out = e.copy()
+    for h in range(kq.shape[0]):
+        scores = np.einsum("bia,ac,btc->bti", e, kq[h], e, optimize=True) * causal      # e_iᵀ kq e_t, i ≤ t
+        out += np.einsum("bti,bia,ac->btc", scores, e, pv[h], optimize=True)
+    if clip is not None:
+        out = np.clip(out, -clip, clip)
+    return out[..., :out_dim]
+
+
+def _slots(mat: np.ndarray, dim: int) -> np.ndarray:
+    """``[d, d] -> [4, 4, D, D]`` view of the slot blocks."""
+    n = mat.shape[0] // dim
+    return mat.reshape(n, dim, n, dim).transpose(0, 2, 1, 3)
+
+
+def block_coefficients(mat: np.ndarray, dim: int) -> np.ndarray:
+    """The mean of each D×D slot block's diagonal, ``[d, d] -> [4, 4]``: the scalar c of the block's best
+    c·I approximation (Frobenius norm)."""
+    return np.einsum("abii->ab", _slots(mat, dim)) / dim
+
+
+def block_project(kq: np.ndarray, pv: np.ndarray, dim: int, *, gd_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Project per-head effective matrices onto the GD construction's block structure (Prop. 1).
+
+    Every D×D slot block is replaced by (mean of its diagonal) · I. With ``gd_only`` every block outside the
+    GD construction is zeroed as well: W_KQ keeps only (key slot s_{t-1}) × (query slots s_t) and W_PV only
+    (value slots s_t) × (output slot), so the model computes ŝ_{t+1} = Σ_i c s_i s_{i-1}ᵀ s_t, GD-1 with a
+    learned step size c.
+
+    Args:
+        kq, pv: ``[H, d, d]``. dim: D. gd_only: also zero the non-GD blocks.
+
+    Returns:
+        ``(kq', pv')`` of the same shapes.
+    """
+    out = []
+    for mats, keep in ((kq, {(SLOT_PREV, SLOT_CUR_A), (SLOT_PREV, SLOT_CUR_B)}),
+                       (pv, {(SLOT_CUR_A, SLOT_OUT), (SLOT_CUR_B, SLOT_OUT)})):
+        proj = np.zeros_like(mats)
+        for h, m in enumerate(mats):
+            c = block_coefficients(m, dim)
+            for a in range(c.shape[0]):
+                for b in range(c.shape[1]):
+                    if gd_only and (a, b) not in keep:
+                        continue
+                    proj[h, a * dim:(a + 1) * dim, b * dim:(b + 1) * dim] = c[a, b] * np.eye(dim)
+        out.append(proj)
+    return out[0], out[1]
+
+
+def gd_block_share(kq: np.ndarray, pv: np.ndarray, dim: int) -> float:
+    """Share of the squared weight mass in the GD blocks among the blocks that can affect the prediction.
+
+    Relevant: W_KQ rows and columns of the three state slots (slot 0 of every input token is zero) and W_PV rows
+    of the state slots into the output slot's columns (the prediction is read there). GD blocks: as in
+    :func:`block_project`. Returns a float in [0, 1] (1: exactly the construction's support).
+    """
+    gd = tot = 0.0
+    for h in range(kq.shape[0]):
+        ks, ps = _slots(kq[h], dim), _slots(pv[h], dim)
+        for a in (1, 2, 3):
+            for b in (1, 2, 3):
+                m = float(np.sum(ks[a, b] ** 2))
+                tot += m
+                gd += m if (a == SLOT_PREV and b in (SLOT_CUR_A, SLOT_CUR_B)) else 0.0
+            m = float(np.sum(ps[a, SLOT_OUT] ** 2))
+            tot += m
+            gd += m if a in (SLOT_CUR_A, SLOT_CUR_B) else 0.0
+    return gd / tot if tot > 0 else 0.0
+
+
+def _pairs(states: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(states, np.float64)
+    return s[:, :-1], s[:, 1:]
+
+
+def _gd_stats(states: np.ndarray):
+    """Eigen-decomposition of A_t = Σ_{i<t} x_i x_iᵀ and M_t = C_t V_t, z_t = V_tᵀ x_t (C_t = Σ_{i<t} y_i x_iᵀ)."""
+    x, y = _pairs(states)
+    xx = np.cumsum(np.einsum("bti,btj->btij", x, x), 1)
+    yx = np.cumsum(np.einsum("bti,btj->btij", y, x), 1)
+    zero = np.zeros_like(xx[:, :1])
+    xx, yx = np.concatenate([zero, xx[:, :-1]], 1), np.concatenate([zero, yx[:, :-1]], 1)   # exclusive: i < t
+    lam, vec = np.linalg.eigh(xx)
+    return lam, np.einsum("btij,btjk->btik", yx, vec), np.einsum("btji,btj->bti", vec, x), y
+
+
+def _gd_poly(lam: np.ndarray, eta: float, k_max: int) -> np.ndarray:
+    """p_k(a) = η Σ_{j<k} (1 − η a)^j for k = 1..k_max: ``[k_max, *lam.shape]``."""
+    out, term, acc = [], np.ones_like(lam), np.zeros_like(lam)
+    for _ in range(k_max):
+        acc = acc + term
+        out.append(eta * acc)
+        term = term * (1.0 - eta * lam)
+    return np.stack(out)
+
+
+def gd_k_predictions(states: np.ndarray, eta: float, k_max: int) -> np.ndarray:
+    """Predictions of k steps of GD from W = 0 on ½ Σ_{i<t} ‖y_i − W x_i‖², for k = 1..k_max.
+
+    W^(k) = C_t p_k(A_t) with p_k(a) = η Σ_{j<k} (1 − η a)^j (the ``gd`` spec's closed form), prediction
+    W^(k) x_t; k = 1 is the GD-1 baseline of :mod:`mesagen.runtime.baselines`.
+
+    Args:
+        states: ``[B, T + 1, D]``. eta: step size. k_max: largest k (>= 1).
+
+    Returns:
+        float64 ``[k_max, B, T, D]``.
+
+    Raises:
+        ValueError: if ``k_max < 1`` or ``eta <= 0``.
+    """
+    if k_max < 1 or eta <= 0:
+        raise ValueError(f"gd_k_predictions: need k_max >= 1 and eta > 0, got k_max={k_max}, eta={eta}")
+    lam, m, z, _ = _gd_stats(states)
+    return np.einsum("btdj,kbtj->kbtd", m, _gd_poly(lam, eta, k_max) * z[None])
+
+
+#: Step-size grid of the k-step GD line search.
+GD_ETA_GRID = tuple(np.geomspace(1e-3, 0.3, 49))
+
+
+def fit_gd_k(tune_states: np.ndarray, eval_states: np.ndarray, k_max: int,
+             grid: tuple[float, ...] = GD_ETA_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Line-search the step size of every k on ``tune_states``; per-t losses on ``eval_states``.
+
+    Args:
+        tune_states, eval_states: ``[B, T + 1, D]`` (different sequences). k_max: largest k. grid: step sizes.
+
+    Returns:
+        ``(etas [k_max], per_t [k_max, T])``: the best step size of each k (mean loss over batch and
+        positions, non-finite losses of divergent steps excluded) and its per-position loss on ``eval_states``
+        in the paper's unit (½ Σ_d error², mean over sequences).
+    """
+    lam, m, z, y = _gd_stats(tune_states)
+    best = np.full(k_max, np.inf)
+    etas = np.zeros(k_max)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for eta in grid:
+            pred = np.einsum("btdj,kbtj->kbtd", m, _gd_poly(lam, eta, k_max) * z[None])
+            loss = 0.5 * np.mean(np.sum((pred - y[None]) ** 2, -1), axis=(1, 2))
+            loss = np.where(np.isfinite(loss), loss, np.inf)
+            better = loss < best
+            best, etas = np.where(better, loss, best), np.where(better, eta, etas)
+    lam, m, z, y = _gd_stats(eval_states)
+    per_t = np.stack([0.5 * np.mean(np.sum((np.einsum("btdj,btj->btd", m, _gd_poly(lam, etas[k], k + 1)[k] * z)
+                                            - y) ** 2, -1), 0) for k in range(k_max)])
+    return etas, per_t
+
+
+def fit_k(model_per_t: np.ndarray, gd_per_t: np.ndarray, t_min: int = 1) -> tuple[int, float]:
+    """The k whose GD curve is closest to a model's per-t loss in log space.
+
+    Args:
+        model_per_t: ``[T]``. gd_per_t: ``[k_max, T]`` (:func:`fit_gd_k`). t_min: first position compared (t = 0
+            has no context: every predictor outputs about 0).
+
+    Returns:
+        ``(k, rms)``: the best k (1-based) and the root-mean-square difference of the log losses over t ≥ t_min.
+    """
+    diff = np.log(gd_per_t[:, t_min:]) - np.log(model_per_t[None, t_min:])
+    rms = np.sqrt(np.mean(diff ** 2, axis=1))
+    k = int(np.argmin(rms))
+    return k + 1, float(rms[k])
+
+
+def preconditioned_inputs(states: np.ndarray, lam: float) -> np.ndarray:
+    """Probe target (S_t S_tᵀ + λI)⁻¹ s_t with S_t = [s_0 … s_t] the states seen up to position t (paper Sec. 4,
+    the preconditioned input of its Prop. 2; λ here is the standard ridge coefficient).
+
+    Args:
+        states: ``[B, T + 1, D]``. lam: > 0.
+
+    Returns:
+        float64 ``[B, T, D]``.
+
+    Raises:
+        ValueError: if ``lam <= 0``.
+    """
+    if lam <= 0:
+        raise ValueError(f"preconditioned_inputs: lam must be > 0, got {lam}")
+    x, _ = _pairs(states)
+    a = np.cumsum(np.einsum("bti,btj->btij", x, x), 1) + lam * np.eye(x.shape[-1])
+    return np.linalg.solve(a, x[..., None])[..., 0]
+
+
+def residual_streams(model, tokens: jax.Array) -> list[np.ndarray]:
+    """The residual stream of ``model`` (:class:`~mesagen.runtime.model.Model`) before the first block and after
+    every block: ``len(blocks) + 1`` float64 arrays ``[B, T, d]`` (the same computation as ``Model.__call__``)."""
+
+    @eqx.filter_jit
+    def run(m, tok):
+        tok = tok.astype(jnp.float32)
+        x = tok @ m.embed[0] + m.embed[1] if m.embed is not None else tok
+        from mesagen.runtime.model import sinusoidal
+        pos = sinusoidal(tok.shape[1], m.pos_dim) if m.pos_dim else None
+        out = [x]
+        for i, block in enumerate(m.blocks):
+            x = block(x, pos if i == 0 else None)
+            out.append(x)
+        return out
+
+    return [np.asarray(x, np.float64) for x in run(model, tokens)]
+
+
+def probe_r2(features: np.ndarray, targets: np.ndarray, n_fit: int, alpha: float = 1e-3) -> np.ndarray:
+    """R² of linear probes fitted per position on sequences ``[:n_fit]`` and scored on ``[n_fit:]``.
+
+    Ridge regression with an intercept (features and targets centred on the fit set), penalty
+    ``alpha · trace(XᵀX) / d``; R² = 1 − Σ residual² / Σ (target − fit-set mean)², pooled over target dims.
+
+    Args:
+        features: ``[B, T, d]``. targets: ``[B, T, D]``. n_fit: sequences used for fitting (0 < n_fit < B).
+        alpha: relative ridge penalty.
+
+    Returns:
+        float64 ``[T]``.
+
+    Raises:
+        ValueError: if ``n_fit`` leaves no fit or no score sequences, or the batch sizes differ.
+    """
+    b = features.shape[0]
+    if not 0 < n_fit < b or targets.shape[0] != b:
+        raise ValueError(f"probe_r2: need 0 < n_fit < B with equal batches, got n_fit={n_fit}, "
+                         f"features {features.shape}, targets {targets.shape}")
+    out = np.zeros(features.shape[1])
+    for t in range(features.shape[1]):
+        x, y = features[:n_fit, t], targets[:n_fit, t]
+        mx, my = x.mean(0), y.mean(0)
+        xc = x - mx
+        g = xc.T @ xc
+        w = np.linalg.solve(g + alpha * np.trace(g) / g.shape[0] * np.eye(g.shape[0]) + 1e-12 * np.eye(g.shape[0]),
+                            xc.T @ (y - my))
+        pred = (features[n_fit:, t] - mx) @ w + my
+        res = np.sum((targets[n_fit:, t] - pred) ** 2)
+        tot = np.sum((targets[n_fit:, t] - my) ** 2)
+        out[t] = 1.0 - res / tot if tot > 0 else 0.0
+    return out

@@ -1,0 +1,95 @@
+"""``mesagen reproduce``: the quick run writes a row per claim; the analyses behind the rows are right."""
+
+import re
+
+import numpy as np
+import pytest
+
+from mesagen.cli import main
+from mesagen.runtime import analysis
+from mesagen.runtime.baselines import gd1
+from mesagen.runtime.reproduce import CLAIMS
+
+NUMBER = re.compile(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?")
+
+
+def _states(b=6, t=9, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (b, t + 1, d))
+
+
+def test_gd_k_one_step_is_gd1_and_many_steps_approach_least_squares():
+    s = _states()
+    pred = analysis.gd_k_predictions(s, 0.05, 400)
+    np.testing.assert_allclose(pred[0], gd1(s, 0.05), rtol=1e-12, atol=1e-12)
+    # GD from 0 converges to the min-norm least-squares solution where the system is determined (t >= D = 3)
+    x, y = s[:, :-1], s[:, 1:]
+    t = 8
+    w = np.linalg.lstsq(x[0, :t], y[0, :t], rcond=None)[0].T
+    np.testing.assert_allclose(pred[-1, 0, t], w @ x[0, t], rtol=1e-6, atol=1e-8)
+
+
+def test_fit_k_recovers_the_k_of_a_gd_curve():
+    tune, ev = _states(40, seed=1), _states(40, seed=2)
+    etas, per_t = analysis.fit_gd_k(tune, ev, 6)
+    assert np.all(etas > 0)
+    assert analysis.fit_k(per_t[3], per_t) == (4, 0.0)
+
+
+def test_block_projection_keeps_an_exact_gd_construction():
+    d, h = 3, 2
+    kq, pv = np.zeros((h, 4 * d, 4 * d)), np.zeros((h, 4 * d, 4 * d))
+    kq[0, 3 * d:, d:2 * d] = 0.7 * np.eye(d)             # key s_{t-1}, query s_t
+    pv[0, d:2 * d, :d] = 0.5 * np.eye(d)                 # value s_t -> output slot
+    kq[1], pv[1] = kq[0], pv[0]
+    pk, pp = analysis.block_project(kq, pv, d, gd_only=True)
+    np.testing.assert_allclose(pk, kq)
+    np.testing.assert_allclose(pp, pv)
+    assert analysis.gd_block_share(kq, pv, d) == 1.0
+    noisy = kq + 0.1 * np.random.default_rng(0).normal(size=kq.shape)
+    assert analysis.gd_block_share(noisy, pv, d) < 1.0
+
+
+def test_probe_r2_is_one_for_a_linear_target_and_low_for_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4, 6))
+    w = rng.normal(size=(6, 2))
+    assert np.all(analysis.probe_r2(x, x @ w, 100) > 0.999)
+    assert np.all(analysis.probe_r2(x, rng.normal(size=(200, 4, 2)), 100) < 0.2)
+    with pytest.raises(ValueError, match="n_fit"):
+        analysis.probe_r2(x, x @ w, 200)
+
+
+def claim_rows(text: str) -> list[str]:
+    """The body rows of the claims table (the first table, headed ``| claim |``)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| claim |")) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
+@pytest.mark.slow
+def test_quick_reproduce_writes_a_row_per_claim(tmp_path):
+    # ~60 s of CPU (compiling four small models dominates); minutes of wall time on a loaded machine
+    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "PAPER_RESULTS.md").read_text()
+    assert "Quick run" in text and "not meaningful" in text
+    rows = claim_rows(text)
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows]
+    assert [c[0] for c in cells] == list(CLAIMS)
+    for claim, _, _, measured, _, status, figures in cells:
+        if measured.startswith("not run"):
+            assert status == "not run" and len(measured) > len("not run: ") + 3, (claim, measured)
+        else:
+            assert NUMBER.search(measured), (claim, measured)
+            assert status in ("pass", "fail", "partial"), (claim, status)
+        for fig in re.findall(r"\(([^)]+\.png)\)", figures):
+            assert (tmp_path / fig).is_file(), fig
+    # a second run reuses every finished run instead of retraining
+    assert main(["reproduce", "--quick", "--only", "2", "--out", str(tmp_path)]) == 0
+    assert "Trained: none" in (tmp_path / "PAPER_RESULTS.md").read_text()
+    assert main(["reproduce", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
