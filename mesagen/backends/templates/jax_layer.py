@@ -433,7 +433,7 @@ def _x_plain(q, ps):
     """x_t = M q_t for a preconditioner that does not read Ā (one GD step), [B, T, H, K]."""
     B, T, H, _ = q.shape
     return _precondition_all(q, jnp.zeros((B, T, H, 0, 0), q.dtype), *ps)
-# ==== section: forward_chunked ====
+# ==== section: chunk_log_gates ====
 
 
 def _chunk_log_gates(ps, inputs, B, T, H):
@@ -444,6 +444,7 @@ def _chunk_log_gates(ps, inputs, B, T, H):
         return None
     g = inputs[_GATE_INPUT]
     return g if _LOG_GATE is not None else jnp.log(g)
+# ==== section: forward_chunked ====
 
 
 def _chunk_step(Cbar, chunk):
@@ -554,16 +555,6 @@ _delta_steps = jax.vmap(jax.vmap(jax.vmap(_delta_step_head, in_axes=__DELTA_HEAD
                                  in_axes=__DELTA_BATCH_AXES__), in_axes=__DELTA_BATCH_AXES__)
 
 
-def _delta_log_gates(ps, inputs, B, T, H):
-    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None without a gate."""
-    if _GATE_PARAM is not None:                                          # a constant decay γ per head
-        return jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
-    if _GATE_INPUT is None:
-        return None
-    g = inputs[_GATE_INPUT]
-    return g if _LOG_GATE is not None else jnp.log(g)
-
-
 def _unit_lower_solve(A, R):
     """(I + A)⁻¹ R for a strictly lower-triangular A [..., C, C] and R [..., C, V], by forward substitution one
     row at a time: u_t = r_t − Σ_{i<t} A_ti u_i (rows not yet computed are still 0). Never an inverse; XLA:CPU's
@@ -654,7 +645,7 @@ def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size):
     if T == 0:                                                          # nothing to absorb
         return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
     eps = _delta_steps(k, *ps, *_recurrent_inputs(inputs))              # [B, T, H]
-    g = _delta_log_gates(ps, inputs, B, T, H)
+    g = _chunk_log_gates(ps, inputs, B, T, H)
     C = min(chunk_size, T)
     n = -(-T // C)
 
