@@ -161,7 +161,9 @@ def test_forms_agree_and_errors_are_clear(gen):
     m = gen["ridge"]
     q, k, v, params, inputs = make_inputs(10, "ridge")
     with pytest.raises(ValueError, match="unknown form"):
-        m.forward(q, k, v, params, form="chunked")
+        m.forward(q, k, v, params, form="parallel")
+    with pytest.raises(ValueError, match="unknown form"):
+        gen["gd"].forward(q, k, v, gen["gd"].init_params(H, K, V), form="chunked")   # gd has no chunked form
     with pytest.raises(ValueError, match="missing parameter 'lam'"):
         m.forward(q, k, v, {})
     with pytest.raises(ValueError, match="expected q, k"):

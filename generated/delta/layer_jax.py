@@ -231,15 +231,8 @@ def _forward_recurrent(q, k, v, ps, state, inputs, scale, live=None):
     return jnp.swapaxes(o, 0, 1), final
 
 
-_GATE_INPUT = None  # index of the forget-gate input, or None
-_GATE_PARAM = None  # index of the forget-gate parameter (a constant decay per head), or None
-_PER_CHANNEL = False  # one gate per key channel
-_delta_steps = jax.vmap(jax.vmap(jax.vmap(_delta_step_head, in_axes=(0, 0)),
-                                 in_axes=(0, 0)), in_axes=(0, 0))
-
-
-def _delta_log_gates(ps, inputs, B, T, H, live=None):
-    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None without a gate.
+def _chunk_log_gates(ps, inputs, B, T, H, live=None):
+    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None for uniform weights.
     A token that is not live (``live`` [B, T], cu_seqlens padding) decays nothing (log α = 0)."""
     if _GATE_PARAM is not None:                                          # a constant decay γ per head
         g = jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
@@ -248,6 +241,13 @@ def _delta_log_gates(ps, inputs, B, T, H, live=None):
         return None
     g = inputs[_GATE_INPUT]
     return g if _LOG_GATE is not None else jnp.log(g)
+
+
+_GATE_INPUT = None  # index of the forget-gate input, or None
+_GATE_PARAM = None  # index of the forget-gate parameter (a constant decay per head), or None
+_PER_CHANNEL = False  # one gate per key channel
+_delta_steps = jax.vmap(jax.vmap(jax.vmap(_delta_step_head, in_axes=(0, 0)),
+                                 in_axes=(0, 0)), in_axes=(0, 0))
 
 
 def _unit_lower_solve(A, R):
@@ -340,7 +340,7 @@ def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size, live=None):
     if T == 0:                                                          # nothing to absorb
         return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
     eps = _delta_steps(k, *ps, *_recurrent_inputs(inputs))              # [B, T, H]
-    g = _delta_log_gates(ps, inputs, B, T, H, live)
+    g = _chunk_log_gates(ps, inputs, B, T, H, live)
     C = min(chunk_size, T)
     n = -(-T // C)
 

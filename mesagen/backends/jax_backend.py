@@ -334,14 +334,16 @@ class JaxBackend:
         if "chunked" in ir.forms and ir.delta_chunk is not None:
             names = [x.name for x in ir.inputs]
             dec = ir.decay
-            text += fill("jax_layer", "forward_chunked_delta",
+            text += fill("jax_layer", "chunk_log_gates") + fill("jax_layer", "forward_chunked_delta",
                          gate_input=names.index(dec.gate) if dec and dec.source == "input" else None,
                          gate_param=[x.name for x in ir.params].index(dec.gate)
                          if dec and dec.source == "parameter" else None,
                          per_channel=bool(dec and dec.per_channel),
                          delta_head_axes=repr((0,) * (1 + n_p + n_i)),
                          delta_batch_axes=repr((0,) + (None,) * n_p + (0,) * n_i))
+        elif "chunked" in ir.forms and ir.kernel.chunkable:
+            text += fill("jax_layer", "chunk_log_gates") + fill("jax_layer", "forward_chunked")
         elif "chunked" in ir.forms:
-            text += fill("jax_layer", "forward_chunked" if ir.kernel.chunkable else "forward_chunked_ridge")
+            text += fill("jax_layer", "forward_chunked_ridge")
         text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")
         return text.splitlines()

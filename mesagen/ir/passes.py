@@ -144,7 +144,11 @@ def choose_backward(rec: Recurrence, kernel: KernelForm | None, params: set[str]
     64 tokens, O(√T) activation memory above).
     """
     ridge = [(s.name, s.shape) for s in rec.states] == [("S", ("K", "V")), ("P", ("K", "K"))]
-    if ridge and kernel is not None and kernel.uses_gram and not kernel.decayed:
+    # the implicit backward differentiates o_t = C̄_t Ā_t⁻¹ q_t with the plain sums Σ v kᵀ, Σ k kᵀ: no decay and no
+    # importance weight (a scalar symbol in a summand) -- those keep checkpointed autodiff
+    unweighted = kernel is not None and all(
+        not any(isinstance(x, sp.Symbol) for x in acc.summand.free_symbols) for acc in kernel.accumulators)
+    if ridge and kernel is not None and kernel.uses_gram and not kernel.decayed and unweighted:
         return replace(rec, backward="implicit"), kernel
     return replace(rec, backward="checkpointed"), kernel
 

@@ -448,6 +448,14 @@ def _online_gd(pc: Pieces):
     return Recurrence(states, update, readout), None, {"W": ("S", True), "Wd": ("Sd", True)}
 
 
+def _decay_first(W, vals_t: dict, gate: str | None):
+    """One token's forgetting of the iterate before its step, exactly: α W, or W Diag(α) per key channel."""
+    if gate is None:
+        return W
+    a = vals_t[gate]
+    return W * sp.diag(*a) if isinstance(a, sp.MatrixBase) else a * W
+
+
 def _online_gd_exact(d: "Derivation", toks, vals) -> list:
     solver = d.spec.solver
     gate = d.spec.objective.weights.gate if d.spec.objective.weights.kind == "decayed" else None
@@ -455,9 +463,7 @@ def _online_gd_exact(d: "Derivation", toks, vals) -> list:
     W = sp.ImmutableMatrix.zeros(Vd, Kd)
     outs = []
     for t, tk in enumerate(toks):
-        if gate is not None:
-            a = vals[t][gate]
-            W = W * sp.diag(*a) if isinstance(a, sp.MatrixBase) else a * W
+        W = _decay_first(W, vals[t], gate)
         g = evaluate(d.grad_term, {"W": W, **tk, **vals[t]}, _dims(toks)) + \
             evaluate(d.grad_reg, {"W": W, **vals[t]}, _dims(toks))
         beta = vals[t][solver.step_size]
@@ -564,9 +570,7 @@ def _implicit_online_gd_exact(d: "Derivation", toks, vals) -> list:
     W = sp.ImmutableMatrix.zeros(Vd, Kd)
     outs = []
     for t, tk in enumerate(toks):
-        if gate is not None:
-            a = vals[t][gate]
-            W = W * sp.diag(*a) if isinstance(a, sp.MatrixBase) else a * W
+        W = _decay_first(W, vals[t], gate)
         beta = vals[t][d.spec.solver.step_size]
         W = (W + beta * tk["v"] * tk["k"].T) * (sp.eye(Kd) + beta * tk["k"] * tk["k"].T).inv()
         outs.append(W * tk["q"])

@@ -66,10 +66,11 @@ def _spd_solve(A, b):
 @_spd_solve.defjvp
 def _spd_solve_jvp(primals, tangents):
     """x = A⁻¹ b  ⇒  ẋ = A⁻¹ (ḃ − Ȧ x), applied as a product with A⁻¹ (formed once by _spd_substitute), so that
-    reverse mode transposes a matmul (b̄ = A⁻¹ x̄, Ā = −b̄ xᵀ for symmetric A). Autodiff through the Cholesky
+    reverse mode transposes a matmul (b̄ = A⁻¹ x̄, Ā = −sym(b̄ xᵀ): the tangent Ȧ is symmetrised, as A is read as a symmetric matrix). Autodiff through the Cholesky
     factorisation and the substitution loops costs about 400× the solve on XLA:CPU at K = 32."""
     A, b = primals
     dA, db = tangents
+    dA = (dA + dA.T) / 2   # A is symmetric and only its lower triangle is read: a symmetric tangent (as jnp.linalg.cholesky's)
     x = _spd_substitute(A, b)
     P = _spd_substitute(A, jnp.eye(A.shape[-1], dtype=A.dtype))
     return x, P @ (db - dA @ x)
@@ -461,7 +462,7 @@ def _x_plain(q, ps):
     """x_t = M q_t for a preconditioner that does not read Ā (one GD step), [B, T, H, K]."""
     B, T, H, _ = q.shape
     return _precondition_all(q, jnp.zeros((B, T, H, 0, 0), q.dtype), *ps)
-# ==== section: forward_chunked ====
+# ==== section: chunk_log_gates ====
 
 
 def _chunk_log_gates(ps, inputs, B, T, H, live=None):
@@ -474,6 +475,7 @@ def _chunk_log_gates(ps, inputs, B, T, H, live=None):
         return None
     g = inputs[_GATE_INPUT]
     return g if _LOG_GATE is not None else jnp.log(g)
+# ==== section: forward_chunked ====
 
 
 def _chunk_step(Cbar, chunk):
@@ -585,18 +587,6 @@ _delta_steps = jax.vmap(jax.vmap(jax.vmap(_delta_step_head, in_axes=__DELTA_HEAD
                                  in_axes=__DELTA_BATCH_AXES__), in_axes=__DELTA_BATCH_AXES__)
 
 
-def _delta_log_gates(ps, inputs, B, T, H, live=None):
-    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None without a gate.
-    A token that is not live (``live`` [B, T], cu_seqlens padding) decays nothing (log α = 0)."""
-    if _GATE_PARAM is not None:                                          # a constant decay γ per head
-        g = jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
-        return g if live is None else jnp.where(live[:, :, None], g, 0)
-    if _GATE_INPUT is None:
-        return None
-    g = inputs[_GATE_INPUT]
-    return g if _LOG_GATE is not None else jnp.log(g)
-
-
 def _unit_lower_solve(A, R):
     """(I + A)⁻¹ R for a strictly lower-triangular A [..., C, C] and R [..., C, V], by forward substitution one
     row at a time: u_t = r_t − Σ_{i<t} A_ti u_i (rows not yet computed are still 0). Never an inverse; XLA:CPU's
@@ -687,7 +677,7 @@ def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size, live=None):
     if T == 0:                                                          # nothing to absorb
         return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
     eps = _delta_steps(k, *ps, *_recurrent_inputs(inputs))              # [B, T, H]
-    g = _delta_log_gates(ps, inputs, B, T, H, live)
+    g = _chunk_log_gates(ps, inputs, B, T, H, live)
     C = min(chunk_size, T)
     n = -(-T // C)
 
