@@ -20,7 +20,10 @@ from numba_cases import LAYERS, module
 
 assert os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "0", "PTX checks must run without the simulator"
 
-CASES = [(cc, "float32") for cc in ((8, 0), (9, 0))] + [((9, 0), "float64")]
+#: The oldest supported target in float32 (the dtype policy: no float64 instruction) and the newest in float64.
+#: PTX differs between targets only in the ``.target`` line and the instructions the target allows, so the
+#: float32 build for sm_90 adds nothing the two cases do not check.
+CASES = [((8, 0), "float32"), ((9, 0), "float64")]
 
 
 def shared_bytes(ptx: str) -> int:
