@@ -369,6 +369,8 @@ def _attend(qf, kf, v, lg, cache):
     B, T, H, K = qf.shape
     V = v.shape[3]
     dt = qf.dtype
+    if T == 0:  # no token: no launch (zero-size device arrays)
+        return np.zeros((B, 0, H, V), dt), np.zeros((B, H, 0), dt)
     dev = [cuda.to_device(np.ascontiguousarray(x)) for x in (qf, kf, v, lg) + tuple(cache)]
     o = cuda.to_device(np.full((B, T, H, V), np.nan, dt))
     lse = cuda.to_device(np.full((B, H, T), np.nan, dt))
@@ -383,6 +385,10 @@ def _attend_backward(qf, kf, v, lg, cache, o, lse, do):
     V = v.shape[3]
     dt = qf.dtype
     N = cache[0].shape[2]
+    if T == 0:  # no token: the cache gets no cotangent from the outputs
+        z = np.zeros((B, H, 0), dt)
+        return (np.zeros(qf.shape, dt), np.zeros(kf.shape, dt), np.zeros(v.shape, dt), z,
+                tuple(np.zeros(x.shape, dt) for x in cache[:3]))
     args = [cuda.to_device(np.ascontiguousarray(x)) for x in (qf, kf, v, lg) + tuple(cache)]
     o_d, lse_d, do_d = (cuda.to_device(np.ascontiguousarray(x)) for x in (o, lse, do))
     Dt, live, col = (cuda.to_device(np.full((B, H, T), np.nan, dt)) for _ in range(3))
