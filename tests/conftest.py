@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from numba_cases import reference_kernel  # noqa: F401 -- re-exported: the kernel layers' reference
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda", "implicit_delta",
@@ -91,47 +93,6 @@ def init_state_kw(name, capacity):
     """Keyword arguments of ``init_state`` for a state that ``capacity`` step() calls can fill: the kernel layers'
     KV cache needs its capacity reserved ({"capacity": capacity}); a fixed-size state needs nothing ({})."""
     return {"capacity": capacity} if name in KERNEL else {}
-
-
-def reference_kernel(q, k, v, g=None, initial_state=None, scale=None):
-    """Float64 reference (o, final KV cache as a dict) of the kernel layers from mesagen.reference.attention.
-
-    A given cache (dict k, v, g, length with one length for the whole batch) enters as n0 tokens before the call:
-    its keys and values, and log-gates whose suffix sums are the cache's log weights g (g_c − g_{c+1} for slot
-    c + 1); their own outputs are dropped. The final cache is built from its definition (capacity N + T, slot
-    length + i for token i, log weights log Π_{j>i} α_j, the old slots' g plus the call's total log gate).
-    """
-    from mesagen import reference as ref
-
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    B, T, H, K = q.shape
-    sc = K ** -0.5 if scale is None else scale
-    lg = np.zeros((B, T, H)) if g is None else np.asarray(g, np.float64)
-    if initial_state is None:
-        st = {"k": np.zeros((B, H, 0, K)), "v": np.zeros((B, H, 0, v.shape[3])), "g": np.zeros((B, H, 0)),
-              "length": np.zeros(B, np.int64)}
-    else:
-        st = {n: np.asarray(x) for n, x in initial_state.items()}
-    n0 = int(st["length"][0])
-    assert np.all(np.asarray(st["length"]) == n0), "reference_kernel: one cache length for the whole batch"
-    ck, cv, cg = (np.moveaxis(st[n][:, :, :n0], 2, 1) for n in ("k", "v", "g"))  # [B, n0, H, ...]
-    vg = np.zeros((B, n0, H))
-    vg[:, 1:] = cg[:, :-1] - cg[:, 1:]
-    qa = np.concatenate([np.zeros_like(ck), q], axis=1)
-    ka, va = np.concatenate([ck, k], axis=1), np.concatenate([cv, v], axis=1)
-    o = ref.softmax_attention(qa, ka, va, sc, np.concatenate([vg, lg], axis=1))[:, n0:]
-    N = st["k"].shape[2]
-    fin = {n: np.concatenate([np.asarray(st[n], np.float64), np.zeros(st[n].shape[:2] + (T,) + st[n].shape[3:])],
-                             axis=2) for n in ("k", "v", "g")}
-    total = np.log(np.prod(np.exp(lg), axis=1))  # [B, H]
-    fin["g"][:, :, :n0] += total[:, :, None]
-    fin["g"][:, :, n0:N] = 0
-    for i in range(T):
-        fin["k"][:, :, n0 + i] = k[:, i]
-        fin["v"][:, :, n0 + i] = v[:, i]
-        fin["g"][:, :, n0 + i] = np.log(np.prod(np.exp(lg[:, i + 1:]), axis=1))
-    fin["length"] = np.asarray(st["length"]) + T
-    return o, fin
 
 
 def _v2_args(name, params, inputs):
