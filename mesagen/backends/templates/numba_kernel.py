@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import cuda, float32, float64, int32, njit, prange
+from numba import cuda, float32, float64, int32, prange
 from numba.core import types
 
 SPEC_NAME: str = ""
