@@ -13,7 +13,8 @@ Kernel regression (docs/family.md §9): per head, the constant model fitted with
     κ_{t,i} = exp(scale · φ(k_i)ᵀφ(q_t) + Σ_{j=i+1}^{t} log α_j)
 (Nadaraya–Watson regression = causal softmax attention; forgetting attention, Lin et al. 2025).
 
-Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V]; the forget gate [B, T, H]. float32 or float64 (q's dtype).
+Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V]; the forget gate [B, T, H].
+Dtypes: float32 or float64, q's dtype (the compute dtype); the cache's length is int32.
 The numpy frame applies the feature map and the temperature (q <- scale * phi(q), k <- phi(k)) and takes log α;
 backward() applies the chain rule through them.
 

@@ -13,7 +13,8 @@ Kernel regression (docs/family.md §9): per head, the constant model fitted with
     κ_{t,i} = exp(scale · φ(k_i)ᵀφ(q_t))
 (Nadaraya–Watson regression = causal softmax attention).
 
-Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V]. float32 or float64 (q's dtype).
+Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V].
+Dtypes: float32 or float64, q's dtype (the compute dtype); the cache's length is int32.
 The numpy frame applies the feature map and the temperature (q <- scale * phi(q), k <- phi(k));
 backward() applies the chain rule through them.
 

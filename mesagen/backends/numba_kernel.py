@@ -46,8 +46,8 @@ def emit_kernel_numba(ir: KernelLayerIR, target: str) -> str:
                                                                       if gate is not None else ")."),
           "",
           "Layouts (fla-compatible, numpy): q, k [B, T, H, K]; v, o [B, T, H, V]"
-          + ("; the forget gate [B, T, H]." if gate is not None else ".")
-          + " float32 or float64 (q's dtype).",
+          + ("; the forget gate [B, T, H]." if gate is not None else "."),
+          "Dtypes: float32 or float64, q's dtype (the compute dtype); the cache's length is int32.",
           "The numpy frame applies the feature map and the temperature (q <- scale * phi(q), k <- phi(k))"
           + (" and takes log α;" if gate is not None else ";"),
           "backward() applies the chain rule through them.", "",
