@@ -136,10 +136,9 @@ def compile_spec(spec: Spec, spec_path: str, backends: tuple[str, ...] | None = 
     return Compiled(spec, derivation, checks, ir, files)
 
 
-#: The backends that emit a kernel-regression layer (constant model with kernel weights). The Numba backends do
-#: not yet: such a spec compiles only with ``backends`` limited to these, so ``mesagen build`` refuses it
-#: (see docs/family.md §9).
-KERNEL_BACKENDS = ("jax", "md")
+#: The backends that emit a kernel-regression layer (constant model with kernel weights): every registered one
+#: (see docs/family.md §9). A backend added to the registry without kernel support is refused for such a spec.
+KERNEL_BACKENDS = ("jax", "numba_cpu", "numba_cuda", "md")
 
 
 def _compile_kernel(spec: Spec, spec_path: str, backends: tuple[str, ...] | None, out_arg: str) -> Compiled:

@@ -11,10 +11,14 @@ import jax
 import numpy as np
 import pytest
 
+from numba_cases import reference_kernel  # noqa: F401 -- re-exported: the kernel layers' reference
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ("linear", "gd", "delta", "ridge", "simple_gla", "retention", "gla", "gated_delta", "kda", "implicit_delta",
-           "rls_forgetting", "mesanet")
+           "rls_forgetting", "mesanet", "softmax", "forgetting_attn")
+#: The kernel-regression layers (docs/family.md §9): their state is a KV cache State(k, v, g, length).
+KERNEL = ("softmax", "forgetting_attn")
 V2 = ("simple_gla", "retention", "gla", "gated_delta", "kda")
 B, T, H, K, V = 2, 7, 2, 3, 5  # small distinct primes; odd length
 
@@ -51,7 +55,7 @@ def make_inputs(seed: int, name: str, b=B, t=T, h=H, k=K, v=V, dtype=np.float64)
         inputs["beta"] = rng.uniform(0.1, 0.9, (b, t, h)).astype(dtype)
     if name in ("rls_forgetting", "mesanet"):   # mild forgetting (RLS with a decaying regulariser winds up when
         inputs["g"] = -rng.uniform(0.01, 0.3, (b, t, h)).astype(dtype)   # the gates are strong and keys few)
-    if name in ("simple_gla", "gated_delta"):   # log-space gates, time-varying (never α ≡ 1)
+    if name in ("simple_gla", "gated_delta", "forgetting_attn"):   # log-space gates, time-varying (never α ≡ 1)
         inputs["g"] = -rng.uniform(0.01, 1.5, (b, t, h)).astype(dtype)
     if name in ("gla", "kda"):                  # per key channel
         inputs["g"] = -rng.uniform(0.01, 1.5, (b, t, h, k)).astype(dtype)
@@ -80,7 +84,15 @@ def reference(name, q, k, v, params, inputs, initial_state=None):
         if name == "rls_forgetting":
             return solvers.rls_forgetting(q, k, v, f64["g"], f64["lam"], initial_state=initial_state)
         return solvers.mesanet(q, k, v, f64["g"], f64["beta"], f64["lam"], initial_state=initial_state)[:2]
+    if name in KERNEL:
+        return reference_kernel(q, k, v, inputs.get("g"), initial_state)
     return reference_v2(name, q, k, v, params, inputs, initial_state)
+
+
+def init_state_kw(name, capacity):
+    """Keyword arguments of ``init_state`` for a state that ``capacity`` step() calls can fill: the kernel layers'
+    KV cache needs its capacity reserved ({"capacity": capacity}); a fixed-size state needs nothing ({})."""
+    return {"capacity": capacity} if name in KERNEL else {}
 
 
 def _v2_args(name, params, inputs):

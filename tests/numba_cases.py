@@ -26,6 +26,9 @@ V2_LAYERS = ("simple_gla", "retention", "gla", "gated_delta", "kda")
 SOLVER_LAYERS = ("implicit_delta", "rls_forgetting", "mesanet")
 CORE_LAYERS = V1_LAYERS + V2_LAYERS
 LAYERS = CORE_LAYERS + SOLVER_LAYERS
+#: The kernel-regression layers (softmax / forgetting attention): their state is a KV cache State(k, v, g, length),
+#: their Numba modules have their own frame (tests/test_numba_kernel.py, the kernel checks of tests/cuda/).
+KERNEL_LAYERS = ("softmax", "forgetting_attn")
 #: mesanet's conjugate-gradient settings (specs/mesanet.yaml): max_iterations, tolerance.
 MESANET_CG = (30, 1e-6)
 
@@ -117,3 +120,44 @@ def close(a, b, rtol=1e-10, floor=1e-300):
         return
     err = np.max(np.abs(a - b)) / max(np.max(np.abs(b)), floor)
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+def reference_kernel(q, k, v, g=None, initial_state=None, scale=None):
+    """Float64 reference (o, final KV cache as a dict) of the kernel layers from mesagen.reference.attention.
+
+    A given cache (dict k, v, g, length with one length for the whole batch) enters as n0 tokens before the call:
+    its keys and values, and log-gates whose suffix sums are the cache's log weights g (g_c − g_{c+1} for slot
+    c + 1); their own outputs are dropped. The final cache is built from its definition (capacity N + T, slot
+    length + i for token i, log weights log Π_{j>i} α_j, the old slots' g plus the call's total log gate).
+    """
+    from mesagen import reference as ref
+
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, T, H, K = q.shape
+    sc = K ** -0.5 if scale is None else scale
+    lg = np.zeros((B, T, H)) if g is None else np.asarray(g, np.float64)
+    if initial_state is None:
+        st = {"k": np.zeros((B, H, 0, K)), "v": np.zeros((B, H, 0, v.shape[3])), "g": np.zeros((B, H, 0)),
+              "length": np.zeros(B, np.int64)}
+    else:
+        st = {n: np.asarray(x) for n, x in initial_state.items()}
+    n0 = int(st["length"][0])
+    assert np.all(np.asarray(st["length"]) == n0), "reference_kernel: one cache length for the whole batch"
+    ck, cv, cg = (np.moveaxis(st[n][:, :, :n0], 2, 1) for n in ("k", "v", "g"))  # [B, n0, H, ...]
+    vg = np.zeros((B, n0, H))
+    vg[:, 1:] = cg[:, :-1] - cg[:, 1:]
+    qa = np.concatenate([np.zeros_like(ck), q], axis=1)
+    ka, va = np.concatenate([ck, k], axis=1), np.concatenate([cv, v], axis=1)
+    o = ref.softmax_attention(qa, ka, va, sc, np.concatenate([vg, lg], axis=1))[:, n0:]
+    N = st["k"].shape[2]
+    fin = {n: np.concatenate([np.asarray(st[n], np.float64), np.zeros(st[n].shape[:2] + (T,) + st[n].shape[3:])],
+                             axis=2) for n in ("k", "v", "g")}
+    total = np.log(np.prod(np.exp(lg), axis=1))  # [B, H]
+    fin["g"][:, :, :n0] += total[:, :, None]
+    fin["g"][:, :, n0:N] = 0
+    for i in range(T):
+        fin["k"][:, :, n0 + i] = k[:, i]
+        fin["v"][:, :, n0 + i] = v[:, i]
+        fin["g"][:, :, n0 + i] = np.log(np.prod(np.exp(lg[:, i + 1:]), axis=1))
+    fin["length"] = np.asarray(st["length"]) + T
+    return o, fin

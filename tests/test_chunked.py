@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHIPPED, load_generated, make_inputs
+from conftest import KERNEL, SHIPPED, load_generated, make_inputs
 from test_family_v2 import compile_text
 
-CHUNKED = [n for n in SHIPPED if "chunked" in load_generated(n).FORMS
+CHUNKED = [n for n in SHIPPED if "chunked" in load_generated(n).FORMS and n not in KERNEL
            and not getattr(load_generated(n), "_USES_GRAM", False)]  # ridge: its own tests below
+# The kernel layers' chunked form (blockwise online softmax over a KV cache): tests/test_kernel_attention.py.
 DELTA = ["delta", "gated_delta", "kda", "implicit_delta"]  # the WY form of the delta rule (implicit_delta: ε = β/(1 + β kᵀk))
 RIDGE_TOL = 1e-10  # exact ridge chunked vs recurrent, float64, cond(Ā_t) ≤ 1e4 (see test_ridge_*)
 B, H, K, V = 2, 2, 3, 5
@@ -70,10 +71,10 @@ def test_forms_come_from_the_ir():
     (KernelForm.gram_chunkable; tested separately below)."""
     assert CHUNKED == ["linear", "delta", "simple_gla", "retention", "gla", "gated_delta", "kda", "implicit_delta"]
     assert [n for n in CHUNKED if hasattr(load_generated(n), "_delta_chunk_step")] == DELTA
-    assert [n for n in SHIPPED if "chunked" in load_generated(n).FORMS and n not in CHUNKED] == ["ridge"]
+    assert [n for n in SHIPPED if "chunked" in load_generated(n).FORMS and n not in CHUNKED] == ["ridge", *KERNEL]
     for n in SHIPPED:
         forms = load_generated(n).FORMS
-        assert forms[0] == "recurrent" and ("chunked" in forms) == (n in CHUNKED + ["ridge"]), (n, forms)
+        assert forms[0] == "recurrent" and ("chunked" in forms) == (n in CHUNKED + ["ridge", *KERNEL]), (n, forms)
 
 
 @pytest.mark.parametrize("name,T", [(n, T) for n in CHUNKED for T in ((1, 70) if n in DELTA else (1, 5, 64, 130))])

@@ -1,9 +1,10 @@
-"""Kernel regression (docs/family.md §9): the specs softmax and forgetting_attn, compiled from tests/fixtures/.
+"""Kernel regression (docs/family.md §9): the specs softmax and forgetting_attn (specs/), their JAX layers.
 
 Their JAX layers are compared with the float64 numpy references of mesagen.reference.attention (explicitly
 normalised weights): outputs in float64 to 1e-10, gradients (q, k, v, g) against finite differences, step ==
 forward token by token, chunked == recurrent, continuation through the KV cache, large logits, non-finite inputs,
-float32. The Numba backends do not emit these layers yet (so the specs are not in specs/): a build is refused.
+float32. Every backend emits these layers (the Numba modules: tests/test_numba_kernel.py, tests/cuda/); a backend
+that does not is refused.
 """
 
 from __future__ import annotations
@@ -20,23 +21,24 @@ import pytest
 
 from mesagen import reference as ref
 from mesagen.errors import DerivationError, MesagenError
-from mesagen.pipeline import KERNEL_BACKENDS, compile_file, compile_spec
+from mesagen.pipeline import KERNEL_BACKENDS, _compile_kernel, compile_file, compile_spec
 from mesagen.spec.loader import load_spec
 from mesagen.symbolic.kernel import derive_kernel, verify_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures"
+SPECS = ROOT / "specs"
 NAMES = ("softmax", "forgetting_attn")
 B, T, H, K, V = 2, 7, 2, 3, 5
 
 
 @pytest.fixture(scope="module")
 def layers(tmp_path_factory):
-    """name → the generated JAX module, compiled from tests/fixtures/NAME.yaml into a temporary folder."""
+    """name → the generated JAX module, compiled from specs/NAME.yaml into a temporary folder (the compiler's text
+    now, not the committed file, which mesagen build --check ties to it)."""
     out = tmp_path_factory.mktemp("kernel_layers")
     mods = {}
     for name in NAMES:
-        compiled = compile_file(FIXTURES / f"{name}.yaml", backends=KERNEL_BACKENDS)
+        compiled = compile_file(SPECS / f"{name}.yaml", backends=("jax",))
         path = out / f"{name}_layer_jax.py"
         path.write_text(compiled.files[f"{name}/layer_jax.py"], encoding="utf-8")
         spec = importlib.util.spec_from_file_location(f"_kernel_{name}", path)
@@ -81,7 +83,7 @@ def test_forms_match_reference_float64(layers, x64, name, t):
 def test_linear_space_gate_and_weights(x64):
     """A forget gate in linear space (α) equals the log-space layer fed log α; the reference's weights rows sum to
     1 and vanish above the diagonal."""
-    text = (FIXTURES / "forgetting_attn.yaml").read_text(encoding="utf-8")
+    text = (SPECS / "forgetting_attn.yaml").read_text(encoding="utf-8")
     lin = text.replace("space: log, domain: nonpositive", "space: linear, domain: positive_unit_interval")
     assert lin != text
     from mesagen.spec.loader import parse_spec
@@ -204,30 +206,33 @@ def test_nonfinite_inputs_stay_causal(layers, x64, name, form):
         assert np.all(np.asarray(gq)[:, s:] == 0)
 
 
-def test_derivation_is_checked_and_build_refuses_numba():
-    """A wrong closed form fails verification; the derivation is deterministic; the Numba backends refuse."""
-    spec = load_spec(FIXTURES / "forgetting_attn.yaml")
+def test_derivation_is_checked_and_every_backend_builds():
+    """A wrong closed form fails verification; the derivation is deterministic; every registered backend emits the
+    layer (a backend outside KERNEL_BACKENDS would be refused, naming it)."""
+    spec = load_spec(SPECS / "forgetting_attn.yaml")
     d = derive_kernel(spec)
     assert [c.name for c in verify_kernel(d)] == ["stationarity", "shift_invariance", "decay", "float64"]
     bad = dataclasses.replace(d, closed_form=d.C / (d.a + 1))
     with pytest.raises(DerivationError, match="stationarity"):
         verify_kernel(bad)
     assert verify_kernel(d, seed=0)[0].detail == verify_kernel(d, seed=7)[0].detail
-    with pytest.raises(MesagenError, match="numba_cpu, numba_cuda backend"):
-        compile_file(FIXTURES / "softmax.yaml")
-    a = compile_file(FIXTURES / "softmax.yaml", backends=KERNEL_BACKENDS).files
-    assert a == compile_file(FIXTURES / "softmax.yaml", backends=KERNEL_BACKENDS).files
+    a = compile_file(SPECS / "softmax.yaml").files
+    assert sorted(a) == ["softmax/DERIVATION.md", "softmax/layer_jax.py", "softmax/layer_numba_cpu.py",
+                         "softmax/layer_numba_cuda.py"]
+    assert a == compile_file(SPECS / "softmax.yaml", backends=KERNEL_BACKENDS).files
+    with pytest.raises(MesagenError, match="the tpu backend"):
+        _compile_kernel(load_spec(SPECS / "softmax.yaml"), "specs/softmax.yaml", ("jax", "tpu"), "")
     assert "| stationarity | exact |" in a["softmax/DERIVATION.md"]
 
 
-def test_docs_quote_the_fixtures_and_their_snippets_run(monkeypatch):
-    """docs/specs.md §6 quotes both fixtures verbatim, and each worked example's snippet runs as written from the
+def test_docs_quote_the_specs_and_their_snippets_run(monkeypatch):
+    """docs/specs.md §6 quotes both specs verbatim, and each worked example's snippet runs as written from the
     checkout's root (o [B, T, H, V] finite; the chunked o2 equal to o)."""
     monkeypatch.chdir(ROOT)
     doc = (ROOT / "docs" / "specs.md").read_text(encoding="utf-8")
     for name in NAMES:
-        section = doc.split(f"### `tests/fixtures/{name}.yaml`", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
-        assert section.split("```yaml\n", 1)[1].split("```", 1)[0] == (FIXTURES / f"{name}.yaml").read_text()
+        section = doc.split(f"### `specs/{name}.yaml`", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        assert section.split("```yaml\n", 1)[1].split("```", 1)[0] == (SPECS / f"{name}.yaml").read_text()
         ns: dict = {}
         exec(compile(section.split("```python\n", 1)[1].split("```", 1)[0], f"docs/specs.md ({name})", "exec"), ns)
         o = np.asarray(ns["o"])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHIPPED, H, K, V, B, load_generated, make_inputs, reference
+from conftest import SHIPPED, H, K, V, B, init_state_kw, load_generated, make_inputs, reference
 from test_ridge_numerics import _direct as _ridge_direct  # the independent float64 explicit-solve ridge
 
 pytestmark = pytest.mark.usefixtures("x64")
@@ -73,7 +73,7 @@ def test_step_loop_equals_forward(gen, name):
     m = gen[name]
     q, k, v, params, inputs = make_inputs(4, name)
     o, final = m.forward(q, k, v, params, output_final_state=True, **inputs)
-    state = m.init_state(B, H, K, V, params, jnp.float64)
+    state = m.init_state(B, H, K, V, params, jnp.float64, **init_state_kw(name, q.shape[1]))
     outs = []
     for t in range(q.shape[1]):
         o_t, state = m.step(state, q[:, t], k[:, t], v[:, t], params, **{n: x[:, t] for n, x in inputs.items()})

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHIPPED, load_generated, make_inputs
+from conftest import KERNEL, SHIPPED, load_generated, make_inputs
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -44,11 +44,17 @@ def run(m, form, args, params):
     return m.forward(args["q"], args["k"], args["v"], params, form=form, output_final_state=True, **ins)
 
 
-def expected_nonfinite(field, s):
+def expected_nonfinite(field, s, name=None, q=None, bad=None):
     """[T, V] mask of the outputs the recurrence makes non-finite: q at s → row s; k or β at s → rows ≥ s;
-    v[s, ·, 1] → column 1 of rows ≥ s (the other columns never meet it)."""
+    v[s, ·, 1] → column 1 of rows ≥ s (the other columns never meet it). A kernel layer (softmax attention) with
+    k[s, ·, 1] = ±inf: the rows t ≥ s whose logit q_t[1] · k[s, 1] is +inf or NaN; a logit of −inf is a key of
+    weight exactly 0 (exp(−inf)), so those rows stay finite."""
     mask = np.zeros((T, V), bool)
-    if field == "q":
+    if name in KERNEL and field == "k":
+        with np.errstate(invalid="ignore"):
+            logit = q[0, s:, 0, 1] * bad
+        mask[s:] = ~(logit < 0)[:, None]
+    elif field == "q":
         mask[s] = True
     elif field == "v":
         mask[s:, 1] = True
@@ -67,7 +73,7 @@ def test_outputs_causal_for_nonfinite_input(gen, name, form, field, bad):
     o, final = run(m, form, dirty, params)
     o, o_clean = np.asarray(o), np.asarray(o_clean)
     np.testing.assert_allclose(o[:, :s], o_clean[:, :s], rtol=1e-12, atol=0)
-    np.testing.assert_array_equal(~np.isfinite(o[0, :, 0]), expected_nonfinite(field, s))
+    np.testing.assert_array_equal(~np.isfinite(o[0, :, 0]), expected_nonfinite(field, s, name, clean["q"], BAD[bad]))
     if field != "q":  # the final state has absorbed the non-finite pair
         assert not all(bool(jnp.all(jnp.isfinite(x))) for x in final)
 
@@ -105,9 +111,9 @@ def test_nonfinite_guard_keeps_finite_inputs_exact(gen, name, form):
     q, k, v, params, inputs = make_inputs(3, name, b=2, t=T, h=2, k=K, v=V)
     impl = {"recurrent": lambda: m._forward_recurrent, "closed_form": lambda: m._forward_closed_form,
             "chunked": lambda: m._chunked_impl(m._DEFAULT_CHUNK_SIZE)}[form]()
-    ps = [jnp.asarray(params[n]) for n in m._PARAM_NAMES]
+    ps = [] if name in KERNEL else [[jnp.asarray(params[n]) for n in m._PARAM_NAMES]]  # kernel layers: no params
     state = m.init_state(2, 2, K, V, params, jnp.float64)
-    want = impl(q, k, v, ps, state, [jnp.asarray(inputs[n]) for n in m._INPUT_NAMES], m._query_scale(None, K, q.dtype))
+    want = impl(q, k, v, *ps, state, [jnp.asarray(inputs[n]) for n in m._INPUT_NAMES], m._query_scale(None, K, q.dtype))
     got = m.forward(q, k, v, params, form=form, output_final_state=True, **inputs)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(a, b)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SHIPPED, load_generated, make_inputs
+from conftest import KERNEL, SHIPPED, load_generated, make_inputs
 
 pytestmark = pytest.mark.usefixtures("x64")
 
@@ -23,10 +23,28 @@ RTOL = 1e-10
 H, K, V = 2, 2, 3  # tiny: the matrix is about composition, not size
 
 
+def real(x):
+    """Whether a leaf holds real numbers (not an integer -- the kernel layers' cache length -- nor its float0
+    cotangent / tangent)."""
+    return jnp.issubdtype(np.asarray(x).dtype, jnp.floating)
+
+
+def tangent_like(x, draw):
+    """A random tangent or cotangent of leaf ``x``: ``draw(shape)``; float0 zeros for an integer leaf."""
+    return draw(np.shape(x)) if real(x) else np.zeros(np.shape(x), jax.dtypes.float0)
+
+
 def rel(a, b):
-    """Largest absolute difference of two pytrees, relative to the largest entry of ``b``."""
+    """Largest absolute difference of two pytrees, relative to the largest entry of ``b`` (integer leaves and their
+    float0 derivatives are compared exactly)."""
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) and la, (len(la), len(lb))
+    for x, y in zip(la, lb):
+        if not (real(x) and real(y)):
+            assert np.asarray(x).dtype == np.asarray(y).dtype, (np.asarray(x).dtype, np.asarray(y).dtype)
+            if np.asarray(x).dtype != jax.dtypes.float0:
+                np.testing.assert_array_equal(x, y)
+    la, lb = zip(*[(x, y) for x, y in zip(la, lb) if real(x) and real(y)])
     num = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)), initial=0.0)) for x, y in zip(la, lb))
     den = max(float(np.max(np.abs(np.asarray(y)), initial=0.0)) for y in lb)
     return num / max(den, 1e-300)
@@ -38,6 +56,11 @@ def example_args(m, name, N, T, seed=0, batched_params=False):
     rng = np.random.default_rng(seed + 100)
     if batched_params:
         params = {n: x[None] * (1 - 0.1 * rng.random((N,) + (1,) * x.ndim)) for n, x in params.items()}  # stays in (0, 1] too
+    if name in KERNEL:  # a reachable KV cache: 2 random tokens in a cache with one free slot (capacity 3)
+        pre = make_inputs(seed + 200, name, b=N, t=2, h=H, k=K, v=V)
+        empty = m.init_state(N, H, K, V, {}, jnp.float64, capacity=1)
+        state = m.forward(*pre[:4], initial_state=empty, output_final_state=True, **pre[4])[1]
+        return q, k, v, params, inputs, jax.tree.map(np.asarray, state)
     base = m.init_state(N, H, K, V, {n: (x[0] if batched_params else x) for n, x in params.items()}, jnp.float64)
     state = type(base)(*(np.asarray(x) + 0.1 * rng.standard_normal(x.shape) for x in base))
     if name in ("ridge", "rls_forgetting"):  # P must stay symmetric positive definite: a small symmetric perturbation of I/λ
@@ -103,7 +126,7 @@ def test_vjp_of_vmap(gen, name, form, batched_params, N, T):
     out, pull = jax.vjp(vf, *args)
     out_l, pull_l = jax.vjp(lf, *args)
     assert rel(out, out_l) <= RTOL
-    ct = jax.tree.map(lambda x: np.random.default_rng(1).standard_normal(x.shape), out_l)
+    ct = jax.tree.map(lambda x: tangent_like(x, np.random.default_rng(1).standard_normal), out_l)
     names = ("q", "k", "v", "params", "inputs", "initial_state")
     for n, a, b in zip(names, pull(ct), pull_l(ct)):
         if jax.tree.leaves(b):  # delta has no parameters, the others no inputs
@@ -118,7 +141,7 @@ def test_jvp_of_vmap_forward_mode(gen, name, form):
     f = per_example(m, form)
     vf = jax.vmap(f, in_axes=axes(False))
     rng = np.random.default_rng(4)
-    tangents = jax.tree.map(lambda x: rng.standard_normal(np.shape(x)), args)
+    tangents = jax.tree.map(lambda x: tangent_like(x, rng.standard_normal), args)
     if name == "ridge" and form in ("recurrent", "chunked"):
         # the implicit-differentiation backwards are custom VJPs: forward mode is refused, with JAX's message
         # (documented in docs/layers.md; form="closed_form" has forward mode)
@@ -128,9 +151,10 @@ def test_jvp_of_vmap_forward_mode(gen, name, form):
     out, tan = jax.jvp(vf, args, tangents)
     out_l, tan_l = jax.jvp(lambda *a: loop(f, a, False), args, tangents)
     assert rel(out, out_l) <= RTOL and rel(tan, tan_l) <= RTOL
-    ct = jax.tree.map(lambda x: rng.standard_normal(x.shape), out)
+    ct = jax.tree.map(lambda x: tangent_like(x, rng.standard_normal), out)
     _, pull = jax.vjp(vf, *args)
-    dot = lambda a, b: sum(float(jnp.sum(x * y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa
+    dot = lambda a, b: sum(float(jnp.sum(x * y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))  # noqa
+                           if real(x) and real(y))
     lhs, rhs = dot(tan, ct), dot(tangents, pull(ct))
     assert abs(lhs - rhs) <= RTOL * max(1.0, abs(lhs))
 
@@ -146,9 +170,10 @@ def test_grad_of_vmap_and_of_checkpoint(gen, name, form):
     def loss(fn):
         return lambda *a: jnp.sum(w * jax.vmap(fn, in_axes=axes(False))(*a)[0])
 
-    g = jax.grad(loss(f), argnums=tuple(range(6)))(*args)
-    g_ck = jax.jit(jax.grad(loss(jax.checkpoint(f)), argnums=tuple(range(6))))(*args)
-    g_loop = jax.grad(lambda *a: jnp.sum(w * loop(f, a, False)[0]), argnums=tuple(range(6)))(*args)
+    kw = {"allow_int": True}  # the kernel layers' cache length is an int32 leaf (its gradient: float0)
+    g = jax.grad(loss(f), argnums=tuple(range(6)), **kw)(*args)
+    g_ck = jax.jit(jax.grad(loss(jax.checkpoint(f)), argnums=tuple(range(6)), **kw))(*args)
+    g_loop = jax.grad(lambda *a: jnp.sum(w * loop(f, a, False)[0]), argnums=tuple(range(6)), **kw)(*args)
     for a, b, c in zip(g, g_ck, g_loop):
         if jax.tree.leaves(c):
             assert rel(a, c) <= RTOL and rel(b, c) <= RTOL
@@ -156,7 +181,9 @@ def test_grad_of_vmap_and_of_checkpoint(gen, name, form):
 
 @pytest.mark.parametrize("name,form", CASES)
 def test_scan_over_chunks_carries_the_state(gen, name, form):
-    """lax.scan over 2 chunks of 2 tokens, carrying initial_state, gives one call's outputs and final state."""
+    """lax.scan over 2 chunks of 2 tokens, carrying initial_state, gives one call's outputs and final state. A kernel
+    layer's cache grows by each call's tokens (capacity N + T), so no scan can carry it: there the chunks run in a
+    Python loop of jitted calls."""
     m = gen[name]
     q, k, v, params, inputs, state = example_args(m, name, 2, 4, seed=7)
     chunk = lambda x: jnp.swapaxes(jnp.reshape(x, (x.shape[0], 2, 2) + x.shape[2:]), 0, 1)  # noqa: E731
@@ -167,7 +194,15 @@ def test_scan_over_chunks_carries_the_state(gen, name, form):
         o, final = m.forward(qc, kc, vc, params, initial_state=carry, output_final_state=True, form=form, **ic)
         return final, o
 
-    final, o = jax.lax.scan(body, state, (chunk(q), chunk(k), chunk(v), {n: chunk(x) for n, x in inputs.items()}))
+    xs = (chunk(q), chunk(k), chunk(v), {n: chunk(x) for n, x in inputs.items()})
+    if name in KERNEL:
+        final, os = state, []
+        for c in range(2):
+            final, o_c = jax.jit(body)(final, jax.tree.map(lambda x: x[c], xs))
+            os.append(o_c)
+        o = jnp.stack(os)
+    else:
+        final, o = jax.lax.scan(body, state, xs)
     want = m.forward(q, k, v, params, initial_state=state, output_final_state=True, form=form, **inputs)
     assert rel((unchunk(o), final), want) <= RTOL
 

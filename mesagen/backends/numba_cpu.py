@@ -14,7 +14,8 @@ from mesagen.backends.common import header, indent
 from mesagen.backends.numba_common import (Layout, causal_start, channel_params, constants, divides_by_input,
                                            features_numpy, layout, plain_bodies, VARLEN_API)
 from mesagen.backends.loops import grad_name
-from mesagen.ir.records import LayerIR
+from mesagen.backends.numba_kernel import emit_kernel_numba
+from mesagen.ir.records import KernelLayerIR, LayerIR
 
 
 def step_call(lay: Layout, body: str, states: list[str], extra: list[str], t: str = "t", r: str = "0, 1") -> str:
@@ -96,7 +97,11 @@ class NumbaCpuBackend:
     filename = "layer_numba_cpu.py"
 
     def emit(self, ir: LayerIR, derivation=None, checks=()) -> str:
-        """Return the module text; deterministic (no dict/set order, no timestamps)."""
+        """Return the module text; deterministic (no dict/set order, no timestamps). A kernel-regression layer
+        (:class:`KernelLayerIR`: softmax / forgetting attention) gets the fixed frame of
+        :mod:`mesagen.backends.numba_kernel`."""
+        if isinstance(ir, KernelLayerIR):
+            return emit_kernel_numba(ir, "cpu")
         lay = layout(ir)
         implicit = ir.recurrence.backward == "implicit"
         if implicit:

@@ -22,8 +22,8 @@ import pytest  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import racecheck  # noqa: E402  (patches the simulator before any kernel runs)
-from numba_cases import (CORE_LAYERS, SOLVER_LAYERS, V2_LAYERS, B, H, K, T, V, close, data, module,  # noqa: E402
-                         params_inputs, reference, reference_vjp)
+from numba_cases import (CORE_LAYERS, KERNEL_LAYERS, SOLVER_LAYERS, V2_LAYERS, B, H, K, T, V, close, data,  # noqa: E402
+                         module, params_inputs, reference, reference_kernel, reference_vjp)
 
 
 def test_simulator_is_active():
@@ -295,3 +295,54 @@ def test_exact_and_implicit_solver_layers(name, monkeypatch):
             close(a, b)
     assert racecheck.stats["accesses"] > before
 
+
+
+def _kernel_data(name, seed, b=B, t=T, h=H):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, b, t, h, K))
+    v, do = rng.standard_normal((2, b, t, h, V))
+    ins = {"g": np.log(rng.uniform(0.3, 1.0, (b, t, h)))} if name == "forgetting_attn" else {}
+    return q, k, v, do, ins
+
+
+@pytest.mark.parametrize("name", KERNEL_LAYERS)
+def test_kernel_layers_forward_backward_step(name, monkeypatch):
+    """softmax / forgetting_attn: forward and the final cache against the float64 reference; backward (every
+    gradient, a given cache and a final-cache cotangent) against the CPU module, which tests/test_numba_kernel.py
+    ties to JAX autodiff; T = 1; step; device arrays in → device arrays out; random block sizes (1 … 9 threads,
+    fewer or more than the rows) under the race detector."""
+    m, c = module(name, "numba_cuda"), module(name, "numba_cpu")
+    q, k, v, do, ins = _kernel_data(name, 1)
+    cache = c.forward(q[:, :3], k[:, :3], v[:, :3], {}, output_final_state=True,
+                      initial_state=c.init_state(B, H, K, V, {}, np.float64, capacity=2),
+                      **{n: x[:, :3] for n, x in ins.items()})[1]
+    rng = np.random.default_rng(sum(map(ord, name)))
+    for t in (T, 1):
+        threads = int(rng.integers(1, 10))
+        monkeypatch.setattr(m, "_threads", lambda n: threads)
+        qs, ks, vs, dos = (x[:, :t] for x in (q, k, v, do))
+        it = {n: x[:, :t] for n, x in ins.items()}
+        before = racecheck.stats["accesses"]
+        o, st = m.forward(qs, ks, vs, {}, initial_state=cache, output_final_state=True, **it)
+        ro, rst = reference_kernel(qs, ks, vs, it.get("g"), initial_state=cache._asdict())
+        close(o, ro)
+        for f in st._fields:
+            close(getattr(st, f), rst[f])
+        g = m.backward(qs, ks, vs, {}, dos, initial_state=cache, dfinal_state=st, **it)
+        gc = c.backward(qs, ks, vs, {}, dos, initial_state=cache, dfinal_state=st, **it)
+        for n in gc:
+            for a, b in (zip(g[n][:3], gc[n][:3]) if n == "dinitial_state" else [(g[n], gc[n])]):
+                close(a, b)
+        assert racecheck.stats["accesses"] > before
+    o_t, st1 = m.step(cache, q[:, 0], k[:, 0], v[:, 0], {}, **{n: x[:, 0] for n, x in ins.items()})
+    o_c, st_c = c.step(cache, q[:, 0], k[:, 0], v[:, 0], {}, **{n: x[:, 0] for n, x in ins.items()})
+    close(o_t, o_c)
+    for a, b in zip(st1, st_c):
+        close(a, b)
+    od, sd = m.forward(*(cuda.to_device(x) for x in (q, k, v)), {}, output_final_state=True,
+                       **{n: cuda.to_device(x) for n, x in ins.items()})
+    assert hasattr(od, "copy_to_host") and hasattr(sd.k, "copy_to_host")
+    close(od.copy_to_host(), c.forward(q, k, v, {}, **ins)[0])
+    o32, _ = m.forward(q.astype(np.float32), k, v, {}, **ins)
+    assert o32.dtype == np.float32
+    close(o32, c.forward(q, k, v, {}, **ins)[0], rtol=2e-5)

@@ -397,6 +397,8 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     dtype = q.dtype
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
     state = init_state(B, H, K, V, params, dtype) if initial_state is None else _state_in(initial_state, B, H, K, V, dtype)
+    if T == 0:  # no token: nothing to attend to, the cache comes back as given
+        return jnp.zeros((B, 0, H, V), dtype), (state if output_final_state else None)
     impl = _chunked_impl(size) if form == "chunked" else _forward_recurrent
     o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), state, ins, _query_scale(scale, K, dtype))
     return o, (final if output_final_state else None)
