@@ -36,6 +36,7 @@ SIM_GROUPS = {
     "dtypes_nonfinite": "dtype_policy or non_finite",
     "v2_layers": "v2_against_reference",
     "solver_layers": "exact_and_implicit_solver",
+    "kernel_layers": "kernel_layers_forward_backward",
 }
 
 
