@@ -245,11 +245,12 @@ class KernelForm:
         update of the Ā entering the chunk, all at once by prefix Woodbury (one K × K and one C × C Cholesky
         factorisation per chunk), and only C̄, Ā are carried from chunk to chunk.
 
-        Not yet offered, and designed to be a small addition: both sums decayed by one per-head gate with the
-        regulariser inside Ā (exponentially weighted ridge, ``rls_forgetting``). With Γ_t the gate product
-        within the chunk, Ā_t = Γ_t (Ā_c + Σ_{j≤t} k̃_j k̃_jᵀ) and C̄_t = Γ_t (C̄_c + Σ_{j≤t} ṽ_j k̃_jᵀ) for
-        k̃_j = Γ_j^{-1/2} k_j, ṽ_j = Γ_j^{-1/2} v_j, so Γ_t cancels from o_t = C̄_t Ā_t⁻¹ q_t: the same chunk
-        step on scaled keys and values (from cumulative log gates), and Γ_end scaling the carried sums."""
+        Decayed weights are not covered here: with Γ_t the gate product within the chunk, Ā_t = Γ_t (Ā_c +
+        Σ_{j≤t} k̃_j k̃_jᵀ) for k̃_j = Γ_j^{-1/2} k_j, so the same prefix Woodbury would apply to scaled keys, but
+        Γ_j^{-1/2} grows without bound inside a chunk (overflow in float32 once a chunk's log gates sum below about
+        −176) and the Woodbury correction then cancels terms 1/Γ_t larger than the answer. Decayed layers
+        (``rls_forgetting``) get the form over the statistics instead (:attr:`stats_chunkable`), whose weights
+        are all ≤ 1."""
         if not self.uses_gram or self.decayed:
             return False
         x = next(a for a in self.precondition if a.target == "x")
