@@ -396,6 +396,10 @@ def _check_stats_chunked(d: Derivation, seed: int) -> Check:
     warm = 3
     series = {n: 0.3 + 0.7 * rng.random(warm + FLOAT_T) for n in d.spec.inputs}   # α, β in the linear space
     ks, vs, qs = (rng.standard_normal((warm + FLOAT_T, n)) for n in (Kd, Vd, Kd))
+    solver = d.spec.solver
+    if solver.kind == "gd" and solver.step_size:  # a convergent step (η λ_max < 1), as in _check_float
+        coef = d.spec.objective.regularizer.coefficient
+        data[solver.step_size] = float(0.9 / (np.linalg.eigvalsh(ks.T @ ks)[-1] + (data[coef] if coef else 0.0)))
 
     def env_at(t: int | None) -> dict:
         env: dict = {}
