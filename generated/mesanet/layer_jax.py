@@ -504,9 +504,10 @@ def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size, live=None):
 
     Backward: reverse-mode autodiff through the scan over chunks, whose body is rematerialised (jax.checkpoint):
     only the statistics entering each chunk are stored, ⌈T/C⌉ · B·H·(K² + K·V) numbers besides the inputs, and
-    one chunk's work arrays (its C systems, B·H·C·K² numbers, and [C, C] masks) are recomputed at a time. The
-    solves are differentiated implicitly (_spd_solve's / _cg_solve's rules), never through the factorisation or
-    the iterations.
+    one chunk's work arrays (its C systems, B·H·C·K² numbers, and [C, C] masks) are recomputed at a time. A
+    preconditioner that solves (a Cholesky or conjugate-gradient solve) is differentiated implicitly by its own
+    rule (_spd_solve's custom JVP, _cg_solve's lax.custom_linear_solve), never through the factorisation or the
+    iterations; a GD polynomial is plain matmuls.
     """
     q, k = _featurise(q, k, scale, live)                               # padding tokens: k = 0, add nothing
     B, T, H, K = q.shape

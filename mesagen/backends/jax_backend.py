@@ -227,8 +227,9 @@ class JaxBackend:
                 "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
                 "rematerialised (jax.checkpoint): only the statistics entering each chunk are stored, ⌈T/C⌉ · "
                 "B·H·(K² + K·V) numbers besides the inputs, and one chunk's work arrays (its C systems, "
-                "O(B·H·C·K²), and [C, C] masks) are recomputed at a time; the solves are differentiated implicitly, "
-                "never through a factorisation or the iterations.", 110) + [""]
+                "O(B·H·C·K²), and [C, C] masks) are recomputed at a time" + (
+                    "; the solves are differentiated implicitly, never through a factorisation or the iterations."
+                    if ir.linear_solve else "."), 110) + [""]
         elif "chunked" in ir.forms:
             lines += textwrap.wrap(
                 "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
