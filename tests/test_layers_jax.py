@@ -163,7 +163,7 @@ def test_forms_agree_and_errors_are_clear(gen):
     with pytest.raises(ValueError, match="unknown form"):
         m.forward(q, k, v, params, form="parallel")
     with pytest.raises(ValueError, match="unknown form"):
-        gen["gd"].forward(q, k, v, gen["gd"].init_params(H, K, V), form="chunked")   # gd has no chunked form
+        m.forward(q, k, v, params, form="chunked ")
     with pytest.raises(ValueError, match="missing parameter 'lam'"):
         m.forward(q, k, v, {})
     with pytest.raises(ValueError, match="expected q, k"):

@@ -14,10 +14,21 @@ Forms:
     recurrent   -- lax.scan over T of the per-head step; O(T·(K² + K·V)) per head.
     closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T
                    (von Oswald et al. 2023, Sec. 3).
+    chunked     -- chunkwise over the running statistics: chunks of C tokens (chunk_size, default
+                   64); every position's Ā_t, C̄_t is the decayed sum entering the chunk plus the
+                   chunk's masked, decayed sums (batched matmuls), x_t = M(Ā_t) q_t by the layer's
+                   own preconditioner for all positions at once; the exact sums carried from chunk
+                   to chunk by lax.scan; O(T·(C·K² + K·V) + T·solve) per head (see
+                   _forward_chunked).
 
 Backward of the recurrent form: reverse-mode autodiff through a two-level scan whose max(⌈√T⌉, 64)-token
 segments are rematerialised (jax.checkpoint): only the state entering each segment is stored, so activation
 memory is O(√T · B·H·(K² + K·V)) instead of O(T · ...).
+
+Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is rematerialised
+(jax.checkpoint): only the statistics entering each chunk are stored, ⌈T/C⌉ · B·H·(K² + K·V) numbers besides
+the inputs, and one chunk's work arrays (its C systems, O(B·H·C·K²), and [C, C] masks) are recomputed at a
+time.
 
 Transformations: forward and step are plain JAX (no custom derivative rule), so jit, vmap (batched or
 unbatched parameters), grad, vjp, jvp, jax.checkpoint and lax.scan compose in any nesting.
@@ -45,7 +56,7 @@ PARAMS = {
     "eta": {"shape": ("H",), "init": 0.1, "domain": "real"},
 }
 INPUTS = {}
-FORMS = ('recurrent', 'closed_form')
+FORMS = ('recurrent', 'closed_form', 'chunked')
 FEATURE_MAP = 'identity'
 DEFAULT_SCALE = 1.0  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5
 _PARAM_NAMES = ('eta',)
@@ -292,6 +303,127 @@ def _forward_closed_form(q, k, v, ps, state, inputs, scale, live=None):
     else:
         Abar_T = jnp.zeros((B, H, 0, 0), q.dtype)
     return o, State(*_final_all(Cbar, Abar_T, *ps))
+
+
+def _chunk_log_gates(ps, inputs, B, T, H, live=None):
+    """Per-token log forget gates log α_t, [B, T, H] (or [B, T, H, K] per key channel); None for uniform weights.
+    A token that is not live (``live`` [B, T], cu_seqlens padding) decays nothing (log α = 0)."""
+    if _GATE_PARAM is not None:                                          # a constant decay γ per head
+        g = jnp.broadcast_to(jnp.log(ps[_GATE_PARAM]), (B, T, H))
+        return g if live is None else jnp.where(live[:, :, None], g, 0)
+    if _GATE_INPUT is None:
+        return None
+    g = inputs[_GATE_INPUT]
+    return g if _LOG_GATE is not None else jnp.log(g)
+
+
+def _stats_chunk_step(ps, stats, chunk):
+    """One chunk of C tokens for every (batch, head): the statistics at every position, then the layer's own
+    preconditioned query x_t = M(Ā_t) q_t per position, as batched matmuls.
+
+    Args:
+        ps: the parameters ([H] or [H, K] arrays), as _precondition_all takes them.
+        stats: (C̄ [B, H, V, K], Ā [B, H, K, K]) entering the chunk.
+        chunk: (q, k, kw, v) or (q, k, kw, v, log α): q, k [B, C, H, K] (after the feature map and scale); kw the
+            keys of the Gram sums (k, times the importance weight β_i when there is one); v [B, C, H, V]
+            (importance applied); log α [B, C, H].
+
+    Returns:
+        ((C̄, Ā) leaving the chunk, o [B, C, H, V]).
+
+    With b_t = Σ_{start<j≤t} log α_j (a cumulative sum within the chunk) and ω_{t,i} = exp(b_t − b_i):
+        Ā_t = exp(b_t) Ā + Σ_{i≤t} ω_{t,i} kw_i k_iᵀ,   x_t = M(Ā_t) q_t (_precondition_all),
+        o_t = exp(b_t) C̄ x_t + Σ_{i≤t} ω_{t,i} v_i (k_iᵀ x_t),
+        (C̄, Ā) ← exp(b_end) (C̄, Ā) + Σ_i ω_{end,i} (v_i k_iᵀ, kw_i k_iᵀ).
+    Every weight is exp of a number ≤ 0 (masked to i < t before the exp; i = t and i = end take the constant 1,
+    and ω_{end,i} is a suffix sum of the gates, as in _chunk_step), so strong gates underflow to 0 and nothing
+    overflows. Each Ā_t is formed from the exact sums and solved afresh (no rank-one update is carried).
+    """
+    Cbar, Abar = stats
+    q, k, kw, v = chunk[:4]
+    C = q.shape[1]
+    causal = jnp.tril(jnp.ones((C, C), dtype=bool))                     # [t, i]: i ≤ t
+    if len(chunk) == 4:                                                 # uniform weights
+        decay = jnp.broadcast_to(causal.astype(q.dtype)[None, :, :, None], (q.shape[0], C, C, q.shape[2]))
+        start = jnp.ones(q.shape[:3], q.dtype)                          # exp(b_t) = 1
+        last = jnp.ones(q.shape[:3], q.dtype)                           # ω_{end,i} = 1
+        end = jnp.ones((q.shape[0], q.shape[2]), q.dtype)
+    else:
+        g = chunk[4]
+        b = jnp.cumsum(g, axis=1)                                       # [B, C, H]: G_t − G_start
+        diff = b[:, :, None] - b[:, None, :]                            # [B, t, i, H]
+        before = jnp.tril(jnp.ones((C, C), dtype=bool), -1)[None, :, :, None]   # i < t
+        decay = jnp.where(before, jnp.exp(jnp.where(before, diff, 0)), jnp.eye(C, dtype=g.dtype)[None, :, :, None])
+        start = jnp.exp(b)                                              # exp(b_t), [B, C, H]
+        rest = jnp.cumsum(g[:, :0:-1], axis=1)[:, ::-1]                 # Σ_{i<j≤end} log α_j for i < end
+        last = jnp.concatenate([jnp.exp(rest), jnp.ones_like(g[:, :1])], axis=1)   # ω_{end,i}
+        end = jnp.exp(b[:, -1])                                         # [B, H]
+    A_t = (start[..., None, None] * Abar[:, None]
+           + jnp.einsum("btih,bihk,bihj->bthkj", decay, kw, k))         # [B, C, H, K, K]
+    x = _precondition_all(q, A_t, *ps)                               # [B, C, H, K]
+    scores = jnp.einsum("bthk,bihk->bhti", x, k) * jnp.moveaxis(decay, 3, 1)
+    o = jnp.einsum("bhti,bihv->bthv", scores, v) + start[..., None] * jnp.einsum("bhvk,bthk->bthv", Cbar, x)
+    Cbar = end[:, :, None, None] * Cbar + jnp.einsum("bthv,bthk->bhvk", v * last[..., None], k)
+    Abar = end[:, :, None, None] * Abar + jnp.einsum("bthk,bthj->bhkj", kw * last[..., None], k)
+    return (Cbar, Abar), o
+
+
+def _forward_chunked(q, k, v, ps, state, inputs, scale, chunk_size, live=None):
+    """Chunkwise form over the running statistics: o_t = C̄_t M(Ā_t) q_t, chunk by chunk.
+
+    The sequence is cut into ⌈T/C⌉ chunks of C = min(chunk_size, T) tokens; the tail is padded with neutral
+    tokens (q = k = v = 0, log α = 0: they add nothing, decay nothing, and their outputs are dropped). A
+    lax.scan over chunks carries the exact statistics (C̄ [B, H, V, K], Ā [B, H, K, K]), starting from those
+    the initial state stands for (_stats_all); inside a chunk every position's Ā_t is the decayed Ā entering
+    the chunk plus the chunk's decayed, masked Gram sums, and x_t = M(Ā_t) q_t is the layer's own
+    preconditioner applied to all C positions at once (_stats_chunk_step); the final state comes from the sums
+    leaving the last chunk (_final_all). Work per chunk and head: O(C²·K² + C·K·V) for the sums and outputs
+    plus C solves of a K × K system (a Cholesky factorisation, conjugate-gradient iterations, or the GD
+    polynomial).
+
+    Backward: reverse-mode autodiff through the scan over chunks, whose body is rematerialised (jax.checkpoint):
+    only the statistics entering each chunk are stored, ⌈T/C⌉ · B·H·(K² + K·V) numbers besides the inputs, and
+    one chunk's work arrays (its C systems, B·H·C·K² numbers, and [C, C] masks) are recomputed at a time. A
+    preconditioner that solves (a Cholesky or conjugate-gradient solve) is differentiated implicitly by its own
+    rule (_spd_solve's custom JVP, _cg_solve's lax.custom_linear_solve), never through the factorisation or the
+    iterations; a GD polynomial is plain matmuls.
+    """
+    q, k = _featurise(q, k, scale, live)                               # padding tokens: k = 0, add nothing
+    B, T, H, K = q.shape
+    if T == 0:                                                          # nothing to absorb
+        return jnp.zeros((B, 0, H, v.shape[-1]), q.dtype), state
+    stats = _stats_all(*state, *ps)                                     # (C̄₀ [B, H, V, K], Ā₀ [B, H, K, K])
+    kw = k
+    if _IMPORTANCE is not None:                                         # β_i weights pair i: v_i and k_i k_iᵀ
+        v = v * inputs[_IMPORTANCE][..., None]
+        kw = k * inputs[_IMPORTANCE][..., None]
+    g = _chunk_log_gates(ps, inputs, B, T, H, live)
+    C = min(chunk_size, T)
+    n = -(-T // C)
+
+    def chunks(a):
+        """[B, T, ...] → [n, B, C, ...], the tail padded with zeros (neutral tokens)."""
+        a = jnp.pad(a, ((0, 0), (0, n * C - T)) + ((0, 0),) * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape((B, n, C) + a.shape[2:]), 1, 0)
+
+    xs = tuple(chunks(a) for a in (q, k, kw, v) + (() if g is None else (g,)))
+    body = jax.checkpoint(lambda carry, chunk: _stats_chunk_step(tuple(ps), carry, chunk))
+    (Cbar, Abar), o = lax.scan(body, tuple(stats), xs)
+    o = jnp.moveaxis(o, 0, 1).reshape((B, n * C, H, o.shape[-1]))[:, :T]
+    return o, State(*_final_all(Cbar, Abar, *ps))
+
+
+_CHUNKED_IMPLS = {}
+
+
+def _chunked_impl(chunk_size):
+    """The chunked form with a fixed chunk size as an ``impl`` of _causal_forward, (q, k, v, ps, state, inputs,
+    scale, live=None) → (o, State), jitted; one function per size, kept, so that _causal_forward_jit's cache keys on it."""
+    if chunk_size not in _CHUNKED_IMPLS:
+        _CHUNKED_IMPLS[chunk_size] = jax.jit(
+            lambda q, k, v, ps, state, inputs, scale, live=None: _forward_chunked(q, k, v, ps, state, inputs, scale,
+                                                                                  chunk_size, live))
+    return _CHUNKED_IMPLS[chunk_size]
 
 
 def _causal_forward(impl, q, k, v, ps, state, inputs, scale, live=None):

@@ -179,7 +179,8 @@ class JaxBackend:
         if ir.kernel is not None:
             lines += ["    closed_form -- parallel: o_t = C̄_t x_t with x_t = M(Ā_t) q_t, quadratic in T",
                       "                   (von Oswald et al. 2023, Sec. 3)."]
-        ridge_chunked = "chunked" in ir.forms and ir.kernel is not None and not ir.kernel.chunkable
+        ridge_chunked = "chunked" in ir.forms and ir.kernel is not None and ir.kernel.gram_chunkable
+        stats_chunked = "chunked" in ir.forms and ir.kernel is not None and ir.kernel.stats_chunkable
         if ir.delta_chunk is not None:
             lines += ["    chunked     -- chunkwise parallel, the WY / UT form of the delta rule (Yang et al. 2024, Sec. 3;",
                       "                   gated: Yang et al. 2025): per chunk of C tokens (chunk_size, default 64) one",
@@ -194,6 +195,13 @@ class JaxBackend:
                       "                   per chunk one Cholesky factorisation of the Gram sums entering it (K × K) and",
                       "                   one of I + K P Kᵀ (C × C) solve every position's system by prefix Woodbury;",
                       "                   O(T·(C·K + K² + K·V) + T/C·K³) per head, no sequential loop (see",
+                      "                   _forward_chunked)."]
+        elif stats_chunked:
+            lines += ["    chunked     -- chunkwise over the running statistics: chunks of C tokens (chunk_size, default",
+                      "                   64); every position's Ā_t, C̄_t is the decayed sum entering the chunk plus the",
+                      "                   chunk's masked, decayed sums (batched matmuls), x_t = M(Ā_t) q_t by the layer's",
+                      "                   own preconditioner for all positions at once; the exact sums carried from chunk",
+                      "                   to chunk by lax.scan; O(T·(C·K² + K·V) + T·solve) per head (see",
                       "                   _forward_chunked)."]
         elif "chunked" in ir.forms:
             per_channel = bool(ir.decay and ir.decay.per_channel)
@@ -214,6 +222,14 @@ class JaxBackend:
                 "downdate). Activation memory: the inputs and the statistics entering every chunk, ⌈T/C⌉ · "
                 "B·H·(K² + K·V) numbers, are all that is stored between forward and backward (no per-token state); "
                 "the backward's transient work arrays are O(B·H·T·(C + K + V)).", 110) + [""]
+        elif stats_chunked:
+            lines += textwrap.wrap(
+                "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
+                "rematerialised (jax.checkpoint): only the statistics entering each chunk are stored, ⌈T/C⌉ · "
+                "B·H·(K² + K·V) numbers besides the inputs, and one chunk's work arrays (its C systems, "
+                "O(B·H·C·K²), and [C, C] masks) are recomputed at a time" + (
+                    "; the solves are differentiated implicitly, never through a factorisation or the iterations."
+                    if ir.linear_solve else "."), 110) + [""]
         elif "chunked" in ir.forms:
             lines += textwrap.wrap(
                 "Backward of the chunked form: reverse-mode autodiff through the scan over chunks, whose body is "
@@ -343,6 +359,8 @@ class JaxBackend:
                          delta_batch_axes=repr((0,) + (None,) * n_p + (0,) * n_i))
         elif "chunked" in ir.forms and ir.kernel.chunkable:
             text += fill("jax_layer", "chunk_log_gates") + fill("jax_layer", "forward_chunked")
+        elif "chunked" in ir.forms and ir.kernel.stats_chunkable:
+            text += fill("jax_layer", "chunk_log_gates") + fill("jax_layer", "forward_chunked_stats")
         elif "chunked" in ir.forms:
             text += fill("jax_layer", "forward_chunked_ridge")
         text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")

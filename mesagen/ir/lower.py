@@ -50,8 +50,10 @@ def lower(d: "Derivation", spec_path: str, spec_sha256: str, skip: frozenset[str
         if name not in skip or name in MANDATORY:
             rec, kernel = fn(rec, kernel, names)
     forms = ("recurrent",)
-    if kernel is not None:  # the parallel form; chunkwise too where no Gram sums are needed (KernelForm.chunkable)
-        forms += ("closed_form", "chunked") if kernel.chunkable or kernel.gram_chunkable else ("closed_form",)
+    if kernel is not None:  # the parallel form; chunkwise where KernelForm says so (a per-head gate for the stats form)
+        chunks = kernel.chunkable or kernel.gram_chunkable or (
+            kernel.stats_chunkable and not (decay is not None and decay.per_channel))
+        forms += ("closed_form", "chunked") if chunks else ("closed_form",)
     delta_chunk = _delta_chunk(d, mapping)
     if delta_chunk is not None:  # a delta-rule recurrence: the chunked WY form
         forms += ("chunked",)

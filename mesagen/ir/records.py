@@ -245,11 +245,12 @@ class KernelForm:
         update of the Ā entering the chunk, all at once by prefix Woodbury (one K × K and one C × C Cholesky
         factorisation per chunk), and only C̄, Ā are carried from chunk to chunk.
 
-        Not yet offered, and designed to be a small addition: both sums decayed by one per-head gate with the
-        regulariser inside Ā (exponentially weighted ridge, ``rls_forgetting``). With Γ_t the gate product
-        within the chunk, Ā_t = Γ_t (Ā_c + Σ_{j≤t} k̃_j k̃_jᵀ) and C̄_t = Γ_t (C̄_c + Σ_{j≤t} ṽ_j k̃_jᵀ) for
-        k̃_j = Γ_j^{-1/2} k_j, ṽ_j = Γ_j^{-1/2} v_j, so Γ_t cancels from o_t = C̄_t Ā_t⁻¹ q_t: the same chunk
-        step on scaled keys and values (from cumulative log gates), and Γ_end scaling the carried sums."""
+        Decayed weights are not covered here: with Γ_t the gate product within the chunk, Ā_t = Γ_t (Ā_c +
+        Σ_{j≤t} k̃_j k̃_jᵀ) for k̃_j = Γ_j^{-1/2} k_j, so the same prefix Woodbury would apply to scaled keys, but
+        Γ_j^{-1/2} grows without bound inside a chunk (overflow in float32 once a chunk's log gates sum below about
+        −176) and the Woodbury correction then cancels terms 1/Γ_t larger than the answer. Decayed layers
+        (``rls_forgetting``) get the form over the statistics instead (:attr:`stats_chunkable`), whose weights
+        are all ≤ 1."""
         if not self.uses_gram or self.decayed:
             return False
         x = next(a for a in self.precondition if a.target == "x")
@@ -259,6 +260,27 @@ class KernelForm:
         want = {"x": sp.Inverse(abar) * q, "Abar": k * k.T, "Cbar": v * k.T}
         return len(self.precondition) == 1 and all(
             _same(e, want[n]) for n, e in (("x", x.expr), ("Abar", sums["Abar"]), ("Cbar", sums["Cbar"])))
+
+
+    @property
+    def stats_chunkable(self) -> bool:
+        """Whether the layer has the chunkwise form over the running statistics (``form="chunked"`` for a kernel
+        form that reads the Gram sums and is not :attr:`gram_chunkable`: decayed or importance-weighted ridge
+        solves, a regulariser that decays with the data or not, conjugate-gradient solves, k-step GD
+        polynomials). Needs C̄'s summand linear in v. Within a chunk that starts from the sums (C̄_c, Ā_c),
+        with b_t the cumulative log gate since the chunk's start,
+
+            Ā_t = exp(b_t) Ā_c + Σ_{i≤t} exp(b_t − b_i) β_i k_i k_iᵀ,   C̄_t likewise with β_i v_i k_iᵀ,
+
+        for every position of the chunk at once (masked matmuls; weights exp(b_t − b_i) ≤ 1, never the growing
+        exp(−b_i)); then x_t = M(Ā_t) q_t by the layer's own precondition program per position (a Cholesky or
+        conjugate-gradient solve, or the GD polynomial) and o_t = C̄_t x_t. Only C̄, Ā are carried from chunk to
+        chunk, recomputed exactly from the sums (no rank-one update carried). A per-key-channel gate is not
+        covered (the closed form has no Gram sums for it either); :mod:`mesagen.ir.lower` checks that."""
+        if not self.uses_gram or self.gram_chunkable:
+            return False
+        cbar = next(a for a in self.accumulators if a.name == "Cbar")
+        return _linear_in(cbar.summand, "v")
 
 
 _KD = sp.Symbol("K", integer=True, positive=True)
@@ -393,8 +415,8 @@ class LayerIR:
         recurrence: the recurrent form (states in stored orientation, scheduled).
         kernel: the parallel form, or None when the solver has none.
         forms: the forms offered, "recurrent" first; ``closed_form`` exactly when a kernel form exists, ``chunked``
-            only where that kernel form is :attr:`KernelForm.chunkable` or :attr:`KernelForm.gram_chunkable`, or a
-            delta-rule chunk form exists.
+            only where that kernel form is :attr:`KernelForm.chunkable`, :attr:`KernelForm.gram_chunkable` or
+            :attr:`KernelForm.stats_chunkable` (with a per-head gate), or a delta-rule chunk form exists.
         out_arg: the ``--out`` folder of the header's regenerate command, relative to the folder that holds
             the spec's folder (POSIX); empty for the default ``generated``.
         decay: the forget gate of decayed weights, or None (uniform weights).
@@ -432,10 +454,15 @@ class LayerIR:
             raise ValueError("backward 'implicit' needs a kernel form over the Gram sums")
         if ("closed_form" in self.forms) != (self.kernel is not None):
             raise ValueError("'closed_form' is offered exactly when a kernel form exists")
-        if "chunked" in self.forms and (self.kernel is None or not (self.kernel.chunkable or self.kernel.gram_chunkable)
-                                        ) and self.delta_chunk is None:
+        if "chunked" in self.forms and (self.kernel is None or not (
+                self.kernel.chunkable or self.kernel.gram_chunkable or self.kernel.stats_chunkable)
+                ) and self.delta_chunk is None:
             raise ValueError("'chunked' needs a kernel form without Gram sums that is linear in v, the exact ridge solve "
-                             "x = Ā⁻¹ q over the rank-one sums k kᵀ, v kᵀ, or a delta-rule chunk form")
+                             "x = Ā⁻¹ q over the rank-one sums k kᵀ, v kᵀ, a kernel form over decayed statistics, or "
+                             "a delta-rule chunk form")
+        if ("chunked" in self.forms and self.kernel is not None and self.kernel.stats_chunkable
+                and self.decay is not None and self.decay.per_channel):
+            raise ValueError("the chunked form over the statistics needs one gate per head, not per key channel")
         if self.delta_chunk is not None and ("chunked" not in self.forms or self.kernel is not None or [
                 (s.name, tuple(s.shape)) for s in self.recurrence.states] != [("S", ("K", "V"))]):
             raise ValueError("a delta-rule chunk form needs one state S [K, V], no kernel form, and 'chunked' offered")

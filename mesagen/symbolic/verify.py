@@ -357,6 +357,111 @@ def _check_chunked(d: Derivation, seed: int) -> Check:
                  measured=f"max relative error {worst:.1e}")
 
 
+def _stats_chunked_applies(d: Derivation) -> bool:
+    """Whether the layer gets the chunked form over the statistics (KernelForm.stats_chunkable, gate per head)."""
+    w = d.spec.objective.weights
+    gate = d.spec.inputs.get(w.gate) if w.kind == "decayed" else None
+    return d.kernel is not None and d.kernel.stats_chunkable and not (gate is not None and len(gate.shape) == 4)
+
+
+class _Program:
+    """A one-line program ``target = expr`` (what _lambdified reads) for an accumulator's summand."""
+
+    def __init__(self, target: str, expr: sp.Basic) -> None:
+        self.target, self.expr = target, expr
+
+
+def _check_stats_chunked(d: Derivation, seed: int) -> Check:
+    """float64: the chunked form over the running statistics against the token recursion.
+
+    The reference is the derived update and readout through sympy.lambdify, token by token, from a reachable
+    non-default state (the default one after three random tokens). The chunked side follows the generated
+    form (_stats_chunk_step) with the kernel form's own programs through sympy.lambdify: the statistics the
+    state stands for (stats_from_state), then per chunk of CHUNK tokens, with b_t the cumulative log gate since
+    the chunk's start, Ā_t = exp(b_t) Ā_c + Σ_{i≤t} exp(b_t − b_i) a_i and C̄_t likewise (a_i, c_i the
+    accumulators' summands at token i; no decay for an undecayed sum), x_t from the precondition program,
+    o_t = C̄_t x_t; the final state from state_from_stats. Time-varying gates and importance weights.
+    """
+    rng = np.random.default_rng(seed + 2)
+    Kd, Vd = FLOAT_DIMS["K"], FLOAT_DIMS["V"]
+    dims = {"K": Kd, "V": Vd}
+    rec, kf = d.recurrence, d.kernel
+    lam = lambda program: [_lambdified(a, Kd, Vd) for a in program]  # noqa: E731
+    rec_fns, stat_fns, pre_fns, final_fns = (lam(rec.update + rec.readout), lam(kf.stats_from_state),
+                                             lam(kf.precondition), lam(kf.state_from_stats))
+    sum_fns = {a.name: _lambdified(_Program(a.name, a.summand), Kd, Vd) for a in kf.accumulators}
+    width = {"d_k": Kd, "d_v": Vd}
+    data: dict = {n: 0.3 + 0.5 * (rng.random(width[p.shape[1]]) if len(p.shape) == 2 else rng.random())
+                  for n, p in d.spec.parameters.items()}
+    warm = 3
+    series = {n: 0.3 + 0.7 * rng.random(warm + FLOAT_T) for n in d.spec.inputs}   # α, β in the linear space
+    ks, vs, qs = (rng.standard_normal((warm + FLOAT_T, n)) for n in (Kd, Vd, Kd))
+    solver = d.spec.solver
+    if solver.kind == "gd" and solver.step_size:  # a convergent step (η λ_max < 1), as in _check_float
+        coef = d.spec.objective.regularizer.coefficient
+        data[solver.step_size] = float(0.9 / (np.linalg.eigvalsh(ks.T @ ks)[-1] + (data[coef] if coef else 0.0)))
+
+    def env_at(t: int | None) -> dict:
+        env: dict = {}
+        for n, x in data.items():
+            if np.ndim(x):
+                env[n], env[f"diag_{n}"] = x[:, None], np.diag(x)
+            else:
+                env[n] = x
+        if t is not None:
+            env.update(k=ks[t][:, None], v=vs[t][:, None], q=qs[t][:, None], **{n: x[t] for n, x in series.items()})
+        return env
+
+    def run(fns, env: dict) -> dict:
+        for target, names, fn in fns:
+            env[target] = np.asarray(fn(*[env[n] for n in names]), dtype=np.float64)
+        return env
+
+    exact0 = {n: sp.ImmutableMatrix([sp.Float(x) for x in v]) if np.ndim(v) else sp.Float(v) for n, v in data.items()}
+    state = {st.name: np.asarray(evaluate(st.init, exact0, dims).evalf(), dtype=np.float64) for st in rec.states}
+    want = []
+    for t in range(warm + FLOAT_T):
+        env = run(rec_fns, {**state, **env_at(t)})
+        state = {st.name: env[rec.new(st.name)] for st in rec.states}
+        if t == warm - 1:
+            state0 = dict(state)
+        if t >= warm:
+            want.append(env[rec.output][:, 0])
+    w = d.spec.objective.weights
+    log_alpha = np.zeros(warm + FLOAT_T)
+    if w.kind == "decayed":
+        log_alpha = np.log(series[w.gate] if w.gate in series else np.full(warm + FLOAT_T, data[w.gate]))
+    senv = run(stat_fns, {**state0, **env_at(None)})
+    sums = {"Cbar": senv["C0"], "Abar": senv["A0"]}
+    decayed = {a.name: a.decayed for a in kf.accumulators}
+    got = []
+    for s in range(warm, warm + FLOAT_T, CHUNK):
+        idx = list(range(s, min(s + CHUNK, warm + FLOAT_T)))
+        b = np.cumsum(log_alpha[idx])
+        terms = {n: [run([fn], env_at(i))[n] for i in idx] for n, fn in sum_fns.items()}
+        for j, t in enumerate(idx):
+            at = {n: (np.exp(b[j]) if decayed[n] else 1.0) * sums[n]
+                  + sum((np.exp(b[j] - b[i]) if decayed[n] else 1.0) * terms[n][i] for i in range(j + 1))
+                  for n in sums}
+            x = run(pre_fns, {**env_at(t), "Abar": at["Abar"]})["x"]
+            got.append((at["Cbar"] @ x)[:, 0])
+        sums = at
+    fenv = run(final_fns, {**env_at(None), **sums})
+    final = {st.name: fenv[rec.new(st.name)] for st in rec.states}
+    scale = max(1.0, float(np.max(np.abs(want))), *(float(np.max(np.abs(x))) for x in state.values()))
+    worst = max(float(np.max(np.abs(np.array(got) - np.array(want)))),
+                *(float(np.max(np.abs(final[n] - state[n]))) for n in state)) / scale
+    if not worst <= FLOAT_RTOL:
+        raise DerivationError(d.spec.name, "chunked", f"the chunked form over the statistics differs from the "
+                              f"recursion by {worst:.3e} (> {FLOAT_RTOL})")
+    return Check("chunked_stats_form", "numeric", f"chunked form over the statistics (per chunk: every position's "
+                 f"Ā_t, C̄_t from the sums entering the chunk scaled by the cumulative decay plus the chunk's masked, "
+                 f"decayed sums; x_t = M(Ā_t) q_t by the precondition program) vs. the recursion over T = {FLOAT_T} "
+                 f"in chunks of {CHUNK}, d_k = {Kd}, d_v = {Vd}, from a reachable non-default state, time-varying "
+                 f"inputs: outputs and final state, max relative error ≤ {FLOAT_RTOL:.0e}",
+                 measured=f"max relative error {worst:.1e}")
+
+
 def verify(d: Derivation, seed: int = 0) -> tuple[Check, ...]:
     """Run every check that applies to the derivation.
 
@@ -383,4 +488,6 @@ def verify(d: Derivation, seed: int = 0) -> tuple[Check, ...]:
         checks.append(_check_delta_chunk(d, seed))
     if d.kernel is not None and d.kernel.gram_chunkable:
         checks.append(_check_chunked(d, seed))
+    if _stats_chunked_applies(d):
+        checks.append(_check_stats_chunked(d, seed))
     return tuple(checks)
