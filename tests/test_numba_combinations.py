@@ -8,11 +8,12 @@ module (every form; reverse-mode autodiff) in float64, and the CUDA module equal
 the CUDA simulator (a child process, tests/cuda/run_layer.py, under the race detector).
 
 The v2 combinations (gates of every shape and space, importance weights, feature maps with a readout scale,
-per-value-channel and default step sizes: ``supported_v2``) are checked without JAX: the Numba CPU forward
-against the rule's own float64 numpy solution (``SolverRule.float_target``, written independently of the
-derivation) with the feature map, scale and exp of a log-space gate applied here, its backward against
-central finite differences of that forward, continuation from a state, and the CUDA module against the CPU
-module for all of them in one simulator process.
+per-value-channel and default step sizes: ``supported_v2``) are each built for every backend and checked
+through the JAX module (every form) against the rule's own float64 numpy solution (``SolverRule.float_target``,
+written independently of the derivation) with the feature map, scale and exp of a log-space gate applied here.
+A covering subset (every option and every solver at least once; all with ``MESAGEN_ALL_COMBINATIONS=1``) also
+runs the Numba CPU module: forward against that solution, backward against central finite differences of the
+forward, continuation from a state; and the CUDA module against the CPU module in one simulator process.
 """
 
 from __future__ import annotations
@@ -217,6 +218,39 @@ def v2_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("c", V2_PARAMS)
+def test_v2_combination_builds_and_its_jax_layer_matches_the_rule(c, tmp_path, x64):
+    """Every v2 combination: derived, verified and printed for every backend (``build``), and the JAX module's
+    every form equals the rule's float64 numpy solution (1e-10). Numba CPU runs the subset below."""
+    mods = build(c, tmp_path)
+    assert sorted(mods) == ["jax", "numba_cpu", "numba_cuda"]
+    q, k, v, do, params, inputs = tiny_v2(c)
+    want = float_reference(c, q, k, v, params, inputs)
+    for form in mods["jax"].FORMS:
+        close(np.asarray(mods["jax"].forward(q, k, v, params, form=form, **inputs)[0]), want)
+
+
+def _cover(combos):
+    """A subset in which every v2 option and every (regularizer, solver) pair occurs at least once (greedy, in
+    order). The Numba modules' per-head bodies are printed per option from the same IR for every combination
+    (numba_common.plain_bodies); what a combination adds on top of its options is checked for every combination
+    through the JAX module above. The CUDA module's bodies are the CPU module's text; what the simulator adds is
+    the CUDA frame (launches, vector inputs, frame kernels, barriers), which this subset exercises for every
+    option."""
+    seen, out = set(), []
+    for c in combos:
+        keys = {f"v2:{x}" for x in c.v2} | {f"solver:{c.regularizer}-{c.solver}"}
+        if keys - seen:
+            out.append(c)
+            seen |= keys
+    return out
+
+
+#: Numba CPU runs a covering subset by default (compiling a Numba module costs ~10 s of CPU, and there are over a
+#: hundred combinations); ``MESAGEN_ALL_COMBINATIONS=1`` runs every combination.
+NUMBA_V2 = SUPPORTED_V2 if os.environ.get("MESAGEN_ALL_COMBINATIONS") == "1" else _cover(SUPPORTED_V2)
+
+
+@pytest.mark.parametrize("c", [pytest.param(c, id=c.id) for c in NUMBA_V2])
 def test_v2_combination_on_numba_cpu(c, tmp_path):
     """Forward = the rule's float64 numpy solution (1e-10); continuation from a state = one forward; backward =
     central finite differences of the forward (q, k, v, every parameter and input; 1e-6)."""
@@ -247,20 +281,6 @@ def test_v2_combination_on_numba_cpu(c, tmp_path):
     for n, x in inputs.items():
         fd = finite_difference_grad(lambda y, n=n: loss(q, k, v, params, {**inputs, n: y}), x)
         close(g["d" + n], fd, rtol=1e-6)
-
-
-def _cover(combos):
-    """A subset in which every v2 option and every (regularizer, solver) pair occurs at least once (greedy, in
-    order). The CUDA module's per-head bodies are the CPU module's text (numba_common.plain_bodies); what the
-    simulator adds is the CUDA frame (launches, vector inputs, frame kernels, barriers), which this subset
-    exercises for every option. The CPU module runs every combination (test_v2_combination_on_numba_cpu)."""
-    seen, out = set(), []
-    for c in combos:
-        keys = {f"v2:{x}" for x in c.v2} | {f"solver:{c.regularizer}-{c.solver}"}
-        if keys - seen:
-            out.append(c)
-            seen |= keys
-    return out
 
 
 CUDA_V2 = _cover(SUPPORTED_V2)
