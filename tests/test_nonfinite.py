@@ -78,6 +78,22 @@ def test_outputs_causal_for_nonfinite_input(gen, name, form, field, bad):
         assert not all(bool(jnp.all(jnp.isfinite(x))) for x in final)
 
 
+_GRADS: dict = {}
+
+
+def jitted_grad(m, name, form, s):
+    """jit(grad) of the loss Σ_{t<s} w·o with respect to (args, params), built once per (layer, form, s) and shared
+    by every field and non-finite value (one compilation instead of one per test; the arrays are arguments)."""
+    key = (name, form, s)
+    if key not in _GRADS:
+        def loss(args, params, w):
+            o, _ = run(m, form, args, params)
+            return jnp.sum(w[:, :s] * o[:, :s])
+
+        _GRADS[key] = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return _GRADS[key]
+
+
 @pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
 @pytest.mark.parametrize("name,form,field", cases_with_fields())
 def test_gradients_causal_for_nonfinite_input(gen, name, form, field, bad):
@@ -88,13 +104,9 @@ def test_gradients_causal_for_nonfinite_input(gen, name, form, field, bad):
     clean, dirty, params, _ = poisoned(name, field, s, BAD[bad], seed=1)
     w = np.random.default_rng(2).standard_normal((B, T, H, V))
     w[:, s:] = 0
-
-    def loss(args, params):
-        o, _ = run(m, form, args, params)
-        return jnp.sum(w[:, :s] * o[:, :s])
-
-    g_clean = jax.grad(loss, argnums=(0, 1))(clean, params)
-    g = jax.grad(loss, argnums=(0, 1))(dirty, params)
+    grad = jitted_grad(m, name, form, s)
+    g_clean = grad(clean, params, w)
+    g = grad(dirty, params, w)
     for path, x in jax.tree_util.tree_leaves_with_path(g):
         assert bool(jnp.all(jnp.isfinite(x))), jax.tree_util.keystr(path)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_clean)):
