@@ -251,7 +251,9 @@ def claim2(mesa: Run, lin1: Run | None, out: Path) -> Row:
 
 
 def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int) -> Row:
-    """Claim 3: deeper linear models approach the mesa layer; per-t loss fitted by k-step GD."""
+    """Claim 3: deeper linear models approach the mesa layer; per-t loss fitted by k steps of Proposition 2
+    (Richardson-preconditioned input, then one GD step; :func:`analysis.fit_prop2_k`) and, for comparison, by
+    k steps of plain GD."""
     row = Row("3", "Deeper linear models (2, 4, 6 layers) lower the loss monotonically toward, but not to, one "
               "mesa layer; their per-t loss follows k steps of an iterative algorithm (Prop. 2).",
               "monotone in depth, above mesa; k grows with depth")
@@ -259,35 +261,44 @@ def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int) 
     cfg = any_run.config
     from mesagen.data import sample_states
     tune = np.asarray(sample_states(jax.random.PRNGKey(cfg.eval.seed + 1), cfg.task, cfg.eval.tune_batch))
-    etas, gd = analysis.fit_gd_k(tune, any_run.trainer.eval_states, k_max)
+    _, gd = analysis.fit_gd_k(tune, any_run.trainer.eval_states, k_max)
+    p2_params, p2 = analysis.fit_prop2_k(tune, any_run.trainer.eval_states, k_max, omegas=PROP2_OMEGAS)
     fits, parts = {}, []
     for depth, run in sorted(depth_runs.items()):
-        k, rms = analysis.fit_k(run.per_t(), gd)
+        k, rms = analysis.fit_k(run.per_t(), p2)
+        kg, rms_g = analysis.fit_k(run.per_t(), gd)
         fits[depth] = k
-        parts.append(f"{depth} layer{'s' * (depth > 1)}: {_f(run.mean())}, k = {k}{'+' if k == k_max else ''} "
-                     f"(rms log error {rms:.2f})")
+        omega, c, eta = p2_params[k - 1]
+        parts.append(f"{depth} layer{'s' * (depth > 1)}: {_f(run.mean())}, Prop. 2 k = {k}{'+' * (k == k_max)} "
+                     f"(rms log error {rms:.2f}; ω {omega:.3g}, ρ {(1 - c) / omega:.3g}, η {eta:.3g}; "
+                     f"plain GD k = {kg}{'+' * (kg == k_max)}, {rms_g:.2f})")
     means = [depth_runs[d].mean() for d in sorted(depth_runs)]
     monotone = all(a > b for a, b in zip(means, means[1:]))
     above = mesa is None or means[-1] > mesa.mean()
     row.measured = "; ".join(parts) + (f"; mesa {_f(mesa.mean())}" if mesa else "") + \
-        f"; k-step GD (η line-searched per k): k = 1 {_f(gd[0].mean())}, best k = {int(np.argmin(gd.mean(1))) + 1} " \
-        f"{_f(gd.mean(1).min())}"
+        f"; Prop. 2 (ω, c, η fitted per k): k = 1 {_f(p2[0].mean())}, best k = {int(np.argmin(p2.mean(1))) + 1} " \
+        f"{_f(p2.mean(1).min())}; k-step GD: k = 1 {_f(gd[0].mean())}, best {_f(gd.mean(1).min())}"
     row.setting = "; ".join(f"{d}L {r.setting()}" for d, r in sorted(depth_runs.items()))
     ks = [fits[d] for d in sorted(fits)]
     k_grows = all(a <= b for a, b in zip(ks, ks[1:])) and ks[-1] > ks[0]
     row.status = "pass" if monotone and above and k_grows else "partial" if monotone or k_grows else "fail"
     _flag(row, list(depth_runs.values()))
-    row.note = ("k-step GD from W = 0 with η line-searched per k (the `gd` spec's iteration; the paper's Prop. 2 "
-                "is a preconditioned variant, not computed), k fitted by the smallest rms difference of log "
-                f"losses over t ≥ 1, k ≤ {k_max}. Depths missing from the table were not run.")
+    row.note = ("Prop. 2: k Richardson steps x_(j+1) = x_j + ω(s_t − (A_t + ρI)x_j) from 0 (damping c = 1 − ωρ), "
+                "read out by one GD step η C_t x_k; (ω, c) on a grid and η in closed form per k, tuned on other "
+                "sequences (c = 1, η = 1 is k-step GD, also fitted and shown). k fitted by the smallest rms "
+                f"difference of log losses over t ≥ 1, k ≤ {k_max}. Depths missing from the table were not run.")
     curves = {f"linear {d}L": r.per_t() for d, r in sorted(depth_runs.items())}
     if mesa:
         curves["mesa 1L"] = mesa.per_t()
     for d, k in sorted(fits.items()):
-        curves[f"GD-{k} (fit to {d}L)"] = gd[k - 1]
-    _plot_curves(curves, out / "claim3_depth.png", "claim 3: linear models by depth and their k-step GD fits")
+        curves[f"Prop. 2, k = {k} (fit to {d}L)"] = p2[k - 1]
+    _plot_curves(curves, out / "claim3_depth.png", "claim 3: linear models by depth and their Prop. 2 fits")
     row.figures.append("claim3_depth.png")
     return row
+
+
+#: Richardson step grid of the Proposition 2 fit (every other point of the GD line search's grid).
+PROP2_OMEGAS = analysis.GD_ETA_GRID[::2]
 
 
 #: Ridge coefficient of the preconditioned-input probe target (S Sᵀ + λI)⁻¹ s_t (the mesa layer's initial λ).
