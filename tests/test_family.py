@@ -56,7 +56,7 @@ def test_family_config_is_the_base_with_the_layer_swapped(tmp_path):
             assert d["train"][key] == base["train"][key], (name, key)
         same = {k: v for k, v in d["model"].items() if k != "blocks"}
         assert same == {k: v for k, v in base["model"].items() if k != "blocks"}, name
-    # pending fixtures are compiled once into the runs folder, named by absolute path
+    # pending fixtures are compiled once into the runs folder (here outside the checkout: absolute paths)
     for name in rp.FAMILY:
         if not (rp.SPEC_DIR / f"{name}.yaml").is_file():
             assert (tmp_path / "_layers" / name / "layer_jax.py").is_file(), name
@@ -128,6 +128,7 @@ def test_family_row_ranks_the_layers_and_writes_table_and_figure(stepped, tmp_pa
     assert row.status == "pass" and "ranks 1 of 3" in row.note
     assert (tmp_path / "family_per_t.png").is_file() and row.figures == ["family_per_t.png"]
     table = [line for line in row.sections if line.startswith("| ")]
+    assert len({line.count("|") for line in row.sections if line.startswith("|")}) == 1     # one column count
     assert [line.split("|")[1].strip() for line in table[1:4]] == ["ridge", "mesanet", "linear"]
     assert "0.5…2" in table[2]                                   # per-channel λ shown as a range per head
     ratio = float(table[3].split("|")[4])                        # linear: × ridge

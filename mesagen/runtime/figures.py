@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 _STYLE = {"model": ("C0", "-", 2.0), "gd1": ("C1", "--", 1.5), "ridge": ("C2", "--", 1.5),
           "predict_zero": ("0.5", ":", 1.2), "predict_last": ("0.7", ":", 1.2)}
 #: Display names of spec parameters in figures and titles.
-GREEK = {"lam": "λ", "eta": "η", "beta": "β"}
+GREEK = {"lam": "λ", "eta": "η", "beta": "β", "gamma": "γ"}
 
 _LABEL = {"model": "model", "gd1": "GD-1 (tuned η)", "ridge": "ridge LSQ (tuned λ)",
           "predict_zero": "predict 0", "predict_last": "predict s_t"}

@@ -81,7 +81,8 @@ FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(1500, 128),
 #: batch of :data:`FULL`), and a compile time per model: the one-core cost estimate in the table. Measured (one
 #: core, light load) for linear_1layer, linear_2layer, linear_6layer, mesa, softmax_7layer, the hybrid and gla;
 #: linear_4layer interpolated between 2 and 6 layers, fixed_teacher taken as linear_1layer's rate at batch 256
-#: (it runs at 128: an overestimate of its time), the other family layers as gla.
+#: (it runs at 128: an overestimate of its time), every family run (family_NAME) at gla's rate (not measured per layer
+#: unloaded; on the shared, loaded 2-core machine the family runs measured 2.4-5 steps/s, README "Family").
 CPU_STEPS_PER_S = {"linear_1layer": 12.7, "mesa_1layer": 10.5, "linear_2layer": 8.1, "linear_4layer": 5.5,
                    "linear_6layer": 3.8, "fixed_teacher": 12.7, "hybrid_softmax_mesa": 7.3, "softmax_7layer": 3.2,
                    **{f"family_{n}": 13.8 for n in FAMILY}}
@@ -101,7 +102,8 @@ QUICK = {n: Budget(4, 8, 64, 64) for n in ("linear_1layer", "mesa_1layer", "line
 def family_layer(name: str, layers_dir: Path) -> str:
     """The block ``layer`` of family member ``name``: ``generated:NAME`` for a spec in :data:`SPEC_DIR` (built by
     ``mesagen build``); for one of :data:`PENDING_SPECS` still in :data:`FIXTURE_DIR`, its JAX module compiled
-    into ``layers_dir/NAME/layer_jax.py`` (rewritten only when its text changes) and named by absolute path.
+    into ``layers_dir/NAME/layer_jax.py`` (rewritten only when its text changes), named by its path relative to
+    the repository root (block paths are read relative to it) or, outside the checkout, by absolute path.
 
     Raises:
         ValueError: ``name`` is neither in specs/ nor a pending fixture. SpecError / DerivationError: the
@@ -118,7 +120,8 @@ def family_layer(name: str, layers_dir: Path) -> str:
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    return str(path)
+    root = CONFIG_DIR.parent.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def family_config(name: str, budget: Budget, layers_dir: Path) -> RunConfig:
@@ -622,7 +625,7 @@ def family_row(runs: dict[str, Run], out: Path, *, shape: tuple[int, int, int, i
              "other in this run; × linear in parentheses) and the training steps/s of the run.", "",
              "| layer | mean loss | × GD-1 | × ridge | " + " | ".join(f"t = {t_}" for t_ in ts)
              + " | learned parameters | fwd tokens/s | train steps/s |",
-             "|---|" + "---|" * (7 + len(ts))]
+             "|---|" + "---|" * (6 + len(ts))]
     for name, r in ranked:
         pt = r.per_t()
         sp = speed.get(name)
@@ -660,18 +663,19 @@ def _plot_curves(curves: dict[str, np.ndarray], path: Path, title: str, xlabel: 
 
 
 def _plot_family(curves: dict[str, np.ndarray], gd1: np.ndarray, ridge: np.ndarray, path: Path, title: str) -> None:
-    """Per-t loss of every family layer (solid, 20 distinct colours) with GD-1 and ridge (dashed, black / grey)."""
+    """Per-t loss of every family layer (solid; ten hues, then their light variants) with GD-1 and ridge (dashed, black / grey)."""
     from mesagen.runtime.figures import plt
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     cmap = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))     # the ten dark hues first, then their light ones
     for i, (name, c) in enumerate(curves.items()):
-        ax.plot(np.arange(len(c)), c, "-", color=cmap(i % 20), lw=1.4, label=f"{name} ({np.mean(c):.3g})")
+        ax.plot(np.arange(len(c)), c, "-", color=cmap(order[i % 20]), lw=1.4, label=f"{name} ({np.mean(c):.3g})")
     ax.plot(np.arange(len(gd1)), gd1, "--", color="k", lw=1.6, label=f"GD-1, tuned η ({np.mean(gd1):.3g})")
     ax.plot(np.arange(len(ridge)), ridge, "--", color="0.45", lw=1.6, label=f"ridge, tuned λ ({np.mean(ridge):.3g})")
     ax.set_yscale("log")
     ax.set(xlabel="context pairs t", ylabel="loss ½‖ŝ − s‖²", title=title)
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mean loss", title_fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
