@@ -71,7 +71,7 @@ FAMILY_BUDGET = Budget(300, 128)
 
 #: Budgets per run name. ``full``: fits ~30 minutes of one CPU core (measured steps/s on this project's machine,
 #: one core, unloaded: linear_1layer 12.7 at batch 256, mesa 10.5, linear_2layer 8.1 and linear_6layer 3.8 at
-#: batch 128, softmax_7layer 3.2 and the hybrid 7.3 at batch 64, compilation 7-16 s per model; ~24 minutes in
+#: batch 128, softmax_7layer 3.2 and the hybrid 7.3 at batch 64, compilation 7-16 s per model; ~29 minutes in
 #: all): the linear and mesa models at the shipped configs' budgets, the others shorter (early-training snapshots).
 FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(1500, 128),
         "linear_2layer": Budget(1000, 128), "linear_4layer": Budget(1000, 128), "linear_6layer": Budget(1000, 128),
@@ -82,7 +82,7 @@ FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(1500, 128),
 #: core, light load) for linear_1layer, linear_2layer, linear_6layer, mesa, softmax_7layer, the hybrid and gla;
 #: linear_4layer interpolated between 2 and 6 layers, fixed_teacher taken as linear_1layer's rate at batch 256
 #: (it runs at 128: an overestimate of its time), every family run (family_NAME) at gla's rate (not measured per layer
-#: unloaded; on the shared, loaded 2-core machine the family runs measured 2.4-5 steps/s, README "Family").
+#: unloaded; on the shared 2-core machine at load ~12 the family runs measured 1.3-10.6 steps/s, README).
 CPU_STEPS_PER_S = {"linear_1layer": 12.7, "mesa_1layer": 10.5, "linear_2layer": 8.1, "linear_4layer": 5.5,
                    "linear_6layer": 3.8, "fixed_teacher": 12.7, "hybrid_softmax_mesa": 7.3, "softmax_7layer": 3.2,
                    **{f"family_{n}": 13.8 for n in FAMILY}}
