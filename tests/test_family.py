@@ -136,3 +136,15 @@ def test_family_row_ranks_the_layers_and_writes_table_and_figure(stepped, tmp_pa
     runs["family_linear"] = _fake_run(stepped["linear"][0], stepped["linear"][2], 0.9)
     row = rp.family_row(runs, tmp_path, shape=(2, 5, 2, 3), repeats=1, log=lambda *a: None)
     assert row.status == "fail" and "lowest: linear" in row.note
+
+
+def test_per_channel_parameters_are_shown_per_head(tmp_path):
+    # MesaNet's λ has shape (H, K): the evaluation line and the training figure show each head's range (the
+    # evaluation line crashed on it before; the figure drew one legend entry per channel)
+    from mesagen.runtime.evaluate import params_line
+    from mesagen.runtime.figures import plot_training
+    params = {"block_0": {"lam": [[0.5, 2.0, 1.0], [1.0, 1.0, 3.0]], "eta": [0.25, 0.5]}}
+    assert params_line(params) == "learned block_0 λ=[0.5…2, 1…3]; block_0 η=[0.25, 0.5]"
+    metrics = [{"step": s, "train_loss": 1.0 / (s + 1), "params": params} for s in (0, 10)]
+    plot_training(metrics, tmp_path / "training.png")
+    assert (tmp_path / "training.png").stat().st_size > 0
