@@ -30,8 +30,30 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 #: Claim ids in table order (docs/paper.md §6, then the family comparison).
 CLAIMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "family")
 
-#: Family layers compared at one budget (configs/NAME_1layer.yaml).
-FAMILY = ("simple_gla", "retention", "gla", "gated_delta", "kda")
+#: Where the shipped specs live (every ``specs/NAME.yaml`` is a member of the family comparison).
+SPEC_DIR = CONFIG_DIR.parent / "specs"
+
+#: Where specs wait whose JAX layer compiles but whose Numba modules do not exist yet (so they are not in specs/).
+FIXTURE_DIR = CONFIG_DIR.parent / "tests" / "fixtures"
+
+#: Kernel-regression specs (docs/family.md §9) that join the family from :data:`FIXTURE_DIR` (JAX only) until
+#: their spec lands in specs/; from then on they come from specs/ like every other layer.
+PENDING_SPECS = ("softmax", "forgetting_attn")
+
+#: The config every family run is derived from (task, model sizes, optimiser, seed): the mesa layer's.
+FAMILY_BASE = "mesa_1layer"
+
+
+def family_names(spec_dir: Path = SPEC_DIR, fixture_dir: Path = FIXTURE_DIR) -> tuple[str, ...]:
+    """The layers of the family comparison: every ``spec_dir/NAME.yaml`` (sorted), then each of
+    :data:`PENDING_SPECS` not in ``spec_dir`` whose spec is in ``fixture_dir``."""
+    shipped = sorted(p.stem for p in Path(spec_dir).glob("*.yaml"))
+    return tuple(shipped + [n for n in PENDING_SPECS if n not in shipped and (Path(fixture_dir) / f"{n}.yaml").is_file()])
+
+
+#: Family layers compared at one budget, derived from the directories (:func:`family_names`); the run of layer
+#: NAME is ``family_NAME`` (:func:`family_config`).
+FAMILY = family_names()
 
 
 @dataclass(frozen=True)
@@ -44,22 +66,26 @@ class Budget:
     tune_batch: int = 512
 
 
+#: The one budget of every family run (steps × batch; seed, optimiser and schedule those of :data:`FAMILY_BASE`).
+FAMILY_BUDGET = Budget(300, 128)
+
 #: Budgets per run name. ``full``: fits ~30 minutes of one CPU core (measured steps/s on this project's machine,
 #: one core, unloaded: linear_1layer 12.7 at batch 256, mesa 10.5, linear_2layer 8.1 and linear_6layer 3.8 at
-#: batch 128, softmax_7layer 3.2 and the hybrid 7.3 at batch 64, compilation 7-16 s per model; ~24 minutes in
+#: batch 128, softmax_7layer 3.2 and the hybrid 7.3 at batch 64, compilation 7-16 s per model; ~29 minutes in
 #: all): the linear and mesa models at the shipped configs' budgets, the others shorter (early-training snapshots).
 FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(1500, 128),
         "linear_2layer": Budget(1000, 128), "linear_4layer": Budget(1000, 128), "linear_6layer": Budget(1000, 128),
         "fixed_teacher": Budget(600, 128), "hybrid_softmax_mesa": Budget(400, 64),
-        "softmax_7layer": Budget(300, 64), **{f"{n}_1layer": Budget(200, 128) for n in FAMILY}}
+        "softmax_7layer": Budget(300, 64), **{f"family_{n}": FAMILY_BUDGET for n in FAMILY}}
 #: Training steps/s of each run's model on one core of this project's 2-core CPU machine (JAX CPU backend, at the
 #: batch of :data:`FULL`), and a compile time per model: the one-core cost estimate in the table. Measured (one
 #: core, light load) for linear_1layer, linear_2layer, linear_6layer, mesa, softmax_7layer, the hybrid and gla;
 #: linear_4layer interpolated between 2 and 6 layers, fixed_teacher taken as linear_1layer's rate at batch 256
-#: (it runs at 128: an overestimate of its time), the other family layers as gla.
+#: (it runs at 128: an overestimate of its time), every family run (family_NAME) at gla's rate (not measured per layer
+#: unloaded; on the shared 2-core machine at load ~12 the family runs measured 1.3-10.6 steps/s, README).
 CPU_STEPS_PER_S = {"linear_1layer": 12.7, "mesa_1layer": 10.5, "linear_2layer": 8.1, "linear_4layer": 5.5,
                    "linear_6layer": 3.8, "fixed_teacher": 12.7, "hybrid_softmax_mesa": 7.3, "softmax_7layer": 3.2,
-                   **{f"{n}_1layer": 13.8 for n in FAMILY}}
+                   **{f"family_{n}": 13.8 for n in FAMILY}}
 CPU_COMPILE_S = 12.0
 
 
@@ -73,13 +99,67 @@ def one_core_estimate(budgets: dict[str, Budget]) -> float:
 QUICK = {n: Budget(4, 8, 64, 64) for n in ("linear_1layer", "mesa_1layer", "linear_2layer", "fixed_teacher")}
 
 
-def run_config(name: str, budget: Budget) -> RunConfig:
+def family_layer(name: str, layers_dir: Path) -> str:
+    """The block ``layer`` of family member ``name``: ``generated:NAME`` for a spec in :data:`SPEC_DIR` (built by
+    ``mesagen build``); for one of :data:`PENDING_SPECS` still in :data:`FIXTURE_DIR`, its JAX module compiled
+    into ``layers_dir/NAME/layer_jax.py`` (rewritten only when its text changes), named by its path relative to
+    the repository root (block paths are read relative to it) or, outside the checkout, by absolute path.
+
+    Raises:
+        ValueError: ``name`` is neither in specs/ nor a pending fixture. SpecError / DerivationError: the
+            fixture spec does not compile.
+    """
+    if (SPEC_DIR / f"{name}.yaml").is_file():
+        return f"generated:{name}"
+    fixture = FIXTURE_DIR / f"{name}.yaml"
+    if name not in PENDING_SPECS or not fixture.is_file():
+        raise ValueError(f"family layer {name!r}: no {SPEC_DIR / (name + '.yaml')} and no pending fixture spec")
+    from mesagen.pipeline import compile_file
+    text = compile_file(fixture, backends=("jax",)).files[f"{name}/layer_jax.py"]
+    path = (Path(layers_dir) / name / "layer_jax.py").resolve()
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    root = CONFIG_DIR.parent.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def family_config(name: str, budget: Budget, layers_dir: Path) -> RunConfig:
+    """Run ``family_NAME``: :data:`FAMILY_BASE` (task, tokens, sizes, clipping, init, optimiser, schedule, seed)
+    with its one block swapped for layer ``name`` in the layer's first form (``recurrent`` for every shipped
+    spec), at ``budget``.
+
+    Per-parameter settings of the base (``model.param_space``, ``model.param_init``, ``train.param_lr_scale``)
+    are kept for the parameters the layer has and dropped for the others (the base's ``lam: 100`` applies to
+    every layer with a λ: ridge, rls_forgetting, mesanet). Per-token inputs (gates, β) need nothing here: the
+    trainer projects them from the block input for any spec (:class:`~mesagen.runtime.layers.GeneratedAttention`).
+
+    Raises:
+        ConfigError: the base config is missing or invalid. LayerLoadError: the layer is not built.
+        ValueError: ``name`` is not a family layer.
+    """
+    from mesagen.runtime.loader import load_layer_module, resolve_layer_path
+    layer = family_layer(name, layers_dir)
+    params = set(load_layer_module(resolve_layer_path(layer)).PARAMS)
+    cfg = run_config(FAMILY_BASE, budget).model_dump()
+    cfg["name"] = f"family_{name}"
+    cfg["description"] = f"1-layer {name} on the fully observed task at the family budget ({FAMILY_BASE} otherwise)"
+    cfg["model"]["blocks"] = [{"layer": layer}]
+    for section, key in (("model", "param_space"), ("model", "param_init"), ("train", "param_lr_scale")):
+        cfg[section][key] = {n: v for n, v in cfg[section][key].items() if n in params}
+    return RunConfig.model_validate(cfg)
+
+
+def run_config(name: str, budget: Budget, runs_dir: Path | None = None) -> RunConfig:
     """The shipped config behind run ``name`` at ``budget`` (``fixed_teacher``: linear_1layer on the
-    fixed-teacher task); warm-up + cosine schedules are rescaled with the steps (``with_overrides``).
+    fixed-teacher task; ``family_NAME``: :func:`family_config`, its pending layers compiled under
+    ``runs_dir/_layers``); warm-up + cosine schedules are rescaled with the steps (``with_overrides``).
 
     Raises:
         ConfigError: the config file is missing or invalid.
     """
+    if name.startswith("family_"):
+        return family_config(name.removeprefix("family_"), budget, Path(runs_dir or "runs") / "_layers")
     base = load_config(CONFIG_DIR / f"{'linear_1layer' if name == 'fixed_teacher' else name}.yaml")
     cfg = base.with_overrides(steps=budget.steps).model_dump()
     cfg["name"] = name
@@ -132,7 +212,7 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
 def get_run(name: str, budget: Budget, runs_dir: Path, log=print) -> Run:
     """Train run ``name`` into ``runs_dir/name`` or reuse it there (:func:`finished`)."""
     from mesagen.runtime.train import Trainer, train
-    config = run_config(name, budget)
+    config = run_config(name, budget, runs_dir)
     run_dir = runs_dir / name
     if finished(run_dir, config):
         trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
@@ -158,6 +238,7 @@ class Row:
     status: str = "not run"
     figures: list[str] = field(default_factory=list)
     note: str = ""
+    sections: list[str] = field(default_factory=list)    # Markdown lines of a section of its own (a table)
 
 
 #: A model whose mean loss is above this fraction of predict-0's has not learned the task at its budget.
@@ -435,20 +516,143 @@ def claim8(run: Run) -> Row:
     return row
 
 
-def family_row(runs: dict[str, Run], mesa: Run | None) -> Row:
-    """The family comparison: every *_1layer config at one budget."""
-    row = Row("family", "(mesagen, not in the paper) at one budget, the mesa layer beats the gated / delta-rule "
-              "layers of the fla family on the fully observed task.", "–")
-    ranked = sorted([(n.removesuffix("_1layer"), r.mean()) for n, r in runs.items()], key=lambda x: x[1])
-    ridge = next(iter(runs.values())).mean("ridge")
-    row.measured = "mean loss: " + ", ".join(f"{n} {_f(m)}" for n, m in ranked) + f"; ridge {_f(ridge)}" + \
-        (f"; mesa at its own budget {_f(mesa.mean())}" if mesa else "")
-    row.setting = f"each {next(iter(runs.values())).setting()}"
-    if mesa:
-        row.status = "pass" if mesa.mean() < ranked[0][1] else "fail"
-        row.note = f"the mesa row uses claim 2's budget ({mesa.setting()}): the comparison favours it."
+#: Positions t (context pairs) of the family table's per-t columns (the task has t = 0…seq_len − 1).
+FAMILY_T = (1, 10, 25, 49)
+
+#: ``(B, T, H, K)`` (V = K) of the family's recurrent-forward throughput (the README's speed-table shape).
+THROUGHPUT_SHAPE = (8, 1024, 4, 32)
+
+
+def layer_inputs(layer, b: int, t: int, h: int, k: int, v: int, seed: int = 0) -> tuple:
+    """Random float32 arguments of any generated layer module: ``q [B, T, H, K]`` ~ N(0, 1), ``k [B, T, H, K]``
+    ~ N(0, 1/K), ``v [B, T, H, V]`` ~ N(0, 1), the spec's parameters at ``init_params`` and every per-token input
+    of ``layer.INPUTS`` mapped the way the trainer maps it (:func:`mesagen.runtime.layers.input_map` of a
+    N(0, 1) projection plus the trainer's initial bias: +3 for gates, 0 otherwise), in its declared shape.
+
+    Returns:
+        ``(q, k, v, params, inputs)``.
+
+    Raises:
+        LayerLoadError: an input of unsupported shape, domain or space.
+    """
+    import jax.numpy as jnp
+
+    from mesagen.runtime.layers import GATE_BIAS_INIT, input_channels, input_map, is_gate
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, h, k)), jnp.float32)
+    kk = jnp.asarray(rng.standard_normal((b, t, h, k)) / np.sqrt(k), jnp.float32)
+    vv = jnp.asarray(rng.standard_normal((b, t, h, v)), jnp.float32)
+    params = {n: jnp.asarray(x, jnp.float32) for n, x in layer.init_params(h, k, v, jnp.float32).items()}
+    inputs = {}
+    for n, spec in layer.INPUTS.items():
+        c = input_channels(n, spec, k, v)
+        z = rng.standard_normal((b, t, h) + (() if c is None else (c,))) + (GATE_BIAS_INIT if is_gate(spec) else 0.0)
+        inputs[n] = input_map(jnp.asarray(z, jnp.float32), spec["domain"], spec["space"])
+    return q, kk, vv, params, inputs
+
+
+def forward_tokens_per_s(layer, form: str = "recurrent", shape: tuple[int, int, int, int] = THROUGHPUT_SHAPE,
+                         repeats: int = 3) -> float:
+    """Forward throughput of a generated layer module, tokens (B·T) per second: the median wall time of
+    ``repeats`` jitted JAX ``forward(..., form=form)`` calls in float32 on :func:`layer_inputs` of ``shape``
+    ``(B, T, H, K)`` (V = K), after one warm-up call (compilation).
+
+    Raises:
+        LayerLoadError: as :func:`layer_inputs`. ValueError: ``form`` not in ``layer.FORMS``.
+    """
+    if form not in layer.FORMS:
+        raise ValueError(f"form {form!r}: layer {layer.SPEC_NAME!r} offers {layer.FORMS}")
+    b, t, h, k = shape
+    q, kk, vv, params, inputs = layer_inputs(layer, b, t, h, k, k)
+    run = jax.jit(lambda q, k, v, p, i: layer.forward(q, k, v, p, form=form, **i)[0])
+    jax.block_until_ready(run(q, kk, vv, params, inputs))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(q, kk, vv, params, inputs))
+        times.append(time.perf_counter() - t0)
+    return b * t / float(np.median(times))
+
+
+def _params_cell(result: dict) -> str:
+    from mesagen.runtime.evaluate import _head_value
+    from mesagen.runtime.figures import GREEK
+    ps = result.get("params", {}).get("block_0", {})
+    return "; ".join(f"{GREEK.get(n, n)} {', '.join(_head_value(x) for x in v)}" for n, v in ps.items()) or "–"
+
+
+def family_row(runs: dict[str, Run], out: Path, *, shape: tuple[int, int, int, int] = THROUGHPUT_SHAPE,
+               repeats: int = 3, log=print) -> Row:
+    """The family comparison: every layer of :data:`FAMILY` trained as ``family_NAME`` at one budget.
+
+    Writes ``out/family_per_t.png`` (every layer, GD-1 and ridge per t) and puts the family table -- per layer
+    the mean held-out loss, its ratio to the GD-1 and ridge baselines, the loss at :data:`FAMILY_T`, the learned
+    spec parameters, the recurrent-forward throughput (:func:`forward_tokens_per_s`, measured here, side by
+    side, at ``shape``) and the training steps/s -- into the row's ``sections``.
+
+    Args:
+        runs: ``{"family_NAME": Run}``, at least one.  out: the figure's folder.
+        shape, repeats: of the throughput measurement.  log: progress lines.
+
+    Returns:
+        The row: pass when the mesa layer (``ridge``) has the lowest mean loss of the family, fail when not,
+        not meaningful (and never pass) when a layer did not learn (:func:`undertrained`).
+    """
+    row = Row("family", "(mesagen, not in the paper) Every shipped layer as one layer on the fully observed task at "
+              "one budget (the mesa config's task, sizes, optimiser and seed): the mesa layer (ridge) has the "
+              "lowest mean loss of the family.", "– (claim 2: mesa ≈ ridge, far below one linear layer)")
+    any_run = next(iter(runs.values()))
+    gd1, ridge = any_run.mean("gd1"), any_run.mean("ridge")
+    ranked = sorted(runs.items(), key=lambda x: x[1].mean())
+    speed = {}
+    for name, r in ranked:
+        attn = r.model.blocks[0].attn
+        try:
+            speed[name] = forward_tokens_per_s(attn.layer, attn.form, shape, repeats)
+        except Exception as exc:  # noqa: BLE001 - a layer that cannot be timed keeps its accuracy row
+            log(f"reproduce: family: timing {name} failed: {type(exc).__name__}: {exc}")
+    base_speed = speed.get("family_linear")
+    ts = [t for t in FAMILY_T if t < len(any_run.per_t())]
+    short = lambda n: n.removeprefix("family_")  # noqa: E731
+    row.measured = ("mean loss (× ridge baseline): " + ", ".join(f"{short(n)} {_f(r.mean(), 3)} ({r.mean() / ridge:.2f}×)"
+                                                               for n, r in ranked)
+                    + f"; baselines GD-1 {_f(gd1)}, ridge {_f(ridge)}; full table below")
+    row.setting = f"each {any_run.setting()} ({FAMILY_BASE}'s optimiser and schedule)"
+    best = short(ranked[0][0])
+    if "family_ridge" in runs:
+        rank = [n for n, _ in ranked].index("family_ridge") + 1
+        row.status = "pass" if rank == 1 else "fail"
+        row.note = (f"the mesa layer ranks {rank} of {len(ranked)} (lowest: {best}). Pass: ridge lowest. All "
+                    "runs share steps × batch, seed, data, optimiser (AdamW, warm-up + cosine) and sizes; λ learns at "
+                    "the base config's 100× rate in every layer that has one (ridge, rls_forgetting, mesanet).")
     else:
         row.status = "partial"
+        row.note = "the mesa layer (ridge) was not run: no verdict."
+    b, t, h, k = shape
+    lines = [f"Per layer: one layer, {any_run.setting()}; held-out loss ½‖ŝ − s‖² (mean over t = 0…"
+             f"{len(any_run.per_t()) - 1} and at t = {', '.join(map(str, ts))}), its ratio to the tuned GD-1 and "
+             f"ridge baselines, the learned spec parameters (per head), the JAX recurrent-forward throughput at "
+             f"B, T, H, K = V = {b}, {t}, {h}, {k}, float32 (median of {repeats}, all layers timed one after the "
+             "other in this run; × linear in parentheses) and the training steps/s of the run.", "",
+             "| layer | mean loss | × GD-1 | × ridge | " + " | ".join(f"t = {t_}" for t_ in ts)
+             + " | learned parameters | fwd tokens/s | train steps/s |",
+             "|---|" + "---|" * (6 + len(ts))]
+    for name, r in ranked:
+        pt = r.per_t()
+        sp = speed.get(name)
+        sp_cell = "–" if sp is None else f"{sp:,.0f}" + (f" ({sp / base_speed:.2f}×)" if base_speed else "")
+        sps = r.result.get("steps_per_s")
+        lines.append(f"| {short(name)} | {_f(r.mean())} | {r.mean() / gd1:.3f} | {r.mean() / ridge:.3f} | "
+                     + " | ".join(f"{pt[t_]:.4g}" for t_ in ts) + f" | {_params_cell(r.result)} | {sp_cell} | "
+                     + ("–" if not sps else f"{sps:.1f}") + " |")
+    for label, key in (("GD-1 (tuned η)", "gd1"), ("ridge (tuned λ)", "ridge"), ("predict 0", "predict_zero")):
+        pt = any_run.per_t(key)
+        lines.append(f"| *{label}* | {_f(any_run.mean(key))} | {any_run.mean(key) / gd1:.3f} | "
+                     f"{any_run.mean(key) / ridge:.3f} | " + " | ".join(f"{pt[t_]:.4g}" for t_ in ts) + " | – | – | – |")
+    row.sections = ["## Family table", "", *lines]
+    _plot_family({short(n): r.per_t() for n, r in ranked}, any_run.per_t("gd1"), any_run.per_t("ridge"),
+                 out / "family_per_t.png", f"family: one layer each, {any_run.setting()}")
+    row.figures.append("family_per_t.png")
     return _flag(row, list(runs.values()))
 
 
@@ -463,6 +667,26 @@ def _plot_curves(curves: dict[str, np.ndarray], path: Path, title: str, xlabel: 
     ax.set(xlabel=xlabel, ylabel="loss ½‖ŝ − s‖²", title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_family(curves: dict[str, np.ndarray], gd1: np.ndarray, ridge: np.ndarray, path: Path, title: str) -> None:
+    """Per-t loss of every family layer (solid; ten hues, then their light variants) with GD-1 and ridge (dashed, black / grey)."""
+    from mesagen.runtime.figures import plt
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))     # the ten dark hues first, then their light ones
+    for i, (name, c) in enumerate(curves.items()):
+        ax.plot(np.arange(len(c)), c, "-", color=cmap(order[i % 20]), lw=1.4, label=f"{name} ({np.mean(c):.3g})")
+    ax.plot(np.arange(len(gd1)), gd1, "--", color="k", lw=1.6, label=f"GD-1, tuned η ({np.mean(gd1):.3g})")
+    ax.plot(np.arange(len(ridge)), ridge, "--", color="0.45", lw=1.6, label=f"ridge, tuned λ ({np.mean(ridge):.3g})")
+    ax.set_yscale("log")
+    ax.set(xlabel="context pairs t", ylabel="loss ½‖ŝ − s‖²", title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="mean loss", title_fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
@@ -555,7 +779,7 @@ def reproduce(out: str | Path = "paper_results", *, quick: bool = False, only: s
                 "4": ["linear_6layer", "linear_4layer", "linear_2layer"], "5": ["softmax_7layer"],
                 "6": ["hybrid_softmax_mesa", "mesa_1layer", "linear_6layer", "softmax_7layer"],
                 "7": ["mesa_1layer"], "8": ["fixed_teacher"], "9": [],
-                "family": [f"{n}_1layer" for n in FAMILY]}[claim]
+                "family": [f"family_{n}" for n in FAMILY]}[claim]
 
     rows: dict[str, Row] = {}
     builders = {
@@ -568,7 +792,7 @@ def reproduce(out: str | Path = "paper_results", *, quick: bool = False, only: s
         "7": lambda: claim7(need("mesa_1layer"), out) if need("mesa_1layer") else None,
         "8": lambda: claim8(need("fixed_teacher")) if need("fixed_teacher") else None,
         "9": lambda: None,
-        "family": lambda: _family(need),
+        "family": lambda: _family(need, out, log),
     }
     for claim in CLAIMS:
         if claim not in selected:
@@ -619,10 +843,10 @@ def _claim6(need) -> Row | None:
     return claim6(hybrid, {n: r for n, r in others.items() if r is not None})
 
 
-def _family(need) -> Row | None:
-    runs = {f"{n}_1layer": need(f"{n}_1layer") for n in FAMILY}
+def _family(need, out: Path, log) -> Row | None:
+    runs = {f"family_{n}": need(f"family_{n}") for n in FAMILY}
     runs = {n: r for n, r in runs.items() if r is not None}
-    return family_row(runs, need("mesa_1layer")) if runs else None
+    return family_row(runs, out, log=log) if runs else None
 
 
 _STATEMENTS = {
@@ -641,7 +865,8 @@ _STATEMENTS = {
     "8": ("Fixed teacher: a 1-layer model beats GD-1 by memorising W*, with no mesa signature.", "model < GD-1"),
     "9": ("Language modelling: softmax-then-mesa beats softmax-then-linear and nearly matches softmax.",
           "qualitative (appendix)"),
-    "family": ("(mesagen, not in the paper) the mesa layer beats the fla-family layers at one budget.", "–"),
+    "family": ("(mesagen, not in the paper) every shipped layer as one layer at one budget: the mesa layer (ridge) "
+               "has the lowest mean loss of the family.", "–"),
 }
 
 
@@ -695,6 +920,9 @@ def write_table(path: Path, rows: list[Row], *, quick: bool, wall_s: float, cpu_
     notes = [f"- **{r.claim}**: {r.note}" for r in rows if r.note]
     if notes:
         lines += ["", "## Notes", "", *notes]
+    for r in rows:
+        if r.sections:
+            lines += ["", *r.sections]
     figs = [f for r in rows for f in r.figures]
     if figs:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figs]
