@@ -89,9 +89,15 @@ def test_quick_reproduce_writes_a_row_per_claim(tmp_path):
             assert status in ("pass", "fail", "partial"), (claim, status)
         for fig in re.findall(r"\(([^)]+\.png)\)", figures):
             assert (tmp_path / fig).is_file(), fig
-    # a second run reuses every finished run instead of retraining
+    # a second run reuses every finished run instead of retraining, and --only keeps the other claims' rows
     assert main(["reproduce", "--quick", "--only", "2", "--out", str(tmp_path)]) == 0
-    assert "Trained: none" in (tmp_path / "PAPER_RESULTS.md").read_text()
+    again = (tmp_path / "PAPER_RESULTS.md").read_text()
+    assert "Trained: none" in again
+    assert claim_rows(again)[0] == rows[0] and not rows[0].split("|")[4].strip().startswith("not run")
+    assert "kept from earlier invocations" in again
+    # a full-mode --only never mixes in rows of a quick run
+    from mesagen.runtime.reproduce import _load_rows
+    assert _load_rows(tmp_path, quick=False) == {"rows": {}, "runs": {}}
     assert main(["reproduce", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
 
 
