@@ -89,7 +89,39 @@ def test_quick_reproduce_writes_a_row_per_claim(tmp_path):
             assert status in ("pass", "fail", "partial"), (claim, status)
         for fig in re.findall(r"\(([^)]+\.png)\)", figures):
             assert (tmp_path / fig).is_file(), fig
-    # a second run reuses every finished run instead of retraining
+    # a second run reuses every finished run instead of retraining, and --only keeps the other claims' rows
     assert main(["reproduce", "--quick", "--only", "2", "--out", str(tmp_path)]) == 0
-    assert "Trained: none" in (tmp_path / "PAPER_RESULTS.md").read_text()
+    again = (tmp_path / "PAPER_RESULTS.md").read_text()
+    assert "Trained: none" in again
+    assert claim_rows(again)[0] == rows[0] and not rows[0].split("|")[4].strip().startswith("not run")
+    assert "kept from earlier invocations" in again
+    # a full-mode --only never mixes in rows of a quick run
+    from mesagen.runtime.reproduce import _load_rows
+    assert _load_rows(tmp_path, quick=False) == {"rows": {}, "runs": {}}
     assert main(["reproduce", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_prop2_contains_gd_and_converges_to_the_ridge_preconditioned_readout():
+    s = _states()
+    # c = 1, η = 1: exactly k-step GD with step ω
+    np.testing.assert_allclose(analysis.prop2_predictions(s, 0.05, 1.0, 1.0, 5),
+                               analysis.gd_k_predictions(s, 0.05, 5), rtol=1e-12, atol=1e-14)
+    # many Richardson steps: x_k → (A_t + ρI)⁻¹ s_t, ρ = (1 − c)/ω, so ŝ = η C_t (A_t + ρI)⁻¹ s_t
+    omega, c, eta = 0.05, 0.99, 0.7
+    rho = (1 - c) / omega
+    pred = analysis.prop2_predictions(s, omega, c, eta, 3000)[-1]
+    x, y = s[:, :-1], s[:, 1:]
+    b, t = 2, 6
+    a = x[b, :t].T @ x[b, :t] + rho * np.eye(3)
+    want = eta * (y[b, :t].T @ x[b, :t]) @ np.linalg.solve(a, x[b, t])
+    np.testing.assert_allclose(pred[b, t], want, rtol=1e-8)
+    with pytest.raises(ValueError, match="damping"):
+        analysis.prop2_predictions(s, 0.05, 1.5, 1.0, 3)
+
+
+def test_prop2_fit_is_never_worse_than_gd_on_the_tuning_sequences():
+    tune = _states(40, seed=1)
+    _, gd = analysis.fit_gd_k(tune, tune, 6)
+    params, p2 = analysis.fit_prop2_k(tune, tune, 6)
+    assert np.all(p2.mean(1) <= gd.mean(1) * (1 + 1e-12))
+    assert np.all(params[:, 0] > 0) and np.all((params[:, 1] > 0) & (params[:, 1] <= 1))

@@ -218,6 +218,92 @@ def fit_gd_k(tune_states: np.ndarray, eval_states: np.ndarray, k_max: int,
     return etas, per_t
 
 
+def _richardson_poly(lam: np.ndarray, omega: float, damping: float, k_max: int) -> np.ndarray:
+    """q_k(a) = ω Σ_{j<k} (c − ω a)^j for k = 1..k_max with c = ``damping``: ``[k_max, *lam.shape]``.
+
+    k steps of Richardson's iteration x_{j+1} = x_j + ω (s − (A + ρI) x_j) from x_0 = 0 give x_k = q_k(A) s with
+    c = 1 − ωρ (the ridge damping ρ = (1 − c)/ω); c = 1 is plain GD's polynomial (:func:`_gd_poly`).
+    """
+    out, term, acc = [], np.ones_like(lam), np.zeros_like(lam)
+    for _ in range(k_max):
+        acc = acc + term
+        out.append(omega * acc)
+        term = term * (damping - omega * lam)
+    return np.stack(out)
+
+
+def prop2_predictions(states: np.ndarray, omega: float, damping: float, scale: float, k_max: int) -> np.ndarray:
+    """Predictions of the paper's Proposition 2 algorithm for k = 1..k_max (von Oswald et al. 2023, Sec. 4).
+
+    k steps of Richardson's iteration approximate the preconditioned input x ≈ (A_t + ρI)⁻¹ s_t (A_t = Σ_{i<t}
+    x_i x_iᵀ, ρ = (1 − c)/ω, from x_0 = 0), then one GD step reads it out: ŝ_{t+1} = η C_t x_k
+    (C_t = Σ_{i<t} y_i x_iᵀ). With c = 1 and η = 1 this is k steps of GD with step ω (:func:`gd_k_predictions`);
+    a Chebyshev iteration is another polynomial of the same degree k − 1, so the fitted family below (ω, c, η
+    free per k) contains the best Richardson variant, not the best polynomial.
+
+    Args:
+        states: ``[B, T + 1, D]``. omega: Richardson step ω > 0. damping: c = 1 − ωρ ∈ (0, 1]. scale: η.
+        k_max: largest k (>= 1).
+
+    Returns:
+        float64 ``[k_max, B, T, D]``.
+
+    Raises:
+        ValueError: if ``k_max < 1``, ``omega <= 0`` or ``damping`` is outside (0, 1].
+    """
+    if k_max < 1 or omega <= 0 or not 0 < damping <= 1:
+        raise ValueError(f"prop2_predictions: need k_max >= 1, omega > 0 and 0 < damping <= 1, got k_max={k_max}, "
+                         f"omega={omega}, damping={damping}")
+    lam, m, z, _ = _gd_stats(states)
+    return scale * np.einsum("btdj,kbtj->kbtd", m, _richardson_poly(lam, omega, damping, k_max) * z[None])
+
+
+#: Damping grid c = 1 − ωρ of the Proposition 2 fit (c = 1: no ridge term, plain GD's polynomial).
+PROP2_DAMPING_GRID = (1.0, 0.995, 0.98, 0.95, 0.9, 0.8, 0.6)
+
+
+def fit_prop2_k(tune_states: np.ndarray, eval_states: np.ndarray, k_max: int,
+                omegas: tuple[float, ...] = GD_ETA_GRID,
+                dampings: tuple[float, ...] = PROP2_DAMPING_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Fit Proposition 2's (ω, c, η) for every k on ``tune_states``; per-t losses on ``eval_states``.
+
+    (ω, c) on the grids; for each pair the read-out scale η of every k is the least-squares optimum
+    η* = ⟨u, y⟩ / ⟨u, u⟩ of the unit-scale predictions u (closed form), so the fit is never worse than k-step GD
+    (:func:`fit_gd_k`, the c = 1, η = 1 members) on the tuning sequences.
+
+    Args:
+        tune_states, eval_states: ``[B, T + 1, D]`` (different sequences). k_max: largest k.
+        omegas, dampings: the grids of ω and c.
+
+    Returns:
+        ``(params [k_max, 3], per_t [k_max, T])``: (ω, c, η) of each k and its per-position loss on
+        ``eval_states`` (½ Σ_d error², mean over sequences).
+    """
+    lam, m, z, y = _gd_stats(tune_states)
+    best = np.full(k_max, np.inf)
+    params = np.zeros((k_max, 3))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for omega in omegas:
+            for c in dampings:
+                u = np.einsum("btdj,kbtj->kbtd", m, _richardson_poly(lam, omega, c, k_max) * z[None])
+                uu = np.sum(u * u, axis=(1, 2, 3))
+                eta = np.where(uu > 0, np.sum(u * y[None], axis=(1, 2, 3)) / np.where(uu > 0, uu, 1), 0.0)
+                loss = 0.5 * np.mean(np.sum((eta[:, None, None, None] * u - y[None]) ** 2, -1), axis=(1, 2))
+                loss = np.where(np.isfinite(loss), loss, np.inf)
+                better = loss < best
+                best = np.where(better, loss, best)
+                params = np.where(better[:, None], np.stack([np.full(k_max, omega), np.full(k_max, c), eta], 1),
+                                  params)
+    lam, m, z, y = _gd_stats(eval_states)
+    per_t = []
+    for k in range(k_max):
+        omega, c, eta = params[k]
+        poly = _richardson_poly(lam, omega, c, k + 1)[k] if omega > 0 else np.zeros_like(lam)
+        pred = eta * np.einsum("btdj,btj->btd", m, poly * z)
+        per_t.append(0.5 * np.mean(np.sum((pred - y) ** 2, -1), 0))
+    return params, np.stack(per_t)
+
+
 def fit_k(model_per_t: np.ndarray, gd_per_t: np.ndarray, t_min: int = 1) -> tuple[int, float]:
     """The k whose GD curve is closest to a model's per-t loss in log space.
 

@@ -56,9 +56,17 @@ def provenance(trainer, model, steps: int, wall_s: float | None) -> dict:
             if rate else None}
 
 
+def _head_value(x) -> str:
+    """One head's value of a learned parameter: ``0.93`` for a scalar, ``0.81…1.2`` (min…max over the head's
+    channels) for a per-channel one such as MesaNet's λ of shape ``(H, K)``."""
+    a = np.asarray(x, np.float64)
+    return f"{float(a):.3g}" if a.ndim == 0 else f"{a.min():.3g}…{a.max():.3g}"
+
+
 def params_line(params: dict) -> str:
-    """``"learned λ: block_0 [0.93, 1.21]"``-style text of :func:`~mesagen.runtime.train.learned_params`."""
-    parts = [f"{blk} {GREEK.get(n, n)}=[{', '.join(f'{x:.3g}' for x in v)}]"
+    """``"learned λ: block_0 [0.93, 1.21]"``-style text of :func:`~mesagen.runtime.train.learned_params`; a
+    parameter with channels per head (shape ``(H, K)``) shows each head's range ``min…max``."""
+    parts = [f"{blk} {GREEK.get(n, n)}=[{', '.join(_head_value(x) for x in v)}]"
              for blk, ps in params.items() for n, v in ps.items()]
     return "learned " + "; ".join(parts) if parts else "no learned layer parameters"
 

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 _STYLE = {"model": ("C0", "-", 2.0), "gd1": ("C1", "--", 1.5), "ridge": ("C2", "--", 1.5),
           "predict_zero": ("0.5", ":", 1.2), "predict_last": ("0.7", ":", 1.2)}
 #: Display names of spec parameters in figures and titles.
-GREEK = {"lam": "λ", "eta": "η", "beta": "β"}
+GREEK = {"lam": "λ", "eta": "η", "beta": "β", "gamma": "γ"}
 
 _LABEL = {"model": "model", "gd1": "GD-1 (tuned η)", "ridge": "ridge LSQ (tuned λ)",
           "predict_zero": "predict 0", "predict_last": "predict s_t"}
@@ -38,7 +38,9 @@ def plot_per_t(curves: dict[str, np.ndarray], path: Path, title: str = "", *, xl
 
 def plot_training(metrics: list[dict], path: Path, title: str = "", *, ylabel: str = "loss") -> None:
     """Training loss and held-out mean loss against the step (log scale); the learned layer parameters
-    recorded with them (``params`` of ``metrics.jsonl``, e.g. λ per head) on a second, right-hand axis.
+    recorded with them (``params`` of ``metrics.jsonl``, e.g. λ per head; a parameter with channels per head,
+    such as MesaNet's λ of shape ``(H, K)``, as each head's min and max over channels) on a second, right-hand
+    axis.
 
     Args:
         metrics: the records of ``metrics.jsonl``.
@@ -57,7 +59,12 @@ def plot_training(metrics: list[dict], path: Path, title: str = "", *, ylabel: s
         for blk, ps in (r.get("params") or {}).items():
             for name, values in ps.items():
                 for h, v in enumerate(values):
-                    series.setdefault(f"{blk} {GREEK.get(name, name)}[{h}]", []).append((r["step"], v))
+                    label = f"{blk} {GREEK.get(name, name)}[{h}]"
+                    if np.ndim(v) == 0:
+                        series.setdefault(label, []).append((r["step"], v))
+                    else:       # channels per head (MesaNet's λ, shape (H, K)): the head's range, two lines
+                        series.setdefault(f"{label} min", []).append((r["step"], float(np.min(v))))
+                        series.setdefault(f"{label} max", []).append((r["step"], float(np.max(v))))
     if series:
         ax2 = ax.twinx()
         for i, (label, pts) in enumerate(sorted(series.items())):

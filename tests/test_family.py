@@ -1,0 +1,150 @@
+"""The family comparison of ``mesagen reproduce`` (claim ``family``): its members come from specs/ (and the
+pending kernel-regression fixtures), every member's config is the mesa config with the layer swapped, every
+member trains (its gates / β / λ get gradients), and the row, table and figure are built from the runs.
+
+Small sizes throughout (state dim 2, T = 6, 2 heads of key size 3): ~20-40 s on one core, compilation of the
+fourteen one-step trainers dominating.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesagen.runtime import reproduce as rp
+from mesagen.runtime.config import RunConfig
+from mesagen.runtime.loader import load_layer_module, resolve_layer_path
+from mesagen.runtime.train import Trainer
+
+TINY = rp.Budget(1, 4, 8, 8)
+
+
+def test_family_is_every_spec_then_the_pending_fixtures(tmp_path):
+    specs = sorted(p.stem for p in rp.SPEC_DIR.glob("*.yaml"))
+    pending = [n for n in rp.PENDING_SPECS if n not in specs]
+    assert rp.FAMILY == tuple(specs + pending)
+    assert {"ridge", "linear", "mesanet"} <= set(rp.FAMILY)
+    # a pending spec that lands in specs/ comes from there, once
+    spec_dir = tmp_path / "specs"
+    spec_dir.mkdir()
+    for name in ("ridge", "softmax"):
+        shutil.copy(rp.FIXTURE_DIR / "softmax.yaml" if name == "softmax" else rp.SPEC_DIR / "ridge.yaml",
+                    spec_dir / f"{name}.yaml")
+    assert rp.family_names(spec_dir) == ("ridge", "softmax", "forgetting_attn")
+    assert rp.family_names(spec_dir, tmp_path / "no_fixtures") == ("ridge", "softmax")
+    # every family run has the one family budget
+    assert {rp.FULL[f"family_{n}"] for n in rp.FAMILY} == {rp.FAMILY_BUDGET}
+
+
+def test_family_config_is_the_base_with_the_layer_swapped(tmp_path):
+    base = rp.run_config(rp.FAMILY_BASE, rp.FAMILY_BUDGET).model_dump()
+    for name in rp.FAMILY:
+        cfg = rp.run_config(f"family_{name}", rp.FAMILY_BUDGET, tmp_path)
+        d = cfg.model_dump()
+        layer = d["model"]["blocks"][0]["layer"]
+        module = load_layer_module(resolve_layer_path(layer))
+        assert module.SPEC_NAME == name
+        assert cfg.name == f"family_{name}" and len(cfg.model.blocks) == 1
+        # λ's learning-rate multiplier only where the layer has a λ (else the trainer refuses the config)
+        assert cfg.train.param_lr_scale == ({"lam": 100.0} if "lam" in module.PARAMS else {})
+        for section in ("task", "eval"):
+            assert d[section] == base[section], (name, section)
+        for key in ("steps", "batch_size", "seed", "schedule", "weight_decay", "clip_grad_norm"):
+            assert d["train"][key] == base["train"][key], (name, key)
+        same = {k: v for k, v in d["model"].items() if k != "blocks"}
+        assert same == {k: v for k, v in base["model"].items() if k != "blocks"}, name
+    # pending fixtures are compiled once into the runs folder (here outside the checkout: absolute paths)
+    for name in rp.FAMILY:
+        if not (rp.SPEC_DIR / f"{name}.yaml").is_file():
+            assert (tmp_path / "_layers" / name / "layer_jax.py").is_file(), name
+    with pytest.raises(ValueError, match="no_such_layer"):
+        rp.family_config("no_such_layer", TINY, tmp_path)
+
+
+def _tiny(name: str, layers_dir) -> RunConfig:
+    """``family_NAME`` at state dim 2, T = 6, 2 heads of key size 3 (d_model = 4 D for constructed tokens)."""
+    d = rp.family_config(name, TINY, layers_dir).model_dump()
+    d["task"].update(state_dim=2, seq_len=6)
+    d["model"].update(d_model=8, heads=2, d_k=3)
+    return RunConfig.model_validate(d)
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory):
+    """name -> (trainer, model before, model after one step, loss), every family layer at tiny sizes."""
+    layers = tmp_path_factory.mktemp("family_layers")
+    out = {}
+    for name in rp.FAMILY:
+        trainer = Trainer(_tiny(name, layers))
+        state = trainer.initial_state()
+        new, loss = trainer.step(state)
+        out[name] = (trainer, state.model, new.model, float(loss))
+    return out
+
+
+@pytest.mark.parametrize("name", rp.FAMILY)
+def test_every_family_layer_trains_its_projections_inputs_and_parameters(stepped, name):
+    _, before, after, loss = stepped[name]
+    assert np.isfinite(loss) and loss > 0
+    b, a = before.blocks[0].attn, after.blocks[0].attn
+    moved = lambda x, y: float(jnp.max(jnp.abs(x - y))) > 0  # noqa: E731
+    assert moved(b.wq, a.wq) and moved(b.wv, a.wv) and moved(b.wo, a.wo)
+    for n in b.layer.INPUTS:                 # gates, β: projected from the block input and trained
+        assert moved(b.input_w[n], a.input_w[n]), n
+    for n in b.layer.PARAMS:                 # λ, η, γ: trained (λ at 100× the rate)
+        assert moved(b.raw_params[n], a.raw_params[n]), n
+
+
+def test_layer_inputs_and_throughput_of_any_layer():
+    for name in ("linear", "kda", "mesanet"):
+        layer = load_layer_module(resolve_layer_path(f"generated:{name}"))
+        q, k, v, params, inputs = rp.layer_inputs(layer, 2, 5, 2, 3, 4)
+        assert set(params) == set(layer.PARAMS) and set(inputs) == set(layer.INPUTS)
+        assert q.shape == k.shape == (2, 5, 2, 3) and v.shape == (2, 5, 2, 4) and q.dtype == jnp.float32
+        if "g" in inputs:
+            assert np.all(np.asarray(inputs["g"]) < 0)           # log-space gates
+        assert rp.forward_tokens_per_s(layer, shape=(2, 5, 2, 3), repeats=1) > 0
+    with pytest.raises(ValueError, match="offers"):
+        rp.forward_tokens_per_s(layer, "no_form", (2, 5, 2, 3), 1)
+
+
+def _fake_run(trainer, model, scale: float) -> rp.Run:
+    """A Run whose held-out curves are synthetic: the model's = ``scale`` × ridge's."""
+    t = trainer.config.task.seq_len
+    ridge = np.linspace(1.0, 0.1, t)
+    per_t = {"model": scale * ridge, "gd1": 3 * ridge, "ridge": ridge, "predict_zero": np.full(t, 4.0)}
+    result = {"per_t": {k: v.tolist() for k, v in per_t.items()}, "mean": {k: float(np.mean(v)) for k, v in per_t.items()},
+              "params": {"block_0": {"lam": [[0.5, 1.0, 2.0], [1.0, 1.0, 1.0]]}}, "steps_per_s": 3.0}
+    return rp.Run(trainer.config, trainer, model, result, False)
+
+
+def test_family_row_ranks_the_layers_and_writes_table_and_figure(stepped, tmp_path):
+    runs = {f"family_{n}": _fake_run(stepped[n][0], stepped[n][2], s)
+            for n, s in (("linear", 2.5), ("ridge", 1.1), ("mesanet", 1.3))}
+    row = rp.family_row(runs, tmp_path, shape=(2, 5, 2, 3), repeats=1, log=lambda *a: None)
+    assert row.status == "pass" and "ranks 1 of 3" in row.note
+    assert (tmp_path / "family_per_t.png").is_file() and row.figures == ["family_per_t.png"]
+    table = [line for line in row.sections if line.startswith("| ")]
+    assert len({line.count("|") for line in row.sections if line.startswith("|")}) == 1     # one column count
+    assert [line.split("|")[1].strip() for line in table[1:4]] == ["ridge", "mesanet", "linear"]
+    assert "0.5…2" in table[2]                                   # per-channel λ shown as a range per head
+    ratio = float(table[3].split("|")[4])                        # linear: × ridge
+    assert ratio == pytest.approx(2.5, abs=1e-3)
+    runs["family_linear"] = _fake_run(stepped["linear"][0], stepped["linear"][2], 0.9)
+    row = rp.family_row(runs, tmp_path, shape=(2, 5, 2, 3), repeats=1, log=lambda *a: None)
+    assert row.status == "fail" and "lowest: linear" in row.note
+
+
+def test_per_channel_parameters_are_shown_per_head(tmp_path):
+    # MesaNet's λ has shape (H, K): the evaluation line and the training figure show each head's range (the
+    # evaluation line crashed on it before; the figure drew one legend entry per channel)
+    from mesagen.runtime.evaluate import params_line
+    from mesagen.runtime.figures import plot_training
+    params = {"block_0": {"lam": [[0.5, 2.0, 1.0], [1.0, 1.0, 3.0]], "eta": [0.25, 0.5]}}
+    assert params_line(params) == "learned block_0 λ=[0.5…2, 1…3]; block_0 η=[0.25, 0.5]"
+    metrics = [{"step": s, "train_loss": 1.0 / (s + 1), "params": params} for s in (0, 10)]
+    plot_training(metrics, tmp_path / "training.png")
+    assert (tmp_path / "training.png").stat().st_size > 0
