@@ -1,5 +1,5 @@
 """The family comparison of ``mesagen reproduce`` (claim ``family``): its members come from specs/ (and the
-pending kernel-regression fixtures), every member's config is the mesa config with the layer swapped, every
+nothing else), every member's config is the mesa config with the layer swapped, every
 member trains (its gates / β / λ get gradients), and the row, table and figure are built from the runs.
 
 Small sizes throughout (state dim 2, T = 6, 2 heads of key size 3): ~20-40 s on one core, compilation of the
@@ -22,19 +22,15 @@ from mesagen.runtime.train import Trainer
 TINY = rp.Budget(1, 4, 8, 8)
 
 
-def test_family_is_every_spec_then_the_pending_fixtures(tmp_path):
-    specs = sorted(p.stem for p in rp.SPEC_DIR.glob("*.yaml"))
-    pending = [n for n in rp.PENDING_SPECS if n not in specs]
-    assert rp.FAMILY == tuple(specs + pending)
-    assert {"ridge", "linear", "mesanet"} <= set(rp.FAMILY)
-    # a pending spec that lands in specs/ comes from there, once
+def test_family_is_every_spec(tmp_path):
+    assert rp.FAMILY == tuple(sorted(p.stem for p in rp.SPEC_DIR.glob("*.yaml")))
+    assert {"ridge", "linear", "mesanet", "softmax"} <= set(rp.FAMILY)
+    # a spec that lands in specs/ joins the family
     spec_dir = tmp_path / "specs"
     spec_dir.mkdir()
-    for name in ("ridge", "softmax"):
-        shutil.copy(rp.FIXTURE_DIR / "softmax.yaml" if name == "softmax" else rp.SPEC_DIR / "ridge.yaml",
-                    spec_dir / f"{name}.yaml")
-    assert rp.family_names(spec_dir) == ("ridge", "softmax", "forgetting_attn")
-    assert rp.family_names(spec_dir, tmp_path / "no_fixtures") == ("ridge", "softmax")
+    for name in ("softmax", "ridge"):
+        shutil.copy(rp.SPEC_DIR / f"{name}.yaml", spec_dir / f"{name}.yaml")
+    assert rp.family_names(spec_dir) == ("ridge", "softmax")
     # every family run has the one family budget
     assert {rp.FULL[f"family_{n}"] for n in rp.FAMILY} == {rp.FAMILY_BUDGET}
 
@@ -42,7 +38,7 @@ def test_family_is_every_spec_then_the_pending_fixtures(tmp_path):
 def test_family_config_is_the_base_with_the_layer_swapped(tmp_path):
     base = rp.run_config(rp.FAMILY_BASE, rp.FAMILY_BUDGET).model_dump()
     for name in rp.FAMILY:
-        cfg = rp.run_config(f"family_{name}", rp.FAMILY_BUDGET, tmp_path)
+        cfg = rp.run_config(f"family_{name}", rp.FAMILY_BUDGET)
         d = cfg.model_dump()
         layer = d["model"]["blocks"][0]["layer"]
         module = load_layer_module(resolve_layer_path(layer))
@@ -56,29 +52,24 @@ def test_family_config_is_the_base_with_the_layer_swapped(tmp_path):
             assert d["train"][key] == base["train"][key], (name, key)
         same = {k: v for k, v in d["model"].items() if k != "blocks"}
         assert same == {k: v for k, v in base["model"].items() if k != "blocks"}, name
-    # pending fixtures are compiled once into the runs folder (here outside the checkout: absolute paths)
-    for name in rp.FAMILY:
-        if not (rp.SPEC_DIR / f"{name}.yaml").is_file():
-            assert (tmp_path / "_layers" / name / "layer_jax.py").is_file(), name
     with pytest.raises(ValueError, match="no_such_layer"):
-        rp.family_config("no_such_layer", TINY, tmp_path)
+        rp.family_config("no_such_layer", TINY)
 
 
-def _tiny(name: str, layers_dir) -> RunConfig:
+def _tiny(name: str) -> RunConfig:
     """``family_NAME`` at state dim 2, T = 6, 2 heads of key size 3 (d_model = 4 D for constructed tokens)."""
-    d = rp.family_config(name, TINY, layers_dir).model_dump()
+    d = rp.family_config(name, TINY).model_dump()
     d["task"].update(state_dim=2, seq_len=6)
     d["model"].update(d_model=8, heads=2, d_k=3)
     return RunConfig.model_validate(d)
 
 
 @pytest.fixture(scope="module")
-def stepped(tmp_path_factory):
+def stepped():
     """name -> (trainer, model before, model after one step, loss), every family layer at tiny sizes."""
-    layers = tmp_path_factory.mktemp("family_layers")
     out = {}
     for name in rp.FAMILY:
-        trainer = Trainer(_tiny(name, layers))
+        trainer = Trainer(_tiny(name))
         state = trainer.initial_state()
         new, loss = trainer.step(state)
         out[name] = (trainer, state.model, new.model, float(loss))

@@ -34,22 +34,13 @@ CLAIMS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "family")
 #: Where the shipped specs live (every ``specs/NAME.yaml`` is a member of the family comparison).
 SPEC_DIR = CONFIG_DIR.parent / "specs"
 
-#: Where specs wait whose JAX layer compiles but whose Numba modules do not exist yet (so they are not in specs/).
-FIXTURE_DIR = CONFIG_DIR.parent / "tests" / "fixtures"
-
-#: Kernel-regression specs (docs/family.md §9) that join the family from :data:`FIXTURE_DIR` (JAX only) until
-#: their spec lands in specs/; from then on they come from specs/ like every other layer.
-PENDING_SPECS = ("softmax", "forgetting_attn")
-
 #: The config every family run is derived from (task, model sizes, optimiser, seed): the mesa layer's.
 FAMILY_BASE = "mesa_1layer"
 
 
-def family_names(spec_dir: Path = SPEC_DIR, fixture_dir: Path = FIXTURE_DIR) -> tuple[str, ...]:
-    """The layers of the family comparison: every ``spec_dir/NAME.yaml`` (sorted), then each of
-    :data:`PENDING_SPECS` not in ``spec_dir`` whose spec is in ``fixture_dir``."""
-    shipped = sorted(p.stem for p in Path(spec_dir).glob("*.yaml"))
-    return tuple(shipped + [n for n in PENDING_SPECS if n not in shipped and (Path(fixture_dir) / f"{n}.yaml").is_file()])
+def family_names(spec_dir: Path = SPEC_DIR) -> tuple[str, ...]:
+    """The layers of the family comparison: every ``spec_dir/NAME.yaml``, sorted by name."""
+    return tuple(sorted(p.stem for p in Path(spec_dir).glob("*.yaml")))
 
 
 #: Family layers compared at one budget, derived from the directories (:func:`family_names`); the run of layer
@@ -108,32 +99,18 @@ def one_core_estimate(budgets: dict[str, Budget]) -> float:
 QUICK = {n: Budget(4, 8, 64, 64) for n in ("linear_1layer", "mesa_1layer", "linear_2layer", "fixed_teacher")}
 
 
-def family_layer(name: str, layers_dir: Path) -> str:
-    """The block ``layer`` of family member ``name``: ``generated:NAME`` for a spec in :data:`SPEC_DIR` (built by
-    ``mesagen build``); for one of :data:`PENDING_SPECS` still in :data:`FIXTURE_DIR`, its JAX module compiled
-    into ``layers_dir/NAME/layer_jax.py`` (rewritten only when its text changes), named by its path relative to
-    the repository root (block paths are read relative to it) or, outside the checkout, by absolute path.
+def family_layer(name: str) -> str:
+    """The block ``layer`` of family member ``name``: ``generated:NAME`` (built by ``mesagen build``).
 
     Raises:
-        ValueError: ``name`` is neither in specs/ nor a pending fixture. SpecError / DerivationError: the
-            fixture spec does not compile.
+        ValueError: there is no ``specs/NAME.yaml``.
     """
-    if (SPEC_DIR / f"{name}.yaml").is_file():
-        return f"generated:{name}"
-    fixture = FIXTURE_DIR / f"{name}.yaml"
-    if name not in PENDING_SPECS or not fixture.is_file():
-        raise ValueError(f"family layer {name!r}: no {SPEC_DIR / (name + '.yaml')} and no pending fixture spec")
-    from mesagen.pipeline import compile_file
-    text = compile_file(fixture, backends=("jax",)).files[f"{name}/layer_jax.py"]
-    path = (Path(layers_dir) / name / "layer_jax.py").resolve()
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    root = CONFIG_DIR.parent.resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    if not (SPEC_DIR / f"{name}.yaml").is_file():
+        raise ValueError(f"family layer {name!r}: no {SPEC_DIR / (name + '.yaml')}")
+    return f"generated:{name}"
 
 
-def family_config(name: str, budget: Budget, layers_dir: Path) -> RunConfig:
+def family_config(name: str, budget: Budget) -> RunConfig:
     """Run ``family_NAME``: :data:`FAMILY_BASE` (task, tokens, sizes, clipping, init, optimiser, schedule, seed)
     with its one block swapped for layer ``name`` in the layer's first form (``recurrent`` for every shipped
     spec), at ``budget``.
@@ -148,7 +125,7 @@ def family_config(name: str, budget: Budget, layers_dir: Path) -> RunConfig:
         ValueError: ``name`` is not a family layer.
     """
     from mesagen.runtime.loader import load_layer_module, resolve_layer_path
-    layer = family_layer(name, layers_dir)
+    layer = family_layer(name)
     params = set(load_layer_module(resolve_layer_path(layer)).PARAMS)
     cfg = run_config(FAMILY_BASE, budget).model_dump()
     cfg["name"] = f"family_{name}"
@@ -159,16 +136,15 @@ def family_config(name: str, budget: Budget, layers_dir: Path) -> RunConfig:
     return RunConfig.model_validate(cfg)
 
 
-def run_config(name: str, budget: Budget, runs_dir: Path | None = None) -> RunConfig:
+def run_config(name: str, budget: Budget) -> RunConfig:
     """The shipped config behind run ``name`` at ``budget`` (``fixed_teacher``: linear_1layer on the
-    fixed-teacher task; ``family_NAME``: :func:`family_config`, its pending layers compiled under
-    ``runs_dir/_layers``); warm-up + cosine schedules are rescaled with the steps (``with_overrides``).
+    fixed-teacher task; ``family_NAME``: :func:`family_config`); warm-up + cosine schedules are rescaled with the steps (``with_overrides``).
 
     Raises:
         ConfigError: the config file is missing or invalid.
     """
     if name.startswith("family_"):
-        return family_config(name.removeprefix("family_"), budget, Path(runs_dir or "runs") / "_layers")
+        return family_config(name.removeprefix("family_"), budget)
     base = load_config(CONFIG_DIR / f"{'linear_1layer' if name == 'fixed_teacher' else name}.yaml")
     cfg = base.with_overrides(steps=budget.steps).model_dump()
     cfg["name"] = name
@@ -221,7 +197,7 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
 def get_run(name: str, budget: Budget, runs_dir: Path, log=print) -> Run:
     """Train run ``name`` into ``runs_dir/name`` or reuse it there (:func:`finished`)."""
     from mesagen.runtime.train import Trainer, train
-    config = run_config(name, budget, runs_dir)
+    config = run_config(name, budget)
     run_dir = runs_dir / name
     if finished(run_dir, config):
         trainer = Trainer(config, json.loads((run_dir / "layers.json").read_text()))
