@@ -134,26 +134,26 @@ def _final_state(k, v, state, G, live=None):
     weight made relative to the call's last token (old slots: g + G_T; token i: G_T − G_i).
 
     With ``live`` ([B, T] bool, cu_seqlens padding at the end of each row) only the row's n_b real tokens are
-    stored (slots length .. length + n_b − 1; the padding slots hold zeros) and length grows by n_b; G_T is then
-    the log gate at the row's last real token, as padding tokens decay nothing (_tokens)."""
+    stored, in slots length .. length + n_b − 1 (every other slot is as a call on the n_b tokens alone leaves it)
+    and length grows by n_b; G_T is then the log gate at the row's last real token, as padding tokens decay
+    nothing (_tokens)."""
     T = k.shape[1]
     GT = G[..., -1:]  # [B, H, 1]
-    new_g = GT - G
-    count = T
-    if live is not None:
-        k = jnp.where(live[:, :, None, None], k, 0)
-        v = jnp.where(live[:, :, None, None], v, 0)
-        new_g = jnp.where(live[:, None, :], new_g, 0)
-        count = jnp.sum(live, axis=1, dtype=jnp.int32)
+    count = T if live is None else jnp.sum(live, axis=1, dtype=jnp.int32)
     old_valid = jnp.arange(state.k.shape[2])[None, None, :] < state.length[:, None, None]
     g_old = jnp.where(old_valid, state.g + GT, 0)
+    slot = jnp.arange(state.k.shape[2] + T)[None, :]
+    mine = (slot >= state.length[:, None]) & (slot < (state.length + count)[:, None])  # [B, N + T]: the new tokens'
 
     def place(cache, new):  # cache [B, H, N, ...], new [B, H, T, ...] → [B, H, N + T, ...]
         big = jnp.concatenate([cache, jnp.zeros(cache.shape[:2] + (T,) + cache.shape[3:], cache.dtype)], axis=2)
-        return jax.vmap(lambda c, x, n: lax.dynamic_update_slice_in_dim(c, x, n, axis=1))(big, new, state.length)
+        out = jax.vmap(lambda c, x, n: lax.dynamic_update_slice_in_dim(c, x, n, axis=1))(big, new, state.length)
+        if live is None:
+            return out
+        return jnp.where(mine.reshape(mine.shape[:1] + (1,) + mine.shape[1:] + (1,) * (big.ndim - 3)), out, big)
 
     return State(place(state.k, jnp.swapaxes(k, 1, 2)), place(state.v, jnp.swapaxes(v, 1, 2)),
-                 place(g_old, new_g), state.length + count)
+                 place(g_old, GT - G), state.length + count)
 
 
 def _forward_recurrent(q, k, v, state, inputs, scale, live=None):
