@@ -148,7 +148,8 @@ def _keys(k, v, state, lg, live=None):
     """The key sequence a forward call attends over: the cache's N slots, then the call's T tokens.
 
     ``live`` ([B, T] bool or None): the real tokens of a cu_seqlens batch; a padding token is no key (its logit
-    is −inf for every query, so it gets weight exactly 0).
+    is −inf for every query, so it gets weight exactly 0). The padding follows a row's real tokens, so causality
+    alone already hides it from them; the mask also keeps it out of the (discarded) padding queries' rows.
 
     Returns:
         keys [B, H, N+T, K], values [B, H, N+T, V], Gk [B, H, N+T], key_time [N+T], key_valid [B, N+T], Gq
@@ -180,7 +181,7 @@ def _final_state(k, v, state, G, live=None):
     old_valid = jnp.arange(state.k.shape[2])[None, None, :] < state.length[:, None, None]
     g_old = jnp.where(old_valid, state.g + GT, 0)
     slot = jnp.arange(state.k.shape[2] + T)[None, :]
-    mine = (slot >= state.length[:, None]) & (slot < (state.length + count)[:, None])  # [B, N + T]: the new tokens'
+    mine = (slot >= state.length[:, None]) & (slot < (state.length + count)[:, None])  # [B, N + T]: real tokens' slots
 
     def place(cache, new):  # cache [B, H, N, ...], new [B, H, T, ...] → [B, H, N + T, ...]
         big = jnp.concatenate([cache, jnp.zeros(cache.shape[:2] + (T,) + cache.shape[3:], cache.dtype)], axis=2)
