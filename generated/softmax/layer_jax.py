@@ -27,6 +27,10 @@ State: a KV cache State(k [B, H, N, K], v [B, H, N, V], g [B, H, N], length [B])
 (init_state(..., capacity=N)); forward appends its T tokens (final capacity N + T), step fills one free
 slot (docs/contract.md: kernel layers).
 
+Variable-length batches: forward(..., cu_seqlens=[S + 1] offsets) runs S sequences packed into one row
+(fla's convention) as a padded batch whose padding keys get weight 0; one cache per sequence in and out
+(final capacity N + T, the Numba modules' layout; docs/contract.md §10).
+
 Transformations: plain JAX (no custom derivative rule): jit, vmap, grad, vjp, jvp compose.
 Dtypes: q's dtype (float32 or float64) is the compute dtype. Non-finite inputs: outputs and gradients at
 t depend only on positions ≤ t (see _causal_forward).
@@ -121,8 +125,28 @@ def _log_gates(inputs, B, T, H, dtype):
     return inputs[0] if _GATE_LOG else jnp.log(inputs[0])
 
 
-def _keys(k, v, state, lg):
+def _tokens(q, k, inputs, scale, live):
+    """What the attention reads of the call's tokens: scale · φ(q), φ(k) [B, T, H, K] and log α [B, T, H].
+
+    With ``live`` ([B, T] bool, the cu_seqlens padding mask, see _varlen_pack; None: every token is real) the
+    keys of padding tokens are set to 0 *after* φ and their log gates to 0, so that a padding token adds nothing
+    to the final cache and decays nothing, whatever gate value it carries.
+    """
+    B, T, H, _ = q.shape
+    q, k = scale * _features(q), _features(k)
+    lg = _log_gates(inputs, B, T, H, q.dtype)
+    if live is not None:
+        k = jnp.where(live[:, :, None, None], k, 0)
+        lg = jnp.where(live[:, :, None], lg, 0)
+    return q, k, lg
+
+
+def _keys(k, v, state, lg, live=None):
     """The key sequence a forward call attends over: the cache's N slots, then the call's T tokens.
+
+    ``live`` ([B, T] bool or None): the real tokens of a cu_seqlens batch; a padding token is no key (its logit
+    is −inf for every query, so it gets weight exactly 0). The padding follows a row's real tokens, so causality
+    alone already hides it from them; the mask also keeps it out of the (discarded) padding queries' rows.
 
     Returns:
         keys [B, H, N+T, K], values [B, H, N+T, V], Gk [B, H, N+T], key_time [N+T], key_valid [B, N+T], Gq
@@ -136,52 +160,63 @@ def _keys(k, v, state, lg):
     Gk = jnp.concatenate([-state.g, G], axis=2)
     key_time = jnp.concatenate([jnp.full((N,), -1, jnp.int32), jnp.arange(T, dtype=jnp.int32)])
     key_valid = jnp.concatenate([jnp.arange(N)[None, :] < state.length[:, None],
-                                 jnp.ones((k.shape[0], T), bool)], axis=1)
+                                 jnp.ones((k.shape[0], T), bool) if live is None else live], axis=1)
     return keys, vals, Gk, key_time, key_valid, G
 
 
-def _final_state(k, v, state, G):
+def _final_state(k, v, state, G, live=None):
     """The cache after the call's T tokens: capacity N + T, the tokens in slots length .. length + T − 1, every log
-    weight made relative to the call's last token (old slots: g + G_T; token i: G_T − G_i)."""
+    weight made relative to the call's last token (old slots: g + G_T; token i: G_T − G_i).
+
+    With ``live`` ([B, T] bool, cu_seqlens padding at the end of each row) only the row's n_b real tokens are
+    stored, in slots length .. length + n_b − 1 (every other slot is as a call on the n_b tokens alone leaves it)
+    and length grows by n_b; G_T is then the log gate at the row's last real token, as padding tokens decay
+    nothing (_tokens)."""
     T = k.shape[1]
     GT = G[..., -1:]  # [B, H, 1]
+    count = T if live is None else jnp.sum(live, axis=1, dtype=jnp.int32)
     old_valid = jnp.arange(state.k.shape[2])[None, None, :] < state.length[:, None, None]
     g_old = jnp.where(old_valid, state.g + GT, 0)
+    slot = jnp.arange(state.k.shape[2] + T)[None, :]
+    mine = (slot >= state.length[:, None]) & (slot < (state.length + count)[:, None])  # [B, N + T]: real tokens' slots
 
     def place(cache, new):  # cache [B, H, N, ...], new [B, H, T, ...] → [B, H, N + T, ...]
         big = jnp.concatenate([cache, jnp.zeros(cache.shape[:2] + (T,) + cache.shape[3:], cache.dtype)], axis=2)
-        return jax.vmap(lambda c, x, n: lax.dynamic_update_slice_in_dim(c, x, n, axis=1))(big, new, state.length)
+        out = jax.vmap(lambda c, x, n: lax.dynamic_update_slice_in_dim(c, x, n, axis=1))(big, new, state.length)
+        if live is None:
+            return out
+        return jnp.where(mine.reshape(mine.shape[:1] + (1,) + mine.shape[1:] + (1,) * (big.ndim - 3)), out, big)
 
     return State(place(state.k, jnp.swapaxes(k, 1, 2)), place(state.v, jnp.swapaxes(v, 1, 2)),
-                 place(g_old, GT - G), state.length + T)
+                 place(g_old, GT - G), state.length + count)
 
 
-def _forward_recurrent(q, k, v, state, inputs, scale):
+def _forward_recurrent(q, k, v, state, inputs, scale, live=None):
     """Exact masked attention: all T × (N + T) logits at once, the row maximum subtracted, explicitly normalised.
-    O(T · (N + T) · (K + V)) work and O(T · (N + T)) memory per head."""
-    B, T, H, _ = q.shape
-    q, k = scale * _features(q), _features(k)
-    lg = _log_gates(inputs, B, T, H, q.dtype)
-    keys, vals, Gk, key_time, key_valid, G = _keys(k, v, state, lg)
+    O(T · (N + T) · (K + V)) work and O(T · (N + T)) memory per head. ``live``: the cu_seqlens padding mask
+    ([B, T] bool or None); padding keys are masked to −inf before the maximum and the exp."""
+    T = q.shape[1]
+    q, k, lg = _tokens(q, k, inputs, scale, live)
+    keys, vals, Gk, key_time, key_valid, G = _keys(k, v, state, lg, live)
     logits = jnp.einsum("bthk,bhnk->bhtn", q, keys) + G[..., :, None] - Gk[..., None, :]
     mask = key_valid[:, None, None, :] & (key_time[None, None, None, :] <= jnp.arange(T)[None, None, :, None])
     logits = jnp.where(mask, logits, -jnp.inf)
     m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # finite: token t always sees itself
     p = jnp.where(mask, jnp.exp(logits - m), 0)
     o = jnp.einsum("bhtn,bhnv->bthv", p, vals) / jnp.swapaxes(jnp.sum(p, axis=-1), 1, 2)[..., None]
-    return o, _final_state(k, v, state, G)
+    return o, _final_state(k, v, state, G, live)
 
 
-def _forward_chunked(q, k, v, state, inputs, scale, chunk_size):
+def _forward_chunked(q, k, v, state, inputs, scale, chunk_size, live=None):
     """Blockwise online softmax (flash-style): the keys (cache, then tokens) in blocks of ``chunk_size``, scanned
     with a running maximum m, normaliser ℓ and accumulator per query; every exponential is of a logit minus the
     running maximum. O(T · C) logits live at a time; the scan body is rematerialised (jax.checkpoint) in the
-    backward pass, so no T × (N + T) array is stored."""
+    backward pass, so no T × (N + T) array is stored. ``live``: the cu_seqlens padding mask ([B, T] bool or
+    None); padding keys are masked to −inf in their block before the running maximum and the exp."""
     B, T, H, _ = q.shape
     V = v.shape[-1]
-    q, k = scale * _features(q), _features(k)
-    lg = _log_gates(inputs, B, T, H, q.dtype)
-    keys, vals, Gk, key_time, key_valid, G = _keys(k, v, state, lg)
+    q, k, lg = _tokens(q, k, inputs, scale, live)
+    keys, vals, Gk, key_time, key_valid, G = _keys(k, v, state, lg, live)
     L = keys.shape[2]
     C = min(chunk_size, L)
     nb = -(-L // C)
@@ -213,7 +248,7 @@ def _forward_chunked(q, k, v, state, inputs, scale, chunk_size):
     init = (jnp.full((B, H, T), -jnp.inf, q.dtype), jnp.zeros((B, H, T), q.dtype), jnp.zeros((B, H, T, V), q.dtype))
     (_, ell, acc), _ = lax.scan(body, init, blocks)
     o = jnp.swapaxes(acc / ell[..., None], 1, 2)
-    return o, _final_state(k, v, state, G)
+    return o, _final_state(k, v, state, G, live)
 
 
 _CHUNKED_IMPLS = {}
@@ -223,7 +258,8 @@ def _chunked_impl(chunk_size):
     """The chunked form with a fixed chunk size as an ``impl`` of _causal_forward, jitted, one per size."""
     if chunk_size not in _CHUNKED_IMPLS:
         _CHUNKED_IMPLS[chunk_size] = jax.jit(
-            lambda q, k, v, state, inputs, scale: _forward_chunked(q, k, v, state, inputs, scale, chunk_size))
+            lambda q, k, v, state, inputs, scale, live=None: _forward_chunked(q, k, v, state, inputs, scale,
+                                                                              chunk_size, live))
     return _CHUNKED_IMPLS[chunk_size]
 
 
@@ -254,21 +290,30 @@ def _step_batched(state, q_t, k_t, v_t, inputs_t):
     return _step_core(state, q_t, k_t, v_t, lg)
 
 
-def _values(q, k, v, state, inputs, scale):
+def _values(q, k, v, state, inputs, scale, live=None):
     """Token by token with step's update (values only): (o [B, T, H, V], final State of capacity N + T). Causal
-    for any input: position t reads only the cache and the tokens ≤ t."""
-    B, T, H, _ = q.shape
-    q, k = scale * _features(q), _features(k)
-    lg = _log_gates(inputs, B, T, H, q.dtype)
+    for any input: position t reads only the cache and the tokens ≤ t. ``live`` ([B, T] bool or None, the
+    cu_seqlens padding mask): a padding token leaves the cache as it was (its output is discarded)."""
+    T = q.shape[1]
+    q, k, lg = _tokens(q, k, inputs, scale, live)
     grow = lambda x: jnp.concatenate([x, jnp.zeros(x.shape[:2] + (T,) + x.shape[3:], x.dtype)], axis=2)  # noqa: E731
     big = State(grow(state.k), grow(state.v), grow(state.g), state.length)
     xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, lg))
-    final, o = lax.scan(lambda s, x: _step_core(s, *x)[::-1], big, xs)
+    if live is None:
+        final, o = lax.scan(lambda s, x: _step_core(s, *x)[::-1], big, xs)
+    else:
+        def body(s, x):
+            o_t, new = _step_core(s, *x[:-1])
+            keep = x[-1]  # [B]: this token is real
+            return State(*(jnp.where(keep.reshape((-1,) + (1,) * (n.ndim - 1)), n, c) for n, c in zip(new, s))), o_t
+
+        final, o = lax.scan(body, big, xs + (jnp.swapaxes(live, 0, 1),))
     return jnp.swapaxes(o, 0, 1), final
 
 
-def _causal_forward(impl, q, k, v, state, inputs, scale):
-    """``impl(q, k, v, state, inputs, scale)`` whose outputs and gradients stay causal for non-finite inputs.
+def _causal_forward(impl, q, k, v, state, inputs, scale, live=None):
+    """``impl(q, k, v, state, inputs, scale, live)`` whose outputs and gradients stay causal for non-finite inputs.
+    ``live`` ([B, T] bool or None) marks the real tokens of a cu_seqlens batch (see _varlen_pack).
 
     A NaN value at position s would reach every output through the masked weights (0 · NaN), and autodiff would
     multiply zero cotangents by non-finite primals. Here ``impl`` runs on the inputs with non-finite entries
@@ -279,10 +324,10 @@ def _causal_forward(impl, q, k, v, state, inputs, scale):
     xs = (q, k, v) + tuple(inputs)
     stand_in = (0.0, 0.0, 0.0) + _INPUT_NEUTRAL
     clean = [jnp.where(jnp.isfinite(x), x, jnp.asarray(c, x.dtype)) for x, c in zip(xs, stand_in)]
-    o_c, final_c = impl(clean[0], clean[1], clean[2], state, tuple(clean[3:]), scale)
+    o_c, final_c = impl(clean[0], clean[1], clean[2], state, tuple(clean[3:]), scale, live)
     all_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
     given = lax.stop_gradient((q, k, v, state, tuple(inputs), scale))
-    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given))
+    o_a, final_a = lax.cond(all_finite, lambda: lax.stop_gradient((o_c, final_c)), lambda: _values(*given, live))
     pick = lambda a, c: jnp.where(jnp.isfinite(a), c, a)  # noqa: E731
     return pick(o_a, o_c), jax.tree.map(pick, final_a, final_c)
 
@@ -344,8 +389,9 @@ def _check(q, k, v, params, inputs, lead):
         _check_gate(n, inputs[n])
 
 
-def _state_in(state, B, H, K, V, dtype):
-    """The caller's KV cache as a State (k, v, g in ``dtype``, length int32) after checking fields and shapes."""
+def _state_in(state, B, H, K, V, dtype, note=""):
+    """The caller's KV cache as a State (k, v, g in ``dtype``, length int32) after checking fields and shapes;
+    ``note`` is appended to a shape error (with cu_seqlens: the leading axis is one cache per sequence)."""
     if not isinstance(state, (tuple, list)) or len(state) != len(State._fields):
         raise ValueError(f"{SPEC_NAME}: initial_state must be a State{State._fields} (a KV cache from init_state, "
                          f"forward or step), got {type(state).__name__}")
@@ -353,8 +399,8 @@ def _state_in(state, B, H, K, V, dtype):
     N = k.shape[2] if k.ndim == 4 else -1
     for name, x, want in (("k", k, (B, H, N, K)), ("v", v, (B, H, N, V)), ("g", g, (B, H, N)), ("length", length, (B,))):
         if x.shape != want or N < 0:
-            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want} (B, H, capacity N, ...), "
-                             f"got {x.shape}")
+            raise ValueError(f"{SPEC_NAME}: initial_state.{name} must have shape {want} (B, H, capacity N, ...)"
+                             f"{note}, got {x.shape}")
     for name, x in (("k", k), ("v", v), ("g", g)):
         _real_floating(f"initial_state.{name}", x)
     if not jnp.issubdtype(length.dtype, jnp.integer):
@@ -393,8 +439,83 @@ def _chunk_size(form, chunk_size):
     return chunk_size
 
 
+def _with_capacity(state, capacity):
+    """``state`` with its slot axis cut or zero-padded to ``capacity`` (every filled slot must lie below it)."""
+    def fit(x):
+        n = x.shape[2]
+        if n >= capacity:
+            return x[:, :, :capacity]
+        return jnp.concatenate([x, jnp.zeros(x.shape[:2] + (capacity - n,) + x.shape[3:], x.dtype)], axis=2)
+
+    return State(fit(state.k), fit(state.v), fit(state.g), state.length)
+
+
+def _varlen_lengths(cu_seqlens, B, T, max_seqlen):
+    """Check cu_seqlens (fla's convention) and return (cu int32 [N + 1], N, T_pad).
+
+    T_pad, the static padded length of every sequence, is ``max_seqlen`` (a positive Python int) or T. Concrete
+    offsets are checked (0 = cu[0] < cu[1] < … < cu[N] = T, every length ≤ T_pad); traced ones cannot be and
+    must satisfy the same (a sequence longer than T_pad would be cut).
+
+    Raises:
+        ValueError: B ≠ 1; cu_seqlens not a 1-D integer array of at least two entries; concrete offsets that do
+            not start at 0, end at T or increase strictly; max_seqlen not a positive int, or below a length.
+    """
+    if B != 1:
+        raise ValueError(f"{SPEC_NAME}: with cu_seqlens the batch must hold one packed row (B = 1, q [1, T, H, K]); "
+                         f"got B = {B}")
+    cu = jnp.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.shape[0] < 2 or not jnp.issubdtype(cu.dtype, jnp.integer):
+        raise ValueError(f"{SPEC_NAME}: cu_seqlens must be a 1-D integer array [N + 1] of sequence offsets "
+                         f"(N ≥ 1), got shape {cu.shape} and dtype {cu.dtype}")
+    if max_seqlen is None:
+        T_pad = T
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        raise ValueError(f"{SPEC_NAME}: max_seqlen must be a positive Python int (static) or None, got {max_seqlen!r}")
+    else:
+        T_pad = max_seqlen
+    try:
+        offsets = [int(x) for x in jax.device_get(cu)]
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        offsets = None                                                  # traced: cannot be checked
+    if offsets is not None:
+        if offsets[0] != 0 or offsets[-1] != T:
+            raise ValueError(f"{SPEC_NAME}: cu_seqlens must start at 0 and end at T = {T}; got {offsets[0]} … "
+                             f"{offsets[-1]}")
+        lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+        if min(lengths) < 1:
+            raise ValueError(f"{SPEC_NAME}: cu_seqlens must increase strictly (no empty sequence); got {offsets}")
+        if max(lengths) > T_pad:
+            raise ValueError(f"{SPEC_NAME}: max_seqlen = {T_pad} is below the longest sequence ({max(lengths)} tokens)")
+    return cu.astype(jnp.int32), cu.shape[0] - 1, T_pad
+
+
+def _varlen_pack(cu, T_pad, arrays, fills):
+    """Scatter the packed tokens into a padded batch: each [1, T, ...] array → [N, T_pad, ...], sequence n in row
+    n from position 0, the rest filled with ``fills`` (neutral tokens: q = k = v = 0, a gate of 1, a step size
+    or importance of 0). Returns (padded arrays, live [N, T_pad] bool: the real tokens). The impls also zero
+    the padding keys after the feature map and neutralise a per-head decay there (``live``), so the state after
+    the padding is the state after each sequence's last token."""
+    T = arrays[0].shape[1]
+    j = jnp.arange(T_pad)
+    live = j[None, :] < (cu[1:] - cu[:-1])[:, None]                    # [N, T_pad]
+    src = jnp.clip(cu[:-1, None] + j[None, :], 0, T - 1)                # [N, T_pad] packed position of each slot
+    out = []
+    for x, fill in zip(arrays, fills):
+        x = x[0][src]                                                   # [N, T_pad, ...]
+        out.append(jnp.where(live.reshape(live.shape + (1,) * (x.ndim - 2)), x, jnp.asarray(fill, x.dtype)))
+    return out, live
+
+
+def _varlen_unpack(cu, o, T):
+    """Gather the padded outputs o [N, T_pad, H, V] back to the packed layout [1, T, H, V] (T = cu[N])."""
+    t = jnp.arange(T)
+    seq = jnp.searchsorted(cu, t, side="right") - 1                    # [T]: the sequence of each packed token
+    return o[seq, t - cu[seq]][None]
+
+
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
-            chunk_size=None, **inputs):
+            chunk_size=None, cu_seqlens=None, max_seqlen=None, **inputs):
     """Run the layer over a sequence: o_t = Σ_{i≤t} κ_{t,i} v_i / Σ_{i≤t} κ_{t,i} over the cache and the tokens.
 
     Args:
@@ -407,6 +528,16 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
         scale: the kernel's temperature (q ← scale · φ(q)); None for DEFAULT_SCALE.
         chunk_size: keys per block of form "chunked" (a positive Python int; None for 64). Only form "chunked"
             takes it.
+        cu_seqlens: None, or int offsets [S + 1] (fla's convention, 0 = cu[0] < … < cu[S] = T; may be traced)
+            of S sequences packed into one row (B = 1). Each sequence attends only over its own initial cache
+            and its own tokens (initial_state then has leading axis S instead of B; None: an empty cache for
+            each). The final cache has leading axis S and capacity N + T (N: the initial caches' capacity), the
+            layout of the Numba modules: sequence s's T_s tokens in slots length_s .. length_s + T_s − 1, zeros
+            after them, length_s + T_s filled. Outputs, final caches and gradients equal S separate calls, and
+            no sequence sees another (docs/contract.md §10). Computed as a padded batch [S, max_seqlen, ...]
+            whose padding keys get weight exactly 0 (their logits are −inf) and whose padding gates decay nothing.
+        max_seqlen: with cu_seqlens, a static bound (positive Python int) on every sequence's length, the
+            padded length; None for T.
         **inputs: the forget gate (see INPUTS), [B, T, H], in the space INPUTS states.
 
     Returns:
@@ -418,7 +549,9 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     Raises:
         ValueError: unknown form; a bad chunk_size; q not float32/float64; k, v, an input or a state field not
             real floating; inconsistent shapes; non-empty params; missing or unknown inputs; a gate outside its
-            domain; a malformed initial state.
+            domain; a malformed initial state (with cu_seqlens: leading axis S); with cu_seqlens: B ≠ 1, offsets
+            not a 1-D integer array or (when concrete) not 0 = cu[0] < … < cu[S] = T, a max_seqlen that is not
+            a positive int or is below a sequence's length; a max_seqlen without cu_seqlens.
     """
     if form not in FORMS:
         raise ValueError(f"{SPEC_NAME}: unknown form {form!r}; this layer offers {FORMS}")
@@ -429,12 +562,25 @@ def forward(q, k, v, params, *, initial_state=None, output_final_state=False, fo
     V = v.shape[-1]
     dtype = q.dtype
     ins = [jnp.asarray(inputs[n], dtype) for n in _INPUT_NAMES]
-    state = init_state(B, H, K, V, params, dtype) if initial_state is None else _state_in(initial_state, B, H, K, V, dtype)
-    if T == 0:  # no token: nothing to attend to, the cache comes back as given
-        return jnp.zeros((B, 0, H, V), dtype), (state if output_final_state else None)
     impl = _chunked_impl(size) if form == "chunked" else _forward_recurrent
-    o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), state, ins, _query_scale(scale, K, dtype))
-    return o, (final if output_final_state else None)
+    if cu_seqlens is None:
+        if max_seqlen is not None:
+            raise ValueError(f"{SPEC_NAME}: max_seqlen applies with cu_seqlens only; got max_seqlen={max_seqlen!r}")
+        state = init_state(B, H, K, V, params, dtype) if initial_state is None else \
+            _state_in(initial_state, B, H, K, V, dtype)
+        if T == 0:  # no token: nothing to attend to, the cache comes back as given
+            return jnp.zeros((B, 0, H, V), dtype), (state if output_final_state else None)
+        o, final = _causal_forward_jit(impl, q, k.astype(dtype), v.astype(dtype), state, ins,
+                                       _query_scale(scale, K, dtype))
+        return o, (final if output_final_state else None)
+    cu, S, T_pad = _varlen_lengths(cu_seqlens, B, T, max_seqlen)
+    state = init_state(S, H, K, V, params, dtype) if initial_state is None else \
+        _state_in(initial_state, S, H, K, V, dtype, " (with cu_seqlens the leading axis is S, one cache per sequence)")
+    (q, k, v, *ins), live = _varlen_pack(cu, T_pad, [q, k.astype(dtype), v.astype(dtype)] + ins,
+                                         (0.0, 0.0, 0.0) + _INPUT_NEUTRAL)
+    o, final = _causal_forward_jit(impl, q, k, v, state, ins, _query_scale(scale, K, dtype), live)
+    o = _varlen_unpack(cu, o, T)
+    return o, (_with_capacity(final, state.k.shape[2] + T) if output_final_state else None)
 
 
 def step(state, q_t, k_t, v_t, params, *, scale=None, **inputs_t):

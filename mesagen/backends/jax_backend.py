@@ -363,5 +363,5 @@ class JaxBackend:
             text += fill("jax_layer", "chunk_log_gates") + fill("jax_layer", "forward_chunked_stats")
         elif "chunked" in ir.forms:
             text += fill("jax_layer", "forward_chunked_ridge")
-        text += fill("jax_layer", "nonfinite") + fill("jax_layer", "api")
+        text += "".join(fill("jax_layer", part) for part in ("nonfinite", "api", "varlen", "api_forward"))
         return text.splitlines()

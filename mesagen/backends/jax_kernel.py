@@ -47,6 +47,9 @@ def emit_kernel_jax(ir: KernelLayerIR) -> str:
     L += ["", "State: a KV cache State(k [B, H, N, K], v [B, H, N, V], g [B, H, N], length [B]) of capacity N",
           "(init_state(..., capacity=N)); forward appends its T tokens (final capacity N + T), step fills one free",
           "slot (docs/contract.md: kernel layers).", "",
+          "Variable-length batches: forward(..., cu_seqlens=[S + 1] offsets) runs S sequences packed into one row",
+          "(fla's convention) as a padded batch whose padding keys get weight 0; one cache per sequence in and out",
+          "(final capacity N + T, the Numba modules' layout; docs/contract.md §10).", "",
           "Transformations: plain JAX (no custom derivative rule): jit, vmap, grad, vjp, jvp compose.",
           "Dtypes: q's dtype (float32 or float64) is the compute dtype. Non-finite inputs: outputs and gradients at",
           "t depend only on positions ≤ t (see _causal_forward).", "",
@@ -66,4 +69,5 @@ def emit_kernel_jax(ir: KernelLayerIR) -> str:
           f"_INPUT_NEUTRAL = {tuple(_neutral(x) for x in ir.inputs)!r}  # finite stand-ins, see _causal_forward",
           f"_GATE_LOG = {gate is not None and gate.space == 'log'!r}  # the gate input is log α (else α)", "", ""]
     L += _FEATURE_MAPS[ir.feature_map] + ["", ""]
-    return "\n".join(L) + "\n" + fill("jax_kernel", "frame").rstrip("\n") + "\n"
+    text = fill("jax_kernel", "frame") + fill("jax_layer", "varlen") + fill("jax_kernel", "api_forward")
+    return "\n".join(L) + "\n" + text.rstrip("\n") + "\n"

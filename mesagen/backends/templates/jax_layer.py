@@ -1188,6 +1188,7 @@ def _chunk_size(form, chunk_size):
     return size
 
 
+# ==== section: varlen ====
 def _varlen_lengths(cu_seqlens, B, T, max_seqlen):
     """Check cu_seqlens (fla's convention) and return (cu int32 [N + 1], N, T_pad).
 
@@ -1252,6 +1253,7 @@ def _varlen_unpack(cu, o, T):
     return o[seq, t - cu[seq]][None]
 
 
+# ==== section: api_forward ====
 def forward(q, k, v, params, *, initial_state=None, output_final_state=False, form="recurrent", scale=None,
             chunk_size=None, cu_seqlens=None, max_seqlen=None, **inputs):
     """Run the layer over a sequence.
