@@ -29,7 +29,6 @@ The load average at the start and end is printed: on a shared machine only ratio
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -44,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import mesagen  # noqa: E402,F401 -- before jax (mesagen._xla_cpu)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from conftest import SHIPPED, make_inputs  # noqa: E402
+from conftest import SHIPPED, load_generated, make_inputs  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 LINEAR = ("linear", "simple_gla", "retention", "gla")
@@ -80,25 +79,29 @@ def sgemm_flops_per_s(n: int = 2048) -> float:
 
 
 def load(name: str, backend: str):
-    path = ROOT / "generated" / name / f"layer_{backend}.py"
-    if not path.exists():
-        return None
-    spec = importlib.util.spec_from_file_location(f"forms_table_{name}_{backend}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """generated/NAME/layer_BACKEND.py imported (``conftest.load_generated``), or None when it does not exist."""
+    return load_generated(name, backend) if (ROOT / "generated" / name / f"layer_{backend}.py").exists() else None
 
 
 def arguments(name: str, B: int, T: int, H: int, K: int):
+    """float32 numpy (q, k, v [B, T, H, K], params, inputs) of ``tests/conftest.make_inputs`` with V = K; mild
+    gates for rls_forgetting and mesanet (see the module docstring)."""
     q, k, v, params, inputs = make_inputs(0, name, b=B, t=T, h=H, k=K, v=K, dtype=np.float32)
     if name in ("rls_forgetting", "mesanet"):
         inputs["g"] = -np.random.default_rng(1).uniform(0.001, 0.01, (B, T, H)).astype(np.float32)
     return q, k, v, params, inputs
 
 
-def jax_row(m, name, form, B, T, H, K, repeats, max_temp, state0):
-    q, k, v, params, inputs = (jnp.asarray(x) if not isinstance(x, dict) else {n: jnp.asarray(y) for n, y in x.items()}
-                               for x in arguments(name, B, T, H, K))
+def jax_arguments(name: str, B: int, T: int, H: int, K: int):
+    """:func:`arguments` as JAX arrays (params and inputs as dicts of arrays)."""
+    return tuple({n: jnp.asarray(y) for n, y in x.items()} if isinstance(x, dict) else jnp.asarray(x)
+                 for x in arguments(name, B, T, H, K))
+
+
+def jax_row(m, name, form, B, T, H, K, repeats, max_temp):
+    """(fwd s, fwd+bwd s, XLA temp bytes) of one JAX form; the times are None when the temp estimate exceeds
+    ``max_temp`` bytes (compiled, not run)."""
+    q, k, v, params, inputs = jax_arguments(name, B, T, H, K)
     w = jnp.asarray(np.random.default_rng(2).standard_normal((B, T, H, K)).astype(np.float32))
 
     def fwd(q, k, v, params, inputs):
@@ -119,8 +122,7 @@ def jax_row(m, name, form, B, T, H, K, repeats, max_temp, state0):
 
 def decode_us(m, name, B, T, H, K, repeats):
     """One jitted ``step`` at position T for a batch of B, microseconds."""
-    q, k, v, params, inputs = (jnp.asarray(x) if not isinstance(x, dict) else {n: jnp.asarray(y) for n, y in x.items()}
-                               for x in arguments(name, B, T + 1, H, K))
+    q, k, v, params, inputs = jax_arguments(name, B, T + 1, H, K)
     kw = {"capacity": T + 1} if name in KERNEL else {}
     state = m.init_state(B, H, K, K, params, jnp.float32, **kw)
     _, state = m.forward(q[:, :T], k[:, :T], v[:, :T], params, initial_state=state, output_final_state=True,
@@ -132,6 +134,7 @@ def decode_us(m, name, B, T, H, K, repeats):
 
 
 def numba_row(nm, name, B, T, H, K, repeats):
+    """(forward s, forward + backward s) of the Numba CPU module, numpy float32 in and out."""
     q, k, v, params, inputs = arguments(name, B, T, H, K)
     do = np.random.default_rng(2).standard_normal((B, T, H, K)).astype(np.float32)
     t_f = median_seconds(lambda: nm.forward(q, k, v, params, **inputs), repeats)
@@ -166,7 +169,7 @@ def main(argv=None) -> None:
                 flops = 3 * useful_flops(name, a.B, T, a.H, K, K)
                 dec = decode_us(m, name, a.B, T, a.H, K, a.repeats)
                 for form in m.FORMS:
-                    t_f, t_g, temp = jax_row(m, name, form, a.B, T, a.H, K, a.repeats, a.max_temp_gib * 2 ** 30, None)
+                    t_f, t_g, temp = jax_row(m, name, form, a.B, T, a.H, K, a.repeats, a.max_temp_gib * 2 ** 30)
                     if t_f is None:
                         print(f"| {name} | {T} | {K} | {form} | not run: XLA temp {temp / 2 ** 30:.1f} GiB | | | "
                               f"{temp / 2 ** 20:.0f} | | |", flush=True)

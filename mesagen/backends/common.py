@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from mesagen.ir.records import Assign, LayerIR
+from mesagen.ir.records import Assign, KernelLayerIR, LayerIR
 
 #: Bumped whenever generated code changes shape or meaning; the runtime loader checks it.
 CODEGEN_FORMAT = 1
@@ -74,3 +74,20 @@ def shape_text(shape: tuple) -> str:
 def assign_comment(a: Assign) -> str:
     """The comment line printed above an assignment."""
     return f"# {a.doc}  {shape_text(a.shape)}" if a.doc else f"# {shape_text(a.shape)}"
+
+
+def kernel_module_constants(ir: KernelLayerIR, forms: tuple[str, ...]) -> list[str]:
+    """The module constants every backend's kernel-regression module starts with (docs/contract.md §2): spec
+    name and hash, codegen format, PARAMS (none), INPUTS (the forget gate, if any), FORMS, FEATURE_MAP,
+    DEFAULT_SCALE, _INPUT_NAMES; one source line per list entry."""
+    gate = ir.gate
+    lines = [f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}",
+             "PARAMS = {}"]
+    if gate is None:
+        lines += ["INPUTS = {}"]
+    else:
+        lines += ["INPUTS = {", f'    "{gate.name}": {{"shape": {gate.shape!r}, "space": "{gate.space}", '
+                  f'"domain": "{gate.domain}", "role": "gate"}},', "}"]
+    return lines + [f"FORMS = {tuple(forms)!r}", f"FEATURE_MAP = {ir.feature_map!r}",
+                    f"DEFAULT_SCALE = {ir.default_scale!r}  # None in forward/step means this; 'inverse_sqrt_dk' = "
+                    "K ** -0.5", f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}"]

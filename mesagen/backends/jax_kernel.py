@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import textwrap
 
-from mesagen.backends.common import CODEGEN_FORMAT, header
+from mesagen.backends.common import header, kernel_module_constants
 from mesagen.backends.templates import fill
 from mesagen.ir.records import KernelLayerIR
 
@@ -55,18 +55,9 @@ def emit_kernel_jax(ir: KernelLayerIR) -> str:
           "t depend only on positions ≤ t (see _causal_forward).", "",
           "Derivation and its verification: DERIVATION.md beside this file.", '"""', "",
           "from __future__ import annotations", "", "from typing import NamedTuple", "",
-          "import jax", "import jax.numpy as jnp", "from jax import lax", "",
-          f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}",
-          "PARAMS = {}"]
-    if gate is None:
-        L += ["INPUTS = {}"]
-    else:
-        L += ["INPUTS = {", f'    "{gate.name}": {{"shape": {gate.shape!r}, "space": "{gate.space}", '
-              f'"domain": "{gate.domain}", "role": "gate"}},', "}"]
-    L += [f"FORMS = {tuple(ir.forms)!r}", f"FEATURE_MAP = {ir.feature_map!r}",
-          f"DEFAULT_SCALE = {ir.default_scale!r}  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5",
-          f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}",
-          f"_INPUT_NEUTRAL = {tuple(_neutral(x) for x in ir.inputs)!r}  # finite stand-ins, see _causal_forward",
+          "import jax", "import jax.numpy as jnp", "from jax import lax", ""]
+    L += kernel_module_constants(ir, tuple(ir.forms))
+    L += [f"_INPUT_NEUTRAL = {tuple(_neutral(x) for x in ir.inputs)!r}  # finite stand-ins, see _causal_forward",
           f"_GATE_LOG = {gate is not None and gate.space == 'log'!r}  # the gate input is log α (else α)", "", ""]
     L += _FEATURE_MAPS[ir.feature_map] + ["", ""]
     text = fill("jax_kernel", "frame") + fill("jax_layer", "varlen") + fill("jax_kernel", "api_forward")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import textwrap
 
-from mesagen.backends.common import CODEGEN_FORMAT, header
+from mesagen.backends.common import header, kernel_module_constants
 from mesagen.backends.numba_common import features_numpy
 from mesagen.backends.templates import fill
 from mesagen.ir.records import KernelLayerIR
@@ -79,17 +79,8 @@ def emit_kernel_numba(ir: KernelLayerIR, target: str) -> str:
           "from typing import NamedTuple", "", "import numpy as np"]
     L += (["from numba import njit, prange"] if cpu
           else ["from numba import cuda, float32, float64, int32", "from numba.core import types"])
-    L += ["", f'SPEC_NAME = "{ir.name}"', f'SPEC_SHA256 = "{ir.spec_sha256}"', f"CODEGEN_FORMAT = {CODEGEN_FORMAT}",
-          "PARAMS = {}"]
-    if gate is None:
-        L += ["INPUTS = {}"]
-    else:
-        L += ["INPUTS = {", f'    "{gate.name}": {{"shape": {gate.shape!r}, "space": "{gate.space}", '
-              f'"domain": "{gate.domain}", "role": "gate"}},', "}"]
-    L += [f"FORMS = {NUMBA_KERNEL_FORMS!r}", f"FEATURE_MAP = {ir.feature_map!r}",
-          f"DEFAULT_SCALE = {ir.default_scale!r}  # None in forward/step means this; 'inverse_sqrt_dk' = K ** -0.5",
-          f"_INPUT_NAMES = {tuple(x.name for x in ir.inputs)!r}",
-          f"_GATE_LOG = {gate is not None and gate.space == 'log'!r}  # the gate input is log α (else α)", ""]
+    L += [""] + kernel_module_constants(ir, NUMBA_KERNEL_FORMS)
+    L += [f"_GATE_LOG = {gate is not None and gate.space == 'log'!r}  # the gate input is log α (else α)", ""]
     if cpu:
         L += ["# error_model numpy: IEEE inf / NaN for non-finite inputs, never a ZeroDivisionError",
               '_jit = njit(cache=False, error_model="numpy")',

@@ -988,7 +988,7 @@ def write_table(path: Path, rows: list[Row], *, quick: bool, wall_s: float, cpu_
     if runs:
         lines += ["", "## Runs", "", "| run | model | steps × batch | training wall (s) | steps/s | mean loss | "
                   "ridge | GD-1 | this invocation |", "|---|---|---|---|---|---|---|---|---|"]
-        lines += [line for line in runs.values()]
+        lines += list(runs.values())
     origins: dict[str, list[str]] = {}
     for r in rows:
         if r.provenance and r.status != "not run":
