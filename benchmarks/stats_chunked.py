@@ -38,25 +38,13 @@ import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 from conftest import load_generated, make_inputs  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from bench_chunked import measure  # noqa: E402
 
 
 def rel(a, b):
     """Largest absolute difference relative to the largest magnitude of ``b``."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-300)
-
-
-def speed(m, form, data, repeats, **kw):
-    """(forward s, forward+backward s, forward+backward temporary bytes) of one form, float32."""
-    q, k, v, params, inputs = data
-    fwd = jax.jit(lambda q, k, v, i: m.forward(q, k, v, params, form=form, **kw, **i)[0])
-    loss = lambda q, k, v, i: jnp.sum(m.forward(q, k, v, params, form=form, **kw, **i)[0])  # noqa: E731
-    bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-    t_f = median_seconds(lambda: jax.block_until_ready(fwd(q, k, v, inputs)), repeats)
-    t_b = median_seconds(lambda: jax.block_until_ready(bwd(q, k, v, inputs)), repeats)
-    mem = bwd.lower(q, k, v, inputs).compile().memory_analysis().temp_size_in_bytes
-    return t_f, t_b, mem
 
 
 def value_and_grads(m, form, data, w, **kw):
@@ -127,7 +115,7 @@ def main() -> None:
         kappa = condition(m, name, data64)
         for form in args.forms:
             kw = {"chunk_size": C} if form == "chunked" else {}
-            t_f, t_b, mem = speed(m, form, data32, args.repeats, **kw)
+            t_f, t_b, mem = measure(m, form, data32, args.repeats, **kw)
             o32, g32 = value_and_grads(m, form, small, w.astype(np.float32), **kw)
             eg = max(rel(a, b) for a, b in zip(g32, g64))
             print(f"| {name} | {form} | {1e3 * t_f:.0f} ms | {1e3 * t_b:.0f} ms | {mem / 2**20:.1f} MiB | "
