@@ -392,3 +392,110 @@ def probe_r2(features: np.ndarray, targets: np.ndarray, n_fit: int, alpha: float
         tot = np.sum((targets[n_fit:, t] - my) ** 2)
         out[t] = 1.0 - res / tot if tot > 0 else 0.0
     return out
+
+
+# ------------------------------------------------------------------------- prompting: EOS and prefix tuning ----
+def regression_prompt_states(x: jax.Array, y: jax.Array, eos: jax.Array | None = None,
+                             prefix: jax.Array | None = None) -> tuple[jax.Array, int, int]:
+    """The state sequence of a few-shot regression prompt (the paper's Sec. 5): ``[p_1 … p_P, x_1, y_1, (e),
+    x_2, y_2, (e), …]`` with a learned EOS state ``e`` after every pair and ``P`` learned prefix states in front,
+    then one zero state (the constructed tokens need ``T + 1`` states). The learned tokens live in the space of
+    the states a dynamics model consumes (R^D), so :func:`mesagen.data.constructed_tokens` builds their tokens
+    like any other: the token after ``e`` carries ``e`` in its previous-state slot.
+
+    Args:
+        x, y: float32 ``[B, N, D]`` pairs. eos: ``[D]`` or None (no EOS). prefix: ``[P, D]`` or None (no prefix).
+
+    Returns:
+        ``(states [B, T + 1, D], offset, stride)``: the model's output at position ``offset + stride · i`` (the
+        ``x_i`` token) predicts ``y_i``; ``T = P + stride · N``, ``stride`` 3 with an EOS, else 2.
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in shape, or ``eos`` / ``prefix`` are not ``[D]`` / ``[P, D]``.
+    """
+    if x.shape != y.shape or x.ndim != 3:
+        raise ValueError(f"regression_prompt_states: x and y must both be [B, N, D], got {x.shape} and {y.shape}")
+    b, n, d = x.shape
+    parts = [x, y]
+    if eos is not None:
+        if eos.shape != (d,):
+            raise ValueError(f"regression_prompt_states: eos must be [D] = [{d}], got {eos.shape}")
+        parts.append(jnp.broadcast_to(eos.astype(x.dtype), x.shape))
+    seq = jnp.stack(parts, axis=2).reshape(b, len(parts) * n, d)
+    p = 0
+    if prefix is not None:
+        if prefix.ndim != 2 or prefix.shape[1] != d:
+            raise ValueError(f"regression_prompt_states: prefix must be [P, D = {d}], got {prefix.shape}")
+        p = prefix.shape[0]
+        seq = jnp.concatenate([jnp.broadcast_to(prefix.astype(x.dtype), (b, p, d)), seq], axis=1)
+    return jnp.concatenate([seq, jnp.zeros_like(seq[:, :1])], axis=1), p, len(parts)
+
+
+def prompt_pair_losses(model, x: jax.Array, y: jax.Array, eos: jax.Array | None = None,
+                       prefix: jax.Array | None = None) -> jax.Array:
+    """Per-pair loss of a constructed-token dynamics model prompted with :func:`regression_prompt_states`: at
+    the ``x_i`` token the model predicts ``y_i``; loss ½‖ŷ_i − y_i‖² averaged over the prompts (the paper's loss).
+
+    Args:
+        model: a :class:`~mesagen.runtime.model.Model` on constructed tokens (``[B, T, 4D]`` → ``[B, T, D]``).
+        x, y: float32 ``[B, N, D]``. eos: ``[D]`` or None. prefix: ``[P, D]`` or None.
+
+    Returns:
+        float32 ``[N]`` (differentiable in ``eos`` and ``prefix``).
+
+    Raises:
+        ValueError: as :func:`regression_prompt_states`.
+    """
+    from mesagen.data import constructed_tokens
+    states, off, stride = regression_prompt_states(x, y, eos, prefix)
+    tokens, _ = constructed_tokens(states)
+    pred = model(tokens)[:, off::stride][:, :x.shape[1]]
+    return 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, -1), 0)
+
+
+def tune_prompt_tokens(model, x: jax.Array, y: jax.Array, *, eos: jax.Array | None, prefix: jax.Array | None,
+                       steps: int, lr: float, tune_eos: bool = True) -> tuple[dict, np.ndarray]:
+    """Prompt tuning (the paper's Sec. 5, Lester et al. 2021): Adam (optax) on the learned EOS state and prefix
+    states with the model frozen, full batch on the training prompts ``x, y``; the objective is the mean over
+    pairs of :func:`prompt_pair_losses`.
+
+    Args:
+        model: frozen constructed-token model. x, y: float32 ``[B, N, D]`` training prompts.
+        eos: initial ``[D]`` EOS state, or None (no EOS). prefix: initial ``[P, D]`` prefix states, or None.
+        steps: Adam steps (≥ 1). lr: Adam learning rate (> 0). tune_eos: whether ``eos`` is tuned (else fixed).
+
+    Returns:
+        ``({"eos": [D] | None, "prefix": [P, D] | None}, objective)``: the tuned tokens (numpy float32) and the
+        training objective before each step and after the last, float64 ``[steps + 1]``.
+
+    Raises:
+        ValueError: ``steps < 1``, ``lr <= 0``, nothing to tune, or shapes as :func:`regression_prompt_states`.
+    """
+    import optax
+    if steps < 1 or not lr > 0:
+        raise ValueError(f"tune_prompt_tokens: need steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    params = {"eos": eos if tune_eos else None, "prefix": prefix}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items() if v is not None}
+    if not params:
+        raise ValueError("tune_prompt_tokens: nothing to tune (eos is None or fixed, and prefix is None)")
+    fixed_eos = None if eos is None or tune_eos else jnp.asarray(eos, jnp.float32)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+    def objective(p):
+        return jnp.mean(prompt_pair_losses(model, x, y, p.get("eos", fixed_eos), p.get("prefix")))
+
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(p, s):
+        val, g = jax.value_and_grad(objective)(p)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, val
+
+    state, hist = opt.init(params), []
+    for _ in range(steps):
+        params, state, val = step(params, state)
+        hist.append(float(val))
+    hist.append(float(jax.jit(objective)(params)))
+    out = {"eos": fixed_eos if fixed_eos is not None else params.get("eos"), "prefix": params.get("prefix")}
+    return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}, np.asarray(hist)
