@@ -135,7 +135,7 @@ def _tiny_ridge_model(steps=40):
         "name": "tiny_mesa", "task": {"state_dim": 3, "seq_len": 8},
         "model": {"tokens": "constructed", "d_model": 12, "heads": 2, "d_k": 6, "blocks": ["generated:ridge"],
                   "clip_activations": 4.0, "init_std": 0.1},
-        "train": {"steps": steps, "batch_size": 32, "schedule": {"kind": "constant", "peak_lr": 1e-2},
+        "train": {"steps": max(steps, 1), "batch_size": 32, "schedule": {"kind": "constant", "peak_lr": 1e-2},
                   "log_every": 10, "eval_every": 100, "checkpoint_every": 100, "progress": False,
                   "param_lr_scale": {"lam": 10}},
         "eval": {"batch": 32, "tune_batch": 16}})
@@ -182,3 +182,33 @@ def test_regression_prompt_layout():
     np.testing.assert_array_equal(states[0, -1], 0.0)
     with pytest.raises(ValueError, match="eos"):
         analysis.regression_prompt_states(x, y, np.zeros(2, np.float32))
+
+
+def test_mesa_state_space_reads_a_ridge_construction_as_state_space_ridge():
+    """Keys 2·s_{t−1}, queries 2·s_t, values s_t: the layer is state-space ridge with λ / σ² = λ / 4 (push-through)."""
+    import equinox as eqx
+    import jax.numpy as jnp
+    from mesagen.runtime.baselines import ridge
+    model = _tiny_ridge_model(steps=0)
+    attn = model.blocks[0].attn
+    d, (dm, h, dk) = 3, attn.wk.shape
+    wk, wq, wv, wo = (np.zeros(a.shape, np.float32) for a in (attn.wk, attn.wq, attn.wv, attn.wo))
+    for i in range(d):
+        wk[3 * d + i, 0, i] = 2.0                    # key: previous-state slot
+        wq[d + i, 0, i] = wq[2 * d + i, 0, i] = 1.0   # query: the two current-state slots, 2 s_t in all
+        wv[d + i, 0, i] = 1.0                         # value: s_t
+        wo[0, i, i] = 1.0                             # output into the prediction slot
+    lam = 0.02
+    model = eqx.tree_at(lambda m: (m.blocks[0].attn.wk, m.blocks[0].attn.wq, m.blocks[0].attn.wv, m.blocks[0].attn.wo,
+                                   m.blocks[0].attn.raw_params["lam"]), model,
+                        (jnp.asarray(wk), jnp.asarray(wq), jnp.asarray(wv), jnp.asarray(wo),
+                         jnp.full((h,), np.log(lam), jnp.float32)))
+    ss = analysis.mesa_state_space(model.blocks[0].attn, d)
+    np.testing.assert_allclose(ss["lam_state"][0], lam / 4, rtol=1e-5)
+    assert ss["key_offspan"][0] == 0 and ss["query_offspan"][0] < 1e-6
+    from mesagen.data import constructed_tokens
+    states = 0.5 * _states(b=4, t=8, d=d, seed=3)
+    tokens, _ = constructed_tokens(jnp.asarray(states, jnp.float32))
+    np.testing.assert_allclose(np.asarray(model(tokens), np.float64), ridge(states, lam / 4), atol=2e-4)
+    with pytest.raises(ValueError, match="4·"):
+        analysis.mesa_state_space(model.blocks[0].attn, 4)

@@ -499,3 +499,51 @@ def tune_prompt_tokens(model, x: jax.Array, y: jax.Array, *, eos: jax.Array | No
     hist.append(float(jax.jit(objective)(params)))
     out = {"eos": fixed_eos if fixed_eos is not None else params.get("eos"), "prefix": params.get("prefix")}
     return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}, np.asarray(hist)
+
+
+# --------------------------------------------------------------------- the mesa layer in state space ----
+def mesa_state_space(attn: GeneratedAttention, dim: int) -> dict:
+    """The one-layer mesa (``ridge``) model on constructed tokens read as in-context ridge in *state* space.
+
+    Its keys are ``k_t = A s_{t−1} + N s_t`` and its queries ``q_t = B s_t + …`` (per head, ``A`` the key
+    projection of the previous-state slot, ``N`` the sum over the two current-state slots, which carry the same
+    s_t, ``B`` the query's). With ``N = 0`` and ``B = A M``, ``M ∝ I``, the layer is ridge regression of
+    ``s_i`` on ``s_{i−1}`` with the regulariser ``λ (AᵀA)⁻¹`` (push-through identity: ``Aᵀ(A S Sᵀ Aᵀ + λI)⁻¹A =
+    (S Sᵀ + λ (AᵀA)⁻¹)⁻¹``), i.e. a state-space ridge coefficient ``λ / σ²`` along each singular direction of A.
+    Components of keys and queries outside A's column space are what a small λ cannot tolerate (they are fitted
+    with weight ~1/λ).
+
+    Args:
+        attn: the block's :class:`GeneratedAttention` wrapping ``generated:ridge`` (parameter ``lam``), on
+            constructed tokens ``[0, s_t, s_t, s_{t−1}]`` of width 4·dim (no positional features).
+        dim: state dimension D.
+
+    Returns:
+        dict of float64 ``[H]`` arrays: ``lam`` (learned, key space), ``lam_state`` (λ / mean σ²(A), the
+        state-space coefficient; inf for a head with A = 0), ``sigma_min`` / ``sigma_max`` of A, ``key_offspan``
+        (‖N‖ / ‖A‖, Frobenius), ``query_offspan`` (the part of ``B``
+        outside A's column space, relative to ‖B‖); NaN where the denominator is 0.
+
+    Raises:
+        ValueError: the layer has no ``lam`` or its input width is not 4·dim.
+    """
+    params = attn.params()
+    wk, wq = np.asarray(attn.wk, np.float64), np.asarray(attn.wq, np.float64)
+    if "lam" not in params or wk.shape[0] != 4 * dim:
+        raise ValueError(f"mesa_state_space: need a ridge layer (lam) on constructed tokens of width 4·{dim}, got "
+                         f"parameters {sorted(params)} and key input width {wk.shape[0]}")
+    lam = np.asarray(params["lam"], np.float64)
+    out = {k: [] for k in ("lam_state", "sigma_min", "sigma_max", "key_offspan", "query_offspan")}
+    for h in range(wk.shape[1]):
+        a = wk[SLOT_PREV * dim:(SLOT_PREV + 1) * dim, h].T                                   # [d_k, D]
+        n = (wk[SLOT_CUR_A * dim:(SLOT_CUR_A + 1) * dim, h] + wk[SLOT_CUR_B * dim:(SLOT_CUR_B + 1) * dim, h]).T
+        b = (wq[SLOT_CUR_A * dim:(SLOT_CUR_A + 1) * dim, h] + wq[SLOT_CUR_B * dim:(SLOT_CUR_B + 1) * dim, h]).T
+        sv = np.linalg.svd(a, compute_uv=False)
+        proj = a @ np.linalg.pinv(a)
+        nb = np.linalg.norm(b)
+        out["lam_state"].append(lam[h] / np.mean(sv ** 2) if sv.max() > 0 else np.inf)
+        out["sigma_min"].append(sv.min())
+        out["sigma_max"].append(sv.max())
+        out["key_offspan"].append(np.linalg.norm(n) / np.linalg.norm(a) if sv.max() > 0 else np.nan)
+        out["query_offspan"].append(np.linalg.norm(b - proj @ b) / nb if nb > 0 else np.nan)
+    return {"lam": lam, **{k: np.asarray(v) for k, v in out.items()}}
