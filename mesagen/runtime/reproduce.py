@@ -567,7 +567,7 @@ def claim7(mesa: Run, out: Path, quick: bool = False) -> Row:
     _flag(row, [mesa])
     row.note = ("EOS and prefix are learned states in R^D (tokens built from them like any state: the token after "
                 "the EOS has it in its previous-state slot), tuned with the model frozen; all curves on held-out "
-                "prompts. The tuned EOS ends near the zero state (‖EOS‖ in the measured column): a zero state gives the token after it a zero previous-state slot, hence a zero key, so the spurious pair (y_i, x_(i+1)) becomes (y_i, 0) plus a pair without weight; a state-space EOS cannot remove (y_i, EOS) itself. pass: plain prompting works (second-half loss < ½ predict-0 and below the first pairs'), "
+                "prompts. The tuned EOS ends near the zero state (‖EOS‖ in the measured column): a zero state gives the token after it a zero previous-state slot, hence a near-zero key (the key reads s_(t−1)), so the spurious pair (y_i, x_(i+1)) becomes (y_i, 0) plus a pair without weight; a state-space EOS cannot remove (y_i, EOS) itself. pass: plain prompting works (second-half loss < ½ predict-0 and below the first pairs'), "
                 "the EOS lowers the second-half loss and shrinks the early rise (max loss − loss at pair 1), and the "
                 "prefix lowers the mean over all pairs further (the objective both stages are tuned on); partial: "
                 "plain prompting or the EOS condition holds.")
