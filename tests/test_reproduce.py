@@ -191,7 +191,7 @@ def test_mesa_state_space_reads_a_ridge_construction_as_state_space_ridge():
     from mesagen.runtime.baselines import ridge
     model = _tiny_ridge_model(steps=0)
     attn = model.blocks[0].attn
-    d, (dm, h, dk) = 3, attn.wk.shape
+    d, h = 3, attn.wk.shape[1]
     wk, wq, wv, wo = (np.zeros(a.shape, np.float32) for a in (attn.wk, attn.wq, attn.wv, attn.wo))
     for i in range(d):
         wk[3 * d + i, 0, i] = 2.0                    # key: previous-state slot
