@@ -125,3 +125,90 @@ def test_prop2_fit_is_never_worse_than_gd_on_the_tuning_sequences():
     params, p2 = analysis.fit_prop2_k(tune, tune, 6)
     assert np.all(p2.mean(1) <= gd.mean(1) * (1 + 1e-12))
     assert np.all(params[:, 0] > 0) and np.all((params[:, 1] > 0) & (params[:, 1] <= 1))
+
+
+def _tiny_ridge_model(steps=40):
+    """A 1-layer mesa (generated:ridge) model on constructed tokens (D = 3), trained for a few steps."""
+    from mesagen.runtime.config import RunConfig
+    from mesagen.runtime.train import Trainer
+    cfg = RunConfig.model_validate({
+        "name": "tiny_mesa", "task": {"state_dim": 3, "seq_len": 8},
+        "model": {"tokens": "constructed", "d_model": 12, "heads": 2, "d_k": 6, "blocks": ["generated:ridge"],
+                  "clip_activations": 4.0, "init_std": 0.1},
+        "train": {"steps": max(steps, 1), "batch_size": 32, "schedule": {"kind": "constant", "peak_lr": 1e-2},
+                  "log_every": 10, "eval_every": 100, "checkpoint_every": 100, "progress": False,
+                  "param_lr_scale": {"lam": 10}},
+        "eval": {"batch": 32, "tune_batch": 16}})
+    trainer = Trainer(cfg)
+    state = trainer.initial_state()
+    for _ in range(steps):
+        state, _ = trainer.step(state)
+    return state.model
+
+
+def test_prompt_tuning_lowers_its_objective_and_is_scored_on_held_out_prompts():
+    from mesagen.data import RegressionConfig
+    from mesagen.runtime.reproduce import fewshot_prompting
+    model = _tiny_ridge_model()
+    rc = RegressionConfig(dim=3, num_pairs=4)
+    res = fewshot_prompting(model, rc, 24, steps=30, lr=0.05, n_train=16, n_prefix=2)
+    for stage in ("eos", "eos_prefix"):
+        obj = res["objective"][stage]
+        assert obj.shape == (31,) and np.all(np.isfinite(obj))
+        assert obj[-1] < obj[0], (stage, obj[0], obj[-1])
+    assert res["tokens"]["eos"].shape == (3,) and res["tokens"]["eos_prefix"]["prefix"].shape == (2, 3)
+    # the prompts scored are others than those tuned on ...
+    (xh, yh), (xt, _) = res["heldout"], res["train"]
+    assert xh.shape == (24, 4, 3) and xt.shape == (16, 4, 3)
+    assert not np.any(np.all(np.isclose(np.asarray(xh)[:, None], np.asarray(xt)[None]), axis=(2, 3)))
+    # ... and the curves are those of the tuned tokens on the held-out prompts
+    both = res["tokens"]["eos_prefix"]
+    np.testing.assert_allclose(res["curves"]["eos_prefix"],
+                               analysis.prompt_pair_losses(model, xh, yh, both["eos"], both["prefix"]), rtol=1e-6)
+    np.testing.assert_allclose(res["curves"]["eos"], analysis.prompt_pair_losses(model, xh, yh, res["tokens"]["eos"]),
+                               rtol=1e-6)
+    assert res["curves"]["plain"].shape == (4,)
+
+
+def test_regression_prompt_layout():
+    x = np.arange(12, dtype=np.float32).reshape(1, 4, 3)
+    y = -x
+    eos, prefix = np.full(3, 7.0, np.float32), np.full((2, 3), 9.0, np.float32)
+    states, off, stride = analysis.regression_prompt_states(x, y, eos, prefix)
+    assert (off, stride) == (2, 3) and states.shape == (1, 2 + 12 + 1, 3)
+    np.testing.assert_array_equal(states[0, off::stride][:4], x[0])
+    np.testing.assert_array_equal(states[0, off + 1::stride][:4], y[0])
+    np.testing.assert_array_equal(states[0, off + 2::stride][:4], np.broadcast_to(eos, (4, 3)))
+    np.testing.assert_array_equal(states[0, -1], 0.0)
+    with pytest.raises(ValueError, match="eos"):
+        analysis.regression_prompt_states(x, y, np.zeros(2, np.float32))
+
+
+def test_mesa_state_space_reads_a_ridge_construction_as_state_space_ridge():
+    """Keys 2·s_{t−1}, queries 2·s_t, values s_t: the layer is state-space ridge with λ / σ² = λ / 4 (push-through)."""
+    import equinox as eqx
+    import jax.numpy as jnp
+    from mesagen.runtime.baselines import ridge
+    model = _tiny_ridge_model(steps=0)
+    attn = model.blocks[0].attn
+    d, h = 3, attn.wk.shape[1]
+    wk, wq, wv, wo = (np.zeros(a.shape, np.float32) for a in (attn.wk, attn.wq, attn.wv, attn.wo))
+    for i in range(d):
+        wk[3 * d + i, 0, i] = 2.0                    # key: previous-state slot
+        wq[d + i, 0, i] = wq[2 * d + i, 0, i] = 1.0   # query: the two current-state slots, 2 s_t in all
+        wv[d + i, 0, i] = 1.0                         # value: s_t
+        wo[0, i, i] = 1.0                             # output into the prediction slot
+    lam = 0.02
+    model = eqx.tree_at(lambda m: (m.blocks[0].attn.wk, m.blocks[0].attn.wq, m.blocks[0].attn.wv, m.blocks[0].attn.wo,
+                                   m.blocks[0].attn.raw_params["lam"]), model,
+                        (jnp.asarray(wk), jnp.asarray(wq), jnp.asarray(wv), jnp.asarray(wo),
+                         jnp.full((h,), np.log(lam), jnp.float32)))
+    ss = analysis.mesa_state_space(model.blocks[0].attn, d)
+    np.testing.assert_allclose(ss["lam_state"][0], lam / 4, rtol=1e-5)
+    assert ss["key_offspan"][0] == 0 and ss["query_offspan"][0] < 1e-6
+    from mesagen.data import constructed_tokens
+    states = 0.5 * _states(b=4, t=8, d=d, seed=3)
+    tokens, _ = constructed_tokens(jnp.asarray(states, jnp.float32))
+    np.testing.assert_allclose(np.asarray(model(tokens), np.float64), ridge(states, lam / 4), atol=2e-4)
+    with pytest.raises(ValueError, match="4·"):
+        analysis.mesa_state_space(model.blocks[0].attn, 4)

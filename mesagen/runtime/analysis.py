@@ -392,3 +392,158 @@ def probe_r2(features: np.ndarray, targets: np.ndarray, n_fit: int, alpha: float
         tot = np.sum((targets[n_fit:, t] - my) ** 2)
         out[t] = 1.0 - res / tot if tot > 0 else 0.0
     return out
+
+
+# ------------------------------------------------------------------------- prompting: EOS and prefix tuning ----
+def regression_prompt_states(x: jax.Array, y: jax.Array, eos: jax.Array | None = None,
+                             prefix: jax.Array | None = None) -> tuple[jax.Array, int, int]:
+    """The state sequence of a few-shot regression prompt (the paper's Sec. 5): ``[p_1 … p_P, x_1, y_1, (e),
+    x_2, y_2, (e), …]`` with a learned EOS state ``e`` after every pair and ``P`` learned prefix states in front,
+    then one zero state (the constructed tokens need ``T + 1`` states). The learned tokens live in the space of
+    the states a dynamics model consumes (R^D), so :func:`mesagen.data.constructed_tokens` builds their tokens
+    like any other: the token after ``e`` carries ``e`` in its previous-state slot.
+
+    Args:
+        x, y: float32 ``[B, N, D]`` pairs. eos: ``[D]`` or None (no EOS). prefix: ``[P, D]`` or None (no prefix).
+
+    Returns:
+        ``(states [B, T + 1, D], offset, stride)``: the model's output at position ``offset + stride · i`` (the
+        ``x_i`` token) predicts ``y_i``; ``T = P + stride · N``, ``stride`` 3 with an EOS, else 2.
+
+    Raises:
+        ValueError: ``x`` and ``y`` differ in shape, or ``eos`` / ``prefix`` are not ``[D]`` / ``[P, D]``.
+    """
+    if x.shape != y.shape or x.ndim != 3:
+        raise ValueError(f"regression_prompt_states: x and y must both be [B, N, D], got {x.shape} and {y.shape}")
+    b, n, d = x.shape
+    parts = [x, y]
+    if eos is not None:
+        if eos.shape != (d,):
+            raise ValueError(f"regression_prompt_states: eos must be [D] = [{d}], got {eos.shape}")
+        parts.append(jnp.broadcast_to(eos.astype(x.dtype), x.shape))
+    seq = jnp.stack(parts, axis=2).reshape(b, len(parts) * n, d)
+    p = 0
+    if prefix is not None:
+        if prefix.ndim != 2 or prefix.shape[1] != d:
+            raise ValueError(f"regression_prompt_states: prefix must be [P, D = {d}], got {prefix.shape}")
+        p = prefix.shape[0]
+        seq = jnp.concatenate([jnp.broadcast_to(prefix.astype(x.dtype), (b, p, d)), seq], axis=1)
+    return jnp.concatenate([seq, jnp.zeros_like(seq[:, :1])], axis=1), p, len(parts)
+
+
+def prompt_pair_losses(model, x: jax.Array, y: jax.Array, eos: jax.Array | None = None,
+                       prefix: jax.Array | None = None) -> jax.Array:
+    """Per-pair loss of a constructed-token dynamics model prompted with :func:`regression_prompt_states`: at
+    the ``x_i`` token the model predicts ``y_i``; loss ½‖ŷ_i − y_i‖² averaged over the prompts (the paper's loss).
+
+    Args:
+        model: a :class:`~mesagen.runtime.model.Model` on constructed tokens (``[B, T, 4D]`` → ``[B, T, D]``).
+        x, y: float32 ``[B, N, D]``. eos: ``[D]`` or None. prefix: ``[P, D]`` or None.
+
+    Returns:
+        float32 ``[N]`` (differentiable in ``eos`` and ``prefix``).
+
+    Raises:
+        ValueError: as :func:`regression_prompt_states`.
+    """
+    from mesagen.data import constructed_tokens
+    states, off, stride = regression_prompt_states(x, y, eos, prefix)
+    tokens, _ = constructed_tokens(states)
+    pred = model(tokens)[:, off::stride][:, :x.shape[1]]
+    return 0.5 * jnp.mean(jnp.sum((pred - y) ** 2, -1), 0)
+
+
+def tune_prompt_tokens(model, x: jax.Array, y: jax.Array, *, eos: jax.Array | None, prefix: jax.Array | None,
+                       steps: int, lr: float, tune_eos: bool = True) -> tuple[dict, np.ndarray]:
+    """Prompt tuning (the paper's Sec. 5, Lester et al. 2021): Adam (optax) on the learned EOS state and prefix
+    states with the model frozen, full batch on the training prompts ``x, y``; the objective is the mean over
+    pairs of :func:`prompt_pair_losses`.
+
+    Args:
+        model: frozen constructed-token model. x, y: float32 ``[B, N, D]`` training prompts.
+        eos: initial ``[D]`` EOS state, or None (no EOS). prefix: initial ``[P, D]`` prefix states, or None.
+        steps: Adam steps (≥ 1). lr: Adam learning rate (> 0). tune_eos: whether ``eos`` is tuned (else fixed).
+
+    Returns:
+        ``({"eos": [D] | None, "prefix": [P, D] | None}, objective)``: the tuned tokens (numpy float32) and the
+        training objective before each step and after the last, float64 ``[steps + 1]``.
+
+    Raises:
+        ValueError: ``steps < 1``, ``lr <= 0``, nothing to tune, or shapes as :func:`regression_prompt_states`.
+    """
+    import optax
+    if steps < 1 or not lr > 0:
+        raise ValueError(f"tune_prompt_tokens: need steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    params = {"eos": eos if tune_eos else None, "prefix": prefix}
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items() if v is not None}
+    if not params:
+        raise ValueError("tune_prompt_tokens: nothing to tune (eos is None or fixed, and prefix is None)")
+    fixed_eos = None if eos is None or tune_eos else jnp.asarray(eos, jnp.float32)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+    def objective(p):
+        return jnp.mean(prompt_pair_losses(model, x, y, p.get("eos", fixed_eos), p.get("prefix")))
+
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(p, s):
+        val, g = jax.value_and_grad(objective)(p)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, val
+
+    state, hist = opt.init(params), []
+    for _ in range(steps):
+        params, state, val = step(params, state)
+        hist.append(float(val))
+    hist.append(float(jax.jit(objective)(params)))
+    out = {"eos": fixed_eos if fixed_eos is not None else params.get("eos"), "prefix": params.get("prefix")}
+    return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}, np.asarray(hist)
+
+
+# --------------------------------------------------------------------- the mesa layer in state space ----
+def mesa_state_space(attn: GeneratedAttention, dim: int) -> dict:
+    """The one-layer mesa (``ridge``) model on constructed tokens read as in-context ridge in *state* space.
+
+    Its keys are ``k_t = A s_{t−1} + N s_t`` and its queries ``q_t = B s_t + …`` (per head, ``A`` the key
+    projection of the previous-state slot, ``N`` the sum over the two current-state slots, which carry the same
+    s_t, ``B`` the query's). With ``N = 0`` and ``B = A M``, ``M ∝ I``, the layer is ridge regression of
+    ``s_i`` on ``s_{i−1}`` with the regulariser ``λ (AᵀA)⁻¹`` (push-through identity: ``Aᵀ(A S Sᵀ Aᵀ + λI)⁻¹A =
+    (S Sᵀ + λ (AᵀA)⁻¹)⁻¹``), i.e. a state-space ridge coefficient ``λ / σ²`` along each singular direction of A.
+    Components of keys and queries outside A's column space are what a small λ cannot tolerate (they are fitted
+    with weight ~1/λ).
+
+    Args:
+        attn: the block's :class:`GeneratedAttention` wrapping ``generated:ridge`` (parameter ``lam``), on
+            constructed tokens ``[0, s_t, s_t, s_{t−1}]`` of width 4·dim (no positional features).
+        dim: state dimension D.
+
+    Returns:
+        dict of float64 ``[H]`` arrays: ``lam`` (learned, key space), ``lam_state`` (λ / mean σ²(A), the
+        state-space coefficient; inf for a head with A = 0), ``sigma_min`` / ``sigma_max`` of A, ``key_offspan``
+        (‖N‖ / ‖A‖, Frobenius), ``query_offspan`` (the part of ``B``
+        outside A's column space, relative to ‖B‖); NaN where the denominator is 0.
+
+    Raises:
+        ValueError: the layer has no ``lam`` or its input width is not 4·dim.
+    """
+    params = attn.params()
+    wk, wq = np.asarray(attn.wk, np.float64), np.asarray(attn.wq, np.float64)
+    if "lam" not in params or wk.shape[0] != 4 * dim:
+        raise ValueError(f"mesa_state_space: need a ridge layer (lam) on constructed tokens of width 4·{dim}, got "
+                         f"parameters {sorted(params)} and key input width {wk.shape[0]}")
+    lam = np.asarray(params["lam"], np.float64)
+    out = {k: [] for k in ("lam_state", "sigma_min", "sigma_max", "key_offspan", "query_offspan")}
+    for h in range(wk.shape[1]):
+        a = wk[SLOT_PREV * dim:(SLOT_PREV + 1) * dim, h].T                                   # [d_k, D]
+        n = (wk[SLOT_CUR_A * dim:(SLOT_CUR_A + 1) * dim, h] + wk[SLOT_CUR_B * dim:(SLOT_CUR_B + 1) * dim, h]).T
+        b = (wq[SLOT_CUR_A * dim:(SLOT_CUR_A + 1) * dim, h] + wq[SLOT_CUR_B * dim:(SLOT_CUR_B + 1) * dim, h]).T
+        sv = np.linalg.svd(a, compute_uv=False)
+        proj = a @ np.linalg.pinv(a)
+        nb = np.linalg.norm(b)
+        out["lam_state"].append(lam[h] / np.mean(sv ** 2) if sv.max() > 0 else np.inf)
+        out["sigma_min"].append(sv.min())
+        out["sigma_max"].append(sv.max())
+        out["key_offspan"].append(np.linalg.norm(n) / np.linalg.norm(a) if sv.max() > 0 else np.nan)
+        out["query_offspan"].append(np.linalg.norm(b - proj @ b) / nb if nb > 0 else np.nan)
+    return {"lam": lam, **{k: np.asarray(v) for k, v in out.items()}}
