@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _run(checks: str, sim: bool, select: str | None = None) -> None:
     env = dict(os.environ)
     env["NUMBA_ENABLE_CUDASIM"] = "1" if sim else "0"
+    if not sim:  # the PTX checks inspect the code users get: numba's default optimisation, not conftest's -O0
+        env["NUMBA_OPT"] = "3"  # (at -O0 a float32 kernel keeps float64 conversions that -O3 folds away)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + [env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark",
            str(ROOT / "tests" / "cuda" / checks)] + (["-k", select] if select else [])
