@@ -1,7 +1,7 @@
 """Every shipped spec in every form at the shapes of issue 10: speed, memory, the fraction of sgemm, decode latency.
 
 Run: ``python3 benchmarks/forms_table.py [--T 1024 4096] [--K 32 64] [--B 8] [--H 4] [--repeats 1]
-[--specs ridge gated_delta] [--max-temp-gib 3] [--no-numba]``.
+[--specs ridge gated_delta] [--forms chunked numba_cpu numpy] [--max-temp-gib 3] [--no-numba]``.
 
 One run, everything side by side (float32, CPU, K = V, random time-varying gates and step sizes from
 ``tests/conftest.make_inputs``; rls_forgetting and mesanet get mild gates −U(0.001, 0.01) because strong forgetting
@@ -20,6 +20,9 @@ module (recurrent):
 * **% sgemm**: the useful FLOPs of the forward+backward (:func:`useful_flops`: the cheapest exact recurrence
   of the layer's family, times 3 for forward+backward) divided by the time, as a fraction of this machine's
   sgemm rate measured at the start of the run (the larger of XLA's and numpy's 2048 × 2048 float32 matmul);
+* **numpy batched recurrent** (linear, delta, ridge only): the recurrence in plain numpy, batched over
+  (batch, head) with one einsum per token (``numba_cpu_bench.numpy_batched``), forward only: the baseline of
+  issue 10's "Numba CPU forward ≥ 5× batched numpy";
 * **decode µs**: one jitted ``step`` for a batch of B at position T (after a forward of T tokens; the KV-cache
   layers attend over T cached tokens), per token and layer.
 
@@ -44,12 +47,15 @@ import mesagen  # noqa: E402,F401 -- before jax (mesagen._xla_cpu)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from conftest import SHIPPED, load_generated, make_inputs  # noqa: E402
+from numba_cpu_bench import numpy_batched  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 LINEAR = ("linear", "simple_gla", "retention", "gla")
 DELTA = ("delta", "gated_delta", "kda", "implicit_delta")
 EXACT = ("ridge", "rls_forgetting", "mesanet")
 KERNEL = ("softmax", "forgetting_attn")
+#: Specs that numba_cpu_bench.numpy_batched implements.
+NUMPY = ("linear", "delta", "ridge")
 
 
 def useful_flops(name: str, B: int, T: int, H: int, K: int, V: int) -> float:
@@ -152,7 +158,10 @@ def main(argv=None) -> None:
     ap.add_argument("--specs", nargs="+", default=list(SHIPPED))
     ap.add_argument("--max-temp-gib", type=float, default=3.0)
     ap.add_argument("--no-numba", action="store_true")
+    ap.add_argument("--forms", nargs="+", default=None,
+                    help="rows to run: JAX forms (recurrent, closed_form, chunked), numba_cpu, numpy (default: all)")
     a = ap.parse_args(argv)
+    want = lambda row: a.forms is None or row in a.forms  # noqa: E731
     unknown = sorted(set(a.specs) - set(SHIPPED))
     if unknown:
         ap.error(f"unknown spec(s) {unknown}; shipped: {', '.join(SHIPPED)}")
@@ -168,7 +177,7 @@ def main(argv=None) -> None:
                 m = load(name, "jax")
                 flops = 3 * useful_flops(name, a.B, T, a.H, K, K)
                 dec = decode_us(m, name, a.B, T, a.H, K, a.repeats)
-                for form in m.FORMS:
+                for form in filter(want, m.FORMS):
                     t_f, t_g, temp = jax_row(m, name, form, a.B, T, a.H, K, a.repeats, a.max_temp_gib * 2 ** 30)
                     if t_f is None:
                         print(f"| {name} | {T} | {K} | {form} | not run: XLA temp {temp / 2 ** 30:.1f} GiB | | | "
@@ -176,11 +185,16 @@ def main(argv=None) -> None:
                         continue
                     print(f"| {name} | {T} | {K} | {form} | {t_f * 1e3:.1f} | {t_g * 1e3:.1f} | {a.B * T / t_g:,.0f} | "
                           f"{temp / 2 ** 20:.0f} | {100 * flops / t_g / sgemm:.2f} | {dec:.0f} |", flush=True)
-                nm = None if a.no_numba else load(name, "numba_cpu")
+                nm = None if a.no_numba or not want("numba_cpu") else load(name, "numba_cpu")
                 if nm is not None:
                     t_f, t_g = numba_row(nm, name, a.B, T, a.H, K, a.repeats)
                     print(f"| {name} | {T} | {K} | numba_cpu recurrent | {t_f * 1e3:.1f} | {t_g * 1e3:.1f} | "
                           f"{a.B * T / t_g:,.0f} | – | {100 * flops / t_g / sgemm:.2f} | – |", flush=True)
+                if name in NUMPY and want("numpy"):
+                    q, k, v, params, inputs = arguments(name, a.B, T, a.H, K)
+                    t_f = median_seconds(lambda: numpy_batched(name, q, k, v, params, inputs), a.repeats)
+                    print(f"| {name} | {T} | {K} | numpy batched recurrent | {t_f * 1e3:.1f} | – | – | – | "
+                          f"{100 * flops / 3 / t_f / sgemm:.2f} (fwd) | – |", flush=True)
     print(f"\nwall {time.perf_counter() - t0:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
 
 
