@@ -40,6 +40,11 @@ _lock = threading.RLock()
 _intra: dict[int, list] = {}  # address -> [epoch, writer tid | None, writer site, {reader tid: site}]
 _inter: dict[int, list] = {}  # address -> [writer block | None, {reader block}] within one launch
 _exits: list[tuple] = []  # (block, tid, epoch at exit) of the current block
+#: Counts block runs. A thread records accesses and its exit only while the block run that started it is the
+#: current one: when a kernel raises, the simulator aborts the block's other threads without joining them, and
+#: such a thread, finishing late on a loaded machine, must not report into a later launch's block (a stale exit
+#: after 29 barriers once failed a one-barrier kernel as "divergent syncthreads").
+_generation = [0]
 _enabled = [True]
 stats = {"accesses": 0, "launches": 0}
 
@@ -68,6 +73,8 @@ def _record(addrs, write: bool, shared: bool) -> None:
     t = threading.current_thread()
     if not _enabled[0] or not isinstance(t, _kernel.BlockThread) or addrs is None:
         return
+    if getattr(t, "_rc_generation", None) != _generation[0]:
+        return  # a thread of an earlier, aborted block run
     epoch, tid, block = getattr(t, "_rc_epoch", 0), t.thread_id, tuple(t.blockIdx)
     with _lock:
         stats["accesses"] += len(addrs)
@@ -178,13 +185,16 @@ def _syncthreads(self):
 
 
 def _thread_run(self):
+    self._rc_generation = _generation[0]
     _orig_thread_run(self)
     with _lock:
-        _exits.append((tuple(self.blockIdx), self.thread_id, getattr(self, "_rc_epoch", 0)))
+        if self._rc_generation == _generation[0]:
+            _exits.append((tuple(self.blockIdx), self.thread_id, getattr(self, "_rc_epoch", 0)))
 
 
 def _block_run(self, grid_point, *args):
     with _lock:
+        _generation[0] += 1
         _intra.clear()
         _exits.clear()
     _orig_block_run(self, grid_point, *args)
