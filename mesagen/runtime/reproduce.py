@@ -61,13 +61,14 @@ class Budget:
 #: The one budget of every family run (steps × batch; seed, optimiser and schedule those of :data:`FAMILY_BASE`).
 FAMILY_BUDGET = Budget(300, 128)
 
-#: Budgets per run name. ``full``: fits ~30 minutes of one CPU core (measured steps/s on this project's machine,
-#: one core, unloaded: linear_1layer 12.7 at batch 256, mesa 10.5, linear_2layer 8.1 and linear_6layer 3.8 at
-#: batch 128, softmax_7layer 3.2 and the hybrid 7.3 at batch 64, compilation 7-16 s per model; ~29 minutes in
-#: all): the linear model at its shipped config's budget, the others shorter (early-training snapshots). The mesa
-#: model trains 12000 × 128, the paper's number of training sequences (6000 × 256) in 8× the shipped config's
-#: steps (≈ 19 more minutes of one core): its per-t gap to ridge at t ≈ D is a training-length effect that shrinks
-#: with the number of steps (docs/paper.md §5, "Why t ≈ 10"), and claim 2 asks for ≤ 3× ridge at every t ≥ 10.
+#: Budgets per run name. ``full``: about 52 minutes of one CPU core with the family and LM runs
+#: (:func:`one_core_estimate`; measured steps/s on this project's machine, one core, unloaded: linear_1layer 12.7
+#: at batch 256, mesa 10.5, linear_2layer 8.1 and linear_6layer 3.8 at batch 128, softmax_7layer 3.2 and the
+#: hybrid 7.3 at batch 64, compilation 7-16 s per model): the linear model at its shipped config's budget, the
+#: others shorter (early-training snapshots). The mesa model trains 12000 × 128, the paper's number of training
+#: sequences (6000 × 256) in 8× the shipped config's steps (≈ 19 more minutes of one core): its per-t gap to ridge
+#: at t ≈ D is a training-length effect that shrinks with the number of steps (docs/paper.md §5, "Why t ≈ 10"),
+#: and claim 2 asks for ≤ 3× ridge at every t ≥ 10.
 FULL = {"linear_1layer": Budget(3000, 256), "mesa_1layer": Budget(12000, 128),
         "linear_2layer": Budget(1000, 128), "linear_4layer": Budget(1000, 128), "linear_6layer": Budget(1000, 128),
         "fixed_teacher": Budget(600, 128), "hybrid_softmax_mesa": Budget(400, 64),
