@@ -495,8 +495,9 @@ def tune_prompt_tokens(model, x: jax.Array, y: jax.Array, *, eos: jax.Array | No
     state, hist = opt.init(params), []
     for _ in range(steps):
         params, state, val = step(params, state)
-        hist.append(float(val))
-    hist.append(float(jax.jit(objective)(params)))
+        hist.append(val)                    # device scalars: one transfer at the end, not a sync per step
+    hist.append(jax.jit(objective)(params))
+    hist = [float(v) for v in hist]
     out = {"eos": fixed_eos if fixed_eos is not None else params.get("eos"), "prefix": params.get("prefix")}
     return {k: None if v is None else np.asarray(v, np.float32) for k, v in out.items()}, np.asarray(hist)
 
@@ -534,10 +535,13 @@ def mesa_state_space(attn: GeneratedAttention, dim: int) -> dict:
                          f"parameters {sorted(params)} and key input width {wk.shape[0]}")
     lam = np.asarray(params["lam"], np.float64)
     out = {k: [] for k in ("lam_state", "sigma_min", "sigma_max", "key_offspan", "query_offspan")}
+    def slot(w, s, h):  # the [d_k, D] projection of token slot s in head h
+        return w[s * dim:(s + 1) * dim, h].T
+
     for h in range(wk.shape[1]):
-        a = wk[SLOT_PREV * dim:(SLOT_PREV + 1) * dim, h].T                                   # [d_k, D]
-        n = (wk[SLOT_CUR_A * dim:(SLOT_CUR_A + 1) * dim, h] + wk[SLOT_CUR_B * dim:(SLOT_CUR_B + 1) * dim, h]).T
-        b = (wq[SLOT_CUR_A * dim:(SLOT_CUR_A + 1) * dim, h] + wq[SLOT_CUR_B * dim:(SLOT_CUR_B + 1) * dim, h]).T
+        a = slot(wk, SLOT_PREV, h)
+        n = slot(wk, SLOT_CUR_A, h) + slot(wk, SLOT_CUR_B, h)
+        b = slot(wq, SLOT_CUR_A, h) + slot(wq, SLOT_CUR_B, h)
         sv = np.linalg.svd(a, compute_uv=False)
         proj = a @ np.linalg.pinv(a)
         nb = np.linalg.norm(b)

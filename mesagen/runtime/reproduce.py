@@ -515,7 +515,7 @@ def fewshot_prompting(model, rc, n_eval: int, *, steps: int, lr: float, n_train:
 def claim7(mesa: Run, out: Path, quick: bool = False) -> Row:
     """Claim 7: the mesa model trained on dynamics, prompted with [x₁, y₁, x₂, y₂, …] regression sequences,
     plain and with a tuned EOS state / EOS + prefix (:func:`fewshot_prompting`)."""
-    from mesagen.data import RegressionConfig, interleave
+    from mesagen.data import RegressionConfig
     row = Row("7", "Models trained only on dynamics do few-shot regression when prompted with [x₁, y₁, x₂, y₂, …] "
               "(loss first rises, like least squares on the spurious pairs; EOS / prefix tokens improve it).",
               "loss falls with the number of pairs; a tuned EOS and prefix lower it")
@@ -541,7 +541,7 @@ def claim7(mesa: Run, out: Path, quick: bool = False) -> Row:
     zero = 0.5 * np.mean(np.sum(y ** 2, -1), 0)
     # in-context ridge on the prompt read as a dynamics sequence: every consecutive pair, spurious (y_i, x_{i+1}) too
     from mesagen.runtime.baselines import ridge
-    states = np.concatenate([np.asarray(interleave(x, y)), np.zeros_like(x[:, :1])], 1)
+    states = np.asarray(analysis.regression_prompt_states(res["heldout"][0], res["heldout"][1])[0], np.float64)
     ls_all = 0.5 * np.mean(np.sum((ridge(states, mesa.result["fitted"]["ridge_lambda"])[:, 0::2] - y) ** 2, -1), 0)
     late = slice(rc.num_pairs // 2, None)
 
