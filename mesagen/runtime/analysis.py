@@ -3,7 +3,8 @@
 * :func:`linear_effective_weights` / :func:`linear_forward_np` / :func:`block_project`: the one-layer linear
   self-attention model on constructed tokens as per-head products W_KQ = η W_K W_Qᵀ and W_PV = W_V W_O
   (von Oswald et al. 2023, Prop. 1; the paper's Sec. 3), and their projection onto the GD construction's block
-  structure.
+  structure; :func:`linear_stack_forward_np` / :func:`compress_linear_stack`: a deeper stack from the same
+  matrices, and its compression to 16 block scalars per head (claim 3).
 * :func:`gd_k_predictions` / :func:`fit_gd_k`: k steps of full-batch gradient descent from W = 0 on the
   in-context least-squares loss, step size line-searched per k (the curves deeper linear models are compared to;
   the paper's Prop. 2 is a preconditioned variant of this iteration).
@@ -65,16 +66,131 @@ def linear_forward_np(tokens: np.ndarray, kq: np.ndarray, pv: np.ndarray, out_di
     Returns:
         float64 ``[B, T, D]``: ``clip(e_t + o_t)[:D]`` with the causal (i ≤ t) sum of the layer.
     """
+    return linear_stack_forward_np(tokens, [(kq, pv)], out_dim, clip)
+
+
+def linear_stack_forward_np(tokens: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]], out_dim: int,
+                            clip: float | None) -> np.ndarray:
+    """Prediction of a stack of linear self-attention layers (no LayerNorm, no MLP) from per-layer effective
+    matrices: ``e ← clip(e + Σ_h Σ_{i≤t} (e_iᵀ kq[h] e_t) e_iᵀ pv[h])`` per layer, read out from the first D
+    entries (the paper's Sec. 3 models on constructed tokens).
+
+    Args:
+        tokens: ``[B, T, d]``. layers: per layer ``(kq, pv)``, ``[H, d, d]`` each (:func:`linear_effective_weights`).
+        out_dim: D. clip: the residual clip after every layer (None: none).
+
+    Returns:
+        float64 ``[B, T, D]``.
+    """
     e = np.asarray(tokens, np.float64)
     t = e.shape[1]
     causal = np.tril(np.ones((t, t)))
-    out = e.copy()
-    for h in range(kq.shape[0]):
-        scores = np.einsum("bia,ac,btc->bti", e, kq[h], e, optimize=True) * causal      # e_iᵀ kq e_t, i ≤ t
-        out += np.einsum("bti,bia,ac->btc", scores, e, pv[h], optimize=True)
-    if clip is not None:
-        out = np.clip(out, -clip, clip)
-    return out[..., :out_dim]
+    for kq, pv in layers:
+        out = e.copy()
+        for h in range(kq.shape[0]):
+            scores = np.einsum("bia,ac,btc->bti", e, kq[h], e, optimize=True) * causal      # e_iᵀ kq e_t, i ≤ t
+            out += np.einsum("bti,bia,ac->btc", scores, e, pv[h], optimize=True)
+        e = np.clip(out, -clip, clip) if clip is not None else out
+    return e[..., :out_dim]
+
+
+def _block_scalar_forward(coef: dict, mask: dict, tokens: jax.Array, dim: int, clip: float | None) -> jax.Array:
+    """JAX forward of a linear stack whose W_KQ and W_PV are grids of c·I slot blocks: ``coef["kq"]``,
+    ``coef["pv"]`` ``[L, H, n, n]`` (n = d / D slots) times ``mask`` (0/1, same shape). ``[B, T, d] -> [B, T, D]``."""
+    b, t, d = tokens.shape
+    n = d // dim
+    causal = jnp.tril(jnp.ones((t, t), tokens.dtype))
+    e = tokens
+    for kq, pv in zip(coef["kq"] * mask["kq"], coef["pv"] * mask["pv"]):
+        slots = e.reshape(b, t, n, dim)
+        gram = jnp.einsum("biad,btcd->btiac", slots, slots)                 # <e_i[a], e_t[c]>
+        scores = jnp.einsum("btiac,hac->bhti", gram, kq) * causal          # e_iᵀ kq[h] e_t, i ≤ t
+        out = jnp.einsum("bhti,biad,hac->btcd", scores, slots, pv)          # Σ_i score e_i[a] pv[h]_(a, c)
+        e = e + out.reshape(b, t, d)
+        e = jnp.clip(e, -clip, clip) if clip is not None else e
+    return e[..., :dim]
+
+
+def compress_linear_stack(layers: list[tuple[np.ndarray, np.ndarray]], dim: int, clip: float | None,
+                          train: tuple[np.ndarray, np.ndarray], heldout: tuple[np.ndarray, np.ndarray], *,
+                          keep: int = 16, steps: int = 300, lr: float = 3e-3, batch: int = 128,
+                          seed: int = 0) -> dict:
+    """Compress a trained linear stack to ``keep`` scalars per head and fine-tune them (the paper's Sec. 3
+    compressed model, our construction).
+
+    Every D×D slot block of each head's W_KQ and W_PV is replaced by c·I (c the mean of its diagonal,
+    :func:`block_coefficients`): 2 n² scalars per head (32 for constructed tokens' n = 4 slots). Of those, each
+    head keeps the ``keep`` with the largest |c| (its largest block masses) and zeroes the rest; the kept scalars
+    are then fine-tuned with Adam on the training sequences, the masks fixed.
+
+    Args:
+        layers: per layer ``(kq, pv)`` ``[H, d, d]`` (:func:`linear_effective_weights`). dim: D. clip: residual clip.
+        train, heldout: ``(tokens [B, T, d], targets [B, T, D])`` of different sequences.
+        keep: scalars kept per head (≤ 2 n²). steps, lr, batch, seed: the fine-tuning (full passes over
+            ``train`` in shuffled minibatches of ``batch``).
+
+    Returns:
+        dict of held-out losses (mean over sequences and positions of ½‖ŝ − s‖², float): ``full`` (the stack
+        as given), ``block_scalar`` (all 2 n² block scalars per head), ``pruned`` (``keep`` kept, before
+        fine-tuning), ``compressed`` (after); ``per_t`` (``[T]`` float64 of the compressed model),
+        ``params_per_head`` (``keep``), ``objective`` (training loss per step), ``kept_blocks`` (how often each
+        (matrix, a, b) block was kept over layers and heads).
+
+    Raises:
+        ValueError: ``keep`` outside [1, 2 n²], or d not a multiple of ``dim``.
+    """
+    import optax
+    d = layers[0][0].shape[-1]
+    if d % dim:
+        raise ValueError(f"compress_linear_stack: residual width {d} is not a multiple of D = {dim}")
+    n = d // dim
+    if not 1 <= keep <= 2 * n * n:
+        raise ValueError(f"compress_linear_stack: keep must be in [1, {2 * n * n}], got {keep}")
+    coef = {name: np.stack([np.stack([block_coefficients(m, dim) for m in mats[i]]) for mats in layers])
+            for i, name in enumerate(("kq", "pv"))}                                     # [L, H, n, n]
+    both = np.concatenate([coef["kq"], coef["pv"]], -1)                                  # [L, H, n, 2n]
+    flat = np.abs(both).reshape(*both.shape[:2], -1)
+    thresh = -np.sort(-flat, -1)[..., keep - 1:keep]
+    keep_mask = (flat >= thresh).reshape(both.shape).astype(np.float64)
+    mask = {"kq": keep_mask[..., :n], "pv": keep_mask[..., n:]}
+    ones = {k: np.ones_like(v) for k, v in mask.items()}
+    tok_h, tgt_h = (np.asarray(x, np.float64) for x in heldout)
+
+    def heldout_loss(c, m):
+        pred = _block_scalar_forward(c, m, jnp.asarray(tok_h, jnp.float32), dim, clip)
+        return np.mean(0.5 * np.sum((np.asarray(pred, np.float64) - tgt_h) ** 2, -1), 0)
+
+    full = np.mean(0.5 * np.sum((linear_stack_forward_np(tok_h, layers, dim, clip) - tgt_h) ** 2, -1))
+    block_scalar, pruned = heldout_loss(coef, ones).mean(), heldout_loss(coef, mask).mean()
+    tok_t, tgt_t = (jnp.asarray(x, jnp.float32) for x in train)
+    params = {k: jnp.asarray(v * mask[k], jnp.float32) for k, v in coef.items()}
+    jmask = {k: jnp.asarray(v, jnp.float32) for k, v in mask.items()}
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(p, state, idx):
+        def loss(q):
+            pred = _block_scalar_forward(q, jmask, tok_t[idx], dim, clip)
+            return jnp.mean(0.5 * jnp.sum((pred - tgt_t[idx]) ** 2, -1))
+        val, g = jax.value_and_grad(loss)(p)
+        upd, state = opt.update(g, state, p)
+        return optax.apply_updates(p, upd), state, val
+
+    state = opt.init(params)
+    rng = np.random.default_rng(seed)
+    size = tok_t.shape[0]
+    objective = []
+    for i in range(steps):
+        idx = jnp.asarray(rng.choice(size, min(batch, size), replace=False))
+        params, state, val = step(params, state, idx)
+        objective.append(val)
+    per_t = heldout_loss({k: np.asarray(v, np.float64) for k, v in params.items()}, mask)
+    kept = {f"{name}[{a},{b}]": int(mask[name][..., a, b].sum()) for name in ("kq", "pv")
+            for a in range(n) for b in range(n) if mask[name][..., a, b].any()}
+    return {"full": float(full), "block_scalar": float(block_scalar), "pruned": float(pruned),
+            "compressed": float(per_t.mean()), "per_t": per_t, "params_per_head": keep,
+            "objective": np.asarray(jnp.stack(objective), np.float64) if objective else np.zeros(0),
+            "kept_blocks": kept}
 
 
 def _slots(mat: np.ndarray, dim: int) -> np.ndarray:
