@@ -32,10 +32,14 @@ class LinearAttention(eqx.Module):
     and the output ``sum_h o_{t,h} W_O[h]`` (no bias: the softmax layer it replaces has none). This is the
     linear self-attention layer of the paper (Eq. 1 without the softmax; one step of gradient descent on
     the in-context least-squares loss, Sec. 3 / Prop. 1), i.e. the linear transformer of Katharopoulos et al.
-    (2020) without its feature map and normaliser. ``normalize=True`` is an option, not the paper's layer: it
-    divides by the number of positions attended, as softmax's mean over them does (see :func:`distill_linear_layers`
-    for which of the two fits a softmax layer better; the default is the paper's unnormalised layer). A
-    learned per-head output scale would be redundant (it is absorbed in ``W_O``), so there is none.
+    (2020) without its feature map and normaliser. ``normalize=True`` is an addition, not the paper's layer:
+    it divides by the number of positions attended (t + 1), as softmax's weights, which sum to one, do. It is
+    still linear attention (a fixed, data-independent 1/(t+1) per position) and is the variant that fits:
+    distilling layers 1..6 of the 7-layer softmax model (``configs/softmax_7layer.yaml``, 1500 steps, held-out
+    loss 0.391) on 256 sequences by 500 Adam steps, the normalised layers reach relative errors 0.005-0.036
+    (held out 0.010-0.058, lr 1e-2) while the plain ones stay at 0.12-0.17 (held out 0.25-0.30, lr 2e-3; lr 1e-2
+    diverges for them), and swapping all six raises the loss to 0.565 (normalised) against 1.54 (plain): the plain
+    layer's output grows with t while a softmax layer's is an average. A learned per-head output scale would be redundant (it is absorbed in ``W_O``), so there is none.
 
     Attributes:
         wq, wk: ``(d_qk_in, H, K)`` float32 (``d_qk_in = d_model + d_pos``: positional features join the
