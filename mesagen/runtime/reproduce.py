@@ -396,12 +396,12 @@ def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int, 
     k_grows = all(a <= b for a, b in zip(ks, ks[1:])) and ks[-1] > ks[0]
     deepest = depth_runs[max(depth_runs)]
     comp = compressed_model(deepest, quick=quick) if max(depth_runs) > 1 else None
-    ok_comp = comp is not None and comp["compressed"] <= COMPRESSED_TOLERANCE * deepest.mean()
+    ok_comp = comp is not None and comp["pruned"] <= COMPRESSED_TOLERANCE * deepest.mean()
     if comp is not None:
         row.measured += (f"; compressed {max(depth_runs)}-layer model ({comp['params_per_head']} block scalars per "
-                         f"head, fine-tuned): {_f(comp['compressed'])} vs trained {_f(deepest.mean())} "
-                         f"({comp['compressed'] / deepest.mean():.3f}×; before fine-tuning {_f(comp['pruned'])}, all "
-                         f"32 block scalars {_f(comp['block_scalar'])})")
+                         f"head, read off the trained weights): {_f(comp['pruned'])} vs trained "
+                         f"{_f(deepest.mean())} ({comp['pruned'] / deepest.mean():.3f}×; all 32 block scalars "
+                         f"{_f(comp['block_scalar'])}; the 16 fine-tuned {_f(comp['compressed'])})")
     row.status = "pass" if monotone and above and k_grows and ok_comp else \
         "partial" if monotone or k_grows or ok_comp else "fail"
     _flag(row, list(depth_runs.values()))
@@ -417,7 +417,9 @@ def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int, 
                    f"keeping each): " + ", ".join(f"{k} {v}" for k, v in comp["kept_blocks"].items())
                    + f". The numpy stack forward of the trained matrices reproduces the model's loss to "
                    f"{abs(comp['full'] - deepest.mean()) / deepest.mean():.1e} (relative). Pass also needs the "
-                   f"compressed model within {COMPRESSED_TOLERANCE:.2f}× of the trained one." if comp else ""))
+                   f"16-scalar model read off the weights (before fine-tuning) within {COMPRESSED_TOLERANCE:.2f}× of "
+                   f"the trained one; fine-tuning continues training ({COMPRESS['steps']} more steps at lr "
+                   f"{COMPRESS['lr']:g} against the run's {deepest.config.train.schedule.peak_lr:g}), so the fine-tuned loss shows what 16 scalars per head can reach, not a match." if comp else ""))
     curves = {f"linear {d}L": r.per_t() for d, r in sorted(depth_runs.items())}
     if comp is not None:
         curves[f"compressed {max(depth_runs)}L ({comp['params_per_head']}/head)"] = comp["per_t"]
@@ -532,10 +534,15 @@ def claim5(runs: dict[int, Run], k_max: int = 40, distill=None) -> Row:
     ok_swap = None
     if distill is not None:
         d = distill(deepest)
-        ok_swap = d["swapped"] <= SWAP_TOLERANCE * deepest.mean()
-        parts.append(f"layers 2…{max(runs)} swapped for distilled linear layers: {_f(d['swapped'])} vs "
-                     f"{_f(deepest.mean())} ({d['swapped'] / deepest.mean():.2f}×); one at a time: "
-                     + " ".join(f"{_f(x)}" for x in d["one_at_a_time"]))
+        base = deepest.mean()
+        ok_swap = d["normalized"]["all"] <= SWAP_TOLERANCE * base
+        for name, label in (("normalized", "1/(t+1)-normalised linear layers"), ("plain", "plain linear layers")):
+            sw = d[name]
+            errs = [r["rel_error"] for r in d[name + "_report"]["layers"].values()]
+            parts.append(f"layers 2…{max(runs)} swapped for distilled {label}: {_f(sw['all'])} "
+                         f"({sw['all'] / base:.2f}× the trained {_f(base)}); one layer at a time (layer 2…"
+                         f"{max(runs)}): " + " ".join(f"{v / base:.2f}×" for v in sw["one"].values())
+                         + f"; fitted relative error {min(errs):.3f}…{max(errs):.3f}")
     row.measured = "; ".join(parts)
     row.setting = "; ".join(f"{d}-layer softmax {r.setting()}" for d, r in sorted(runs.items()))
     checks = [ok_bind, ok_k] + ([ok_swap] if ok_swap is not None else [])
@@ -552,7 +559,41 @@ def claim5(runs: dict[int, Run], k_max: int = 40, distill=None) -> Row:
 #: Claim 5: a softmax model whose later layers are swapped for distilled linear ones "loses little" when its held-out
 #: loss stays within this factor of the trained model's.
 SWAP_TOLERANCE = 1.25
-DISTILL_NOTE = ""
+#: Claim 5's distillation (:func:`mesagen.runtime.distill.distill_linear_layers`): Adam steps, learning rates of the
+#: normalised and the plain layer (1e-2 diverges for the plain one, measured), training sequences.
+DISTILL = {"steps": 500, "lr": 1e-2, "plain_lr": 2e-3, "n_train": 256}
+DISTILL_NOTE = ("every block after the first gets a causal linear self-attention layer (distill.LinearAttention) "
+                "fitted by Adam to that block's softmax-attention output on the block's own input (the trained "
+                "model's LN1 output) on {n_train} training sequences (seed eval.seed + 1000), initialised from the "
+                "softmax layer's W_Q/√d_k, W_K, W_V, W_O with the output rescaled by least squares, {steps} steps, "
+                "lr {lr} (normalised) / {plain_lr} (plain); then all of them, and each alone, are swapped into the "
+                "model and it is scored on the held-out set. Two layers: the paper's plain one, o_t = Σ_(i≤t) v_i "
+                "k_iᵀ q_t, and the same divided by t + 1; the plain one cannot follow a softmax average, whose scale "
+                "does not grow with t, so the normalised one is the test.").format(**DISTILL)
+
+
+def distill_softmax(run: Run, quick: bool = False) -> dict:
+    """Claim 5's distillation of ``run`` (a softmax model): every block after the first swapped for distilled
+    linear layers, normalised and plain (:data:`DISTILL`; ``quick``: 5 steps on 16 sequences).
+
+    Returns:
+        dict: ``normalized`` / ``plain``: :func:`mesagen.runtime.distill.swap_losses` (held-out losses
+        ``original``, ``all``, ``one`` by block index); ``normalized_report`` / ``plain_report``: the fits.
+    """
+    from mesagen.data import sample_states
+    from mesagen.runtime.distill import distill_linear_layers, swap_losses
+    from mesagen.runtime.train import batch_from_states
+    cfg, c = run.config, dict(DISTILL)
+    if quick:
+        c.update(steps=5, n_train=16)
+    tokens = batch_from_states(cfg, sample_states(jax.random.PRNGKey(cfg.eval.seed + 1000), cfg.task, c["n_train"]))[0]
+    layers = list(range(1, len(run.model.blocks)))
+    out = {}
+    for name, normalize, lr in (("normalized", True, c["lr"]), ("plain", False, c["plain_lr"])):
+        new, rep = distill_linear_layers(run.model, tokens, layers, steps=c["steps"], lr=lr, normalize=normalize)
+        out[name] = swap_losses(run.model, new, layers, lambda m: float(run.trainer.evaluate(m).mean()))
+        out[name + "_report"] = rep
+    return out
 
 
 def claim6(by_task: dict[str, dict[str, Run]], out: Path) -> Row:
@@ -1137,7 +1178,7 @@ CLAIM6_LABELS = {"hybrid_softmax_mesa": "hybrid", "softmax_7layer": "softmax 7L"
 def _claim5(need, quick: bool) -> Row | None:
     runs = {d: need(n) for d, n in ((3, "softmax_3layer"), (7, "softmax_7layer"))}
     runs = {d: r for d, r in runs.items() if r is not None}
-    return claim5(runs, k_max=8 if quick else 40) if runs else None
+    return claim5(runs, k_max=8 if quick else 40, distill=lambda r: distill_softmax(r, quick)) if runs else None
 
 
 def _claim6(need, out: Path) -> Row | None:
