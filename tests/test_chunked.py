@@ -53,7 +53,8 @@ def value_and_grads(m, form, q, k, v, params, inputs, state, seed=5, **kw):
         o, fin = m.forward(q, k, v, params, initial_state=state, output_final_state=True, form=form, **kw, **inputs)
         return jnp.sum(o * do) + sum(jnp.sum(a * b) for a, b in zip(fin, dS)), (o, fin)
 
-    grads, out = jax.grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True)(q, k, v, params, inputs, state)
+    # one jitted program for the forward and the backward (eagerly, the two are compiled apart: twice the compile)
+    grads, out = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4, 5), has_aux=True))(q, k, v, params, inputs, state)
     assert out[0].shape == (q.shape[0], T, H, V)
     return out, grads
 
@@ -393,8 +394,9 @@ def ridge_value_and_grads(m, form, q, k, v, params, state, seed=5, **kw):
         o, fin = m.forward(q, k, v, params, output_final_state=True, form=form, **kw)
         return jnp.sum(o * do) + sum(jnp.sum(a * b) for a, b in zip(fin, dS))
 
-    return (jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, params, state),
-            jax.grad(g, argnums=(0, 1, 2, 3))(q, k, v, params))
+    # both gradients in one jitted program (eagerly: four compiles, each forward and backward apart)
+    return jax.jit(lambda q, k, v, p, s: (jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, p, s),
+                                          jax.grad(g, argnums=(0, 1, 2, 3))(q, k, v, p)))(q, k, v, params, state)
 
 
 @pytest.mark.parametrize("T,sizes", [(1, (64,)), (7, (1, 3)), (40, (16,))])

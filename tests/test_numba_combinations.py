@@ -192,14 +192,32 @@ def float_reference(c, q, k, v, params, inputs):
     return o
 
 
-def _v2_case(c, root: Path) -> tuple[Path, Path]:
-    """Build ``c`` under ``root`` and save its CUDA case (inputs, and the CPU module's outputs and gradients)."""
-    d = root / c.id
-    d.mkdir(parents=True, exist_ok=True)
+@pytest.fixture(scope="module")
+def v2_built(tmp_path_factory):
+    """``get(c)`` -> (folder, {backend: module}): each v2 combination built and loaded once per module, so that the
+    JAX test, the Numba CPU test and the CUDA case of one combination share one build and one loaded Numba CPU
+    module (Numba compiles a module's functions once per process and dtype signature: loading the file again
+    would compile them again, ~10 s of CPU a module)."""
+    root, cache = tmp_path_factory.mktemp("v2_combinations"), {}
+
+    def get(c):
+        if c.id not in cache:
+            d = root / c.id
+            d.mkdir()
+            cache[c.id] = (d, build(c, d))
+        return cache[c.id]
+
+    return get
+
+
+def _v2_case(c, built) -> tuple[Path, Path]:
+    """Save ``c``'s CUDA case (inputs, and the CPU module's outputs and gradients) beside its build (``built``:
+    the v2_built fixture)."""
+    d, mods = built(c)
     cuda_path, case_path = d / "combo_layer_numba_cuda.py", d / "case.npz"
     if case_path.exists():
         return cuda_path, case_path
-    nb = build(c, d)["numba_cpu"]
+    nb = mods["numba_cpu"]
     q, k, v, do, params, inputs = tiny_v2(c)
     o, st = nb.forward(q, k, v, params, output_final_state=True, **inputs)
     g = nb.backward(q, k, v, params, do, dfinal_state=st, **inputs)
@@ -211,22 +229,21 @@ def _v2_case(c, root: Path) -> tuple[Path, Path]:
     return cuda_path, case_path
 
 
-@pytest.fixture(scope="module")
-def v2_root(tmp_path_factory):
-    """One folder for every v2 combination's build and CUDA case (shared by the CPU and the simulator test)."""
-    return tmp_path_factory.mktemp("v2_combinations")
-
-
 @pytest.mark.parametrize("c", V2_PARAMS)
-def test_v2_combination_builds_and_its_jax_layer_matches_the_rule(c, tmp_path, x64):
+def test_v2_combination_builds_and_its_jax_layer_matches_the_rule(c, v2_built, x64):
     """Every v2 combination: derived, verified and printed for every backend (``build``), and the JAX module's
-    every form equals the rule's float64 numpy solution (1e-10). Numba CPU runs the subset below."""
-    mods = build(c, tmp_path)
+    every form equals the rule's float64 numpy solution (1e-10). Numba CPU runs the subset below. The forms run
+    in one jitted function (one XLA compile per combination instead of one per form; the eager entry and its
+    argument checks are the same code for every spec and are tested on the shipped layers)."""
+    mods = v2_built(c)[1]
     assert sorted(mods) == ["jax", "numba_cpu", "numba_cuda"]
     q, k, v, do, params, inputs = tiny_v2(c)
     want = float_reference(c, q, k, v, params, inputs)
-    for form in mods["jax"].FORMS:
-        close(np.asarray(mods["jax"].forward(q, k, v, params, form=form, **inputs)[0]), want)
+    jm = mods["jax"]
+    outs = jax.jit(lambda q, k, v, p, i: [jm.forward(q, k, v, p, form=f, **i)[0] for f in jm.FORMS])(
+        q, k, v, params, inputs)
+    for form, o in zip(jm.FORMS, outs):
+        close(np.asarray(o), want)
 
 
 def _cover(combos):
@@ -251,10 +268,10 @@ NUMBA_V2 = SUPPORTED_V2 if os.environ.get("MESAGEN_ALL_COMBINATIONS") == "1" els
 
 
 @pytest.mark.parametrize("c", [pytest.param(c, id=c.id) for c in NUMBA_V2])
-def test_v2_combination_on_numba_cpu(c, tmp_path):
+def test_v2_combination_on_numba_cpu(c, v2_built):
     """Forward = the rule's float64 numpy solution (1e-10); continuation from a state = one forward; backward =
     central finite differences of the forward (q, k, v, every parameter and input; 1e-6)."""
-    nb = build(c, tmp_path)["numba_cpu"]
+    nb = v2_built(c)[1]["numba_cpu"]
     q, k, v, do, params, inputs = tiny_v2(c)
     o, st = nb.forward(q, k, v, params, output_final_state=True, **inputs)
     close(o, float_reference(c, q, k, v, params, inputs))
@@ -286,11 +303,11 @@ def test_v2_combination_on_numba_cpu(c, tmp_path):
 CUDA_V2 = _cover(SUPPORTED_V2)
 
 
-def test_v2_combinations_on_cuda_simulator(v2_root):
+def test_v2_combinations_on_cuda_simulator(v2_built):
     """A covering subset of the v2 combinations (every option, every solver; see _cover): the CUDA module equals
     its CPU module (forward, final state, gradients; 1e-10) in the simulator under the race detector, all in one
     child process."""
-    pairs = [str(p) for c in CUDA_V2 for p in _v2_case(c, v2_root)]
+    pairs = [str(p) for c in CUDA_V2 for p in _v2_case(c, v2_built)]
     runner = Path(__file__).resolve().parent / "cuda" / "run_layer.py"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run([sys.executable, str(runner), *pairs], env=env, capture_output=True, text=True,

@@ -5,6 +5,10 @@ per-example ``forward(q[None], ...)`` with parameters batched (in_axes 0) and un
 N ≠ T; grad and vjp of vmap for every argument (q, k, v, parameters, per-token inputs, initial state); jvp;
 ``jax.checkpoint`` around forward; a ``lax.scan`` over chunks carrying the state; ``step`` under jit and vmap;
 and the issue's exact case (grad of vmap of ridge, H=1, K=V=2, λ unbatched, N=2 T=3 and N=T=3).
+
+Suite time: the vmapped calls, their vjp and the grads run under jax.jit, one XLA program per spec × form and
+check, shared by the tests that need it (``jitted``); the per-example references stay eager, and the issue's
+case runs eagerly throughout.
 """
 
 from __future__ import annotations
@@ -98,22 +102,62 @@ def axes(batched_params):
     return (0, 0, 0, 0 if batched_params else None, 0, 0)
 
 
+#: Jitted transformations of one spec × form, built once per module and shared by the tests that need them (one XLA
+#: compile serves several tests: each compile of a layer's forward costs about a second, the checks themselves
+#: milliseconds). The references -- the per-example Python loops -- stay eager calls.
+_JITTED: dict = {}
+
+
+def jitted(kind, m, name, form, batched_params=False):
+    """``kind`` "vmap": jit of ``[args, args_b] -> [vmap(per_example)(*args), the same with batched parameters]``;
+    "vjp": jit of ``(args, ct) -> (vmap(per_example)(*args), its vjp applied to ct)``, where ``ct`` holds the real
+    cotangent leaves and None for an integer leaf (its float0 cotangent is made inside: jit takes no float0
+    argument)."""
+    key = (kind, name, form, batched_params)
+    if key not in _JITTED:
+        vf = jax.vmap(per_example(m, form), in_axes=axes(batched_params))
+        if kind == "vmap":
+            vfs = [jax.vmap(per_example(m, form), in_axes=axes(b)) for b in (False, True)]
+            _JITTED[key] = jax.jit(lambda all_args: [g(*a) for g, a in zip(vfs, all_args)])
+        else:
+            def run(args, ct):
+                out, pull = jax.vjp(vf, *args)
+                ct = jax.tree.map(lambda c, o: np.zeros(o.shape, jax.dtypes.float0) if c is None else c, ct, out,
+                                  is_leaf=lambda c: c is None)
+                return out, pull(ct)
+            _JITTED[key] = jax.jit(run)
+    return _JITTED[key]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_jitted():
+    """Forget the jitted functions at the end of the module (conftest then drops their executables)."""
+    yield
+    _JITTED.clear()
+
+
+def real_or_none(tree):
+    """``tree`` with its integer / float0 leaves replaced by None (for :func:`jitted`'s ``ct``)."""
+    return jax.tree.map(lambda x: x if real(x) else None, tree)
+
+
 @pytest.mark.parametrize("name,form", CASES)
 def test_jit_and_vmap_equal_the_loop(gen, name, form):
     """jit of a per-example call, and vmap of per-example calls with N = T, parameters unbatched and batched
     (test_vjp_of_vmap checks the vmapped outputs with N ≠ T)."""
     m = gen[name]
     f = per_example(m, form)
-    for N, T, batched in ((3, 3, False), (3, 3, True)):
-        args = example_args(m, name, N, T, seed=N, batched_params=batched)
-        want = loop(f, args, batched)
-        assert rel(jax.vmap(f, in_axes=axes(batched))(*args), want) <= RTOL, (N, T, batched)
+    cases = [(3, 3, False), (3, 3, True)]
+    all_args = [example_args(m, name, N, T, seed=N, batched_params=batched) for N, T, batched in cases]
+    got = jitted("vmap", m, name, form)(all_args)  # both vmaps in one XLA program
+    for (N, T, batched), args, out in zip(cases, all_args, got):
+        assert rel(out, loop(f, args, batched)) <= RTOL, (N, T, batched)
     one = [jax.tree.map(lambda y: y[0], x) for x in args]  # the last args have batched parameters
     assert rel(jax.jit(f)(*one), f(*one)) <= RTOL
 
 
 @pytest.mark.parametrize("name,form", CASES)
-@pytest.mark.parametrize("batched_params,N,T", [(False, 2, 3), (True, 3, 2)],
+@pytest.mark.parametrize("batched_params,N,T", [(False, 2, 3), (True, 4, 3)],
                          ids=["params_unbatched-N!=T", "params_batched-N!=T"])
 def test_vjp_of_vmap(gen, name, form, batched_params, N, T):
     """vjp of vmap w.r.t. every argument equals the per-example loop's, for a random cotangent of the outputs and
@@ -121,14 +165,13 @@ def test_vjp_of_vmap(gen, name, form, batched_params, N, T):
     m = gen[name]
     args = example_args(m, name, N, T, seed=N * 10 + T, batched_params=batched_params)
     f = per_example(m, form)
-    vf = jax.vmap(f, in_axes=axes(batched_params))
     lf = lambda *a: loop(f, a, batched_params)  # noqa: E731
-    out, pull = jax.vjp(vf, *args)
     out_l, pull_l = jax.vjp(lf, *args)
-    assert rel(out, out_l) <= RTOL
     ct = jax.tree.map(lambda x: tangent_like(x, np.random.default_rng(1).standard_normal), out_l)
+    out, grads = jitted("vjp", m, name, form, batched_params)(args, real_or_none(ct))
+    assert rel(out, out_l) <= RTOL
     names = ("q", "k", "v", "params", "inputs", "initial_state")
-    for n, a, b in zip(names, pull(ct), pull_l(ct)):
+    for n, a, b in zip(names, grads, pull_l(ct)):
         if jax.tree.leaves(b):  # delta has no parameters, the others no inputs
             assert rel(a, b) <= RTOL, n
 
@@ -152,28 +195,38 @@ def test_jvp_of_vmap_forward_mode(gen, name, form):
     out_l, tan_l = jax.jvp(lambda *a: loop(f, a, False), args, tangents)
     assert rel(out, out_l) <= RTOL and rel(tan, tan_l) <= RTOL
     ct = jax.tree.map(lambda x: tangent_like(x, rng.standard_normal), out)
-    _, pull = jax.vjp(vf, *args)
+    pulled = jitted("vjp", m, name, form)(args, real_or_none(ct))[1]  # test_vjp_of_vmap's program (N=2, T=3)
     dot = lambda a, b: sum(float(jnp.sum(x * y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))  # noqa
                            if real(x) and real(y))
-    lhs, rhs = dot(tan, ct), dot(tangents, pull(ct))
+    lhs, rhs = dot(tan, ct), dot(tangents, pulled)
     assert abs(lhs - rhs) <= RTOL * max(1.0, abs(lhs))
 
 
 @pytest.mark.parametrize("name,form", CASES)
 def test_grad_of_vmap_and_of_checkpoint(gen, name, form):
-    """grad of a loss of vmap, and jit of grad of vmap of jax.checkpoint(forward), equal the loop's grad."""
+    """grad of a loss of vmap, and grad of vmap of jax.checkpoint(forward), both under one jit, equal the loop's
+    (eager) grad. The loss weighs the outputs and the final state's real leaves (the loop's backward is then the
+    one test_vjp_of_vmap compiled for the same shapes, N = 2, T = 3)."""
     m = gen[name]
     args = example_args(m, name, 2, 3, seed=5)
     f = per_example(m, form)
-    w = np.random.default_rng(6).standard_normal((2, 3, H, V))
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((2, 3, H, V))
+    final_shape = jax.eval_shape(jax.vmap(f, in_axes=axes(False)), *args)[1]
+    u = [rng.standard_normal(x.shape) if jnp.issubdtype(x.dtype, jnp.floating) else None
+         for x in jax.tree.leaves(final_shape)]
+
+    def weigh(out):
+        o, final = out
+        return jnp.sum(w * o) + sum(jnp.sum(a * x) for a, x in zip(u, jax.tree.leaves(final)) if a is not None)
 
     def loss(fn):
-        return lambda *a: jnp.sum(w * jax.vmap(fn, in_axes=axes(False))(*a)[0])
+        return lambda *a: weigh(jax.vmap(fn, in_axes=axes(False))(*a))
 
     kw = {"allow_int": True}  # the kernel layers' cache length is an int32 leaf (its gradient: float0)
-    g = jax.grad(loss(f), argnums=tuple(range(6)), **kw)(*args)
-    g_ck = jax.jit(jax.grad(loss(jax.checkpoint(f)), argnums=tuple(range(6)), **kw))(*args)
-    g_loop = jax.grad(lambda *a: jnp.sum(w * loop(f, a, False)[0]), argnums=tuple(range(6)), **kw)(*args)
+    g, g_ck = jax.jit(lambda *a: (jax.grad(loss(f), argnums=tuple(range(6)), **kw)(*a),
+                                  jax.grad(loss(jax.checkpoint(f)), argnums=tuple(range(6)), **kw)(*a)))(*args)
+    g_loop = jax.grad(lambda *a: weigh(loop(f, a, False)), argnums=tuple(range(6)), **kw)(*args)
     for a, b, c in zip(g, g_ck, g_loop):
         if jax.tree.leaves(c):
             assert rel(a, c) <= RTOL and rel(b, c) <= RTOL
