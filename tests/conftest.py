@@ -149,9 +149,34 @@ def gen():
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_executables():
-    """Drop JAX's compiled executables after every test module. A long-lived xdist worker otherwise keeps
-    thousands of XLA:CPU executables mapped; two full runs crashed in XLA's compiler (a segmentation fault inside
-    backend_compile_and_load, in test_transforms.py late in a worker's life) that never reproduced with the same
-    tests run alone. Recompiling per module costs little next to that."""
+    """Drop JAX's compiled executables after every test module (see :func:`_bound_memory_maps` for why)."""
     yield
     jax.clear_caches()
+
+
+#: Memory mappings a test process may hold before JAX's compiled executables are dropped mid-module. Linux caps a
+#: process at ``vm.max_map_count`` mappings (65530 by default); every XLA:CPU executable holds about 18 (measured:
+#: 300 small jitted functions took a process from 423 to 5956 mappings, and jax.clear_caches() brought it back to
+#: 520). Past the cap, mmap fails inside XLA's compiler, which then crashes (segmentation fault or abort in
+#: backend_compile_and_load): test_transforms.py alone compiles enough to get there in one process, and an xdist
+#: worker was seen at 33668 mappings mid-suite.
+MAX_MAPS = 20000
+
+
+def _map_count() -> int | None:
+    """Number of memory mappings of this process (lines of /proc/self/maps), None where there is no procfs."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _bound_memory_maps():
+    """After a test, drop JAX's compiled executables if the process holds more than :data:`MAX_MAPS` mappings, so
+    that no test module can drive it to the kernel's cap (later calls recompile; correctness is unchanged)."""
+    yield
+    count = _map_count()
+    if count is not None and count > MAX_MAPS:
+        jax.clear_caches()
