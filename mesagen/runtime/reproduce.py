@@ -7,7 +7,8 @@ paper's statement and value, the measured value, the setting (steps × batch, se
 partial / not run), with the figures it cites written beside the table. Runs live in ``DIR/runs/NAME``; a run
 folder whose stored config equals the one asked for and whose training finished (``eval.json`` written, the
 checkpoint at the last step) is reused, not retrained. ``--quick`` uses tiny budgets (the table says its numbers
-are not meaningful) and skips the most expensive models; the full budgets fit about 30 minutes of one CPU core.
+are not meaningful) and skips the most expensive models; the full budgets take about 93 minutes of one CPU core
+(:func:`one_core_estimate` of :data:`FULL`).
 """
 
 from __future__ import annotations
