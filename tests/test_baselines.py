@@ -39,3 +39,27 @@ def test_ridge_matches_direct_solve():
             np.testing.assert_allclose(out[b, t], phi @ s[b, t], rtol=1e-10, atol=1e-12)
     g = gd1(s, 1.0)
     np.testing.assert_allclose(g[1, 4], sum(s[1, i + 1] * (s[1, i] @ s[1, 4]) for i in range(4)), rtol=1e-12)
+
+
+def test_softmax_kernel_regression_matches_direct_sum_and_its_limits():
+    from mesagen.runtime.baselines import fit_softmax_kernel_beta, softmax_kernel
+    rng = np.random.default_rng(1)
+    s = 3.0 * rng.normal(size=(2, 9, 3))             # large scores: the max-shift must keep it finite
+    beta = 4.0
+    out = softmax_kernel(s, beta)
+    assert np.all(np.isfinite(out)) and np.all(out[:, 0] == 0)        # t = 0: no pairs, prediction 0
+    for b in range(2):
+        for t in range(1, 8):
+            x, y = s[b, :t], s[b, 1:t + 1]                 # pairs i < t
+            w = np.exp(beta * x @ s[b, t] - np.max(beta * x @ s[b, t]))
+            np.testing.assert_allclose(out[b, t], (w / w.sum()) @ y, rtol=1e-10, atol=1e-12)
+    # β = 0 averages the context's targets; the line search returns a grid point no worse than β = 0
+    np.testing.assert_allclose(softmax_kernel(s, 0.0)[1, 5], s[1, 1:6].mean(0), rtol=1e-12)
+    cfg = DynamicsConfig()
+    tune = np.asarray(sample_states(jax.random.PRNGKey(11), cfg, 64))
+    best = fit_softmax_kernel_beta(tune, grid=(0.0, 1.0, 10.0))
+    loss = lambda b: 0.5 * np.sum((softmax_kernel(tune, b) - tune[:, 1:]) ** 2, -1).mean()  # noqa: E731
+    assert best in (0.0, 1.0, 10.0) and loss(best) <= min(loss(0.0), loss(1.0), loss(10.0))
+    import pytest
+    with pytest.raises(ValueError, match="beta"):
+        softmax_kernel(s, -1.0)

@@ -123,6 +123,51 @@ def fit_ridge_lambda(states: np.ndarray, grid: tuple[float, ...] = RIDGE_GRID) -
     return float(grid[int(np.argmin(losses))])
 
 
+#: β grid of the softmax kernel-regression line search.
+KERNEL_BETA_GRID = tuple(10.0 ** e for e in np.arange(-1.0, 2.51, 0.125))
+
+
+def softmax_kernel(states: np.ndarray, beta: float) -> np.ndarray:
+    """Softmax kernel regression (Nadaraya–Watson with an exponential kernel; docs/paper.md §4, the paper's
+    baseline for softmax attention): ``y_hat_t = sum_{i<t} y_i softmax_i(beta x_i^T x_t)``, 0 at t = 0.
+
+    Args:
+        states: ``(batch, T + 1, D)``.
+        beta: inverse temperature (>= 0; 0 averages the context's targets).
+
+    Returns:
+        float64 ``(batch, T, D)``.
+
+    Raises:
+        ValueError: if ``beta < 0`` or is not finite.
+    """
+    if not (np.isfinite(beta) and beta >= 0):
+        raise ValueError(f"softmax kernel: beta must be finite and >= 0, got {beta}")
+    x, y = _pairs(states)
+    scores = beta * np.einsum("btd,bid->bti", x, x)                  # beta x_t . x_i
+    keep = np.tril(np.ones(scores.shape[1:], bool), k=-1)            # i < t
+    scores = np.where(keep, scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    w = np.where(keep, np.exp(scores - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = w.sum(-1, keepdims=True)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)   # t = 0: no pairs, prediction 0
+    return np.einsum("bti,bid->btd", w, y)
+
+
+def fit_softmax_kernel_beta(states: np.ndarray, grid: tuple[float, ...] = KERNEL_BETA_GRID) -> float:
+    """Line search of the kernel-regression β over ``grid`` by mean loss over batch and positions.
+
+    Args:
+        states: tuning sequences ``(batch, T + 1, D)``. grid: candidate β.
+
+    Returns:
+        The best β on ``grid``.
+    """
+    _, y = _pairs(states)
+    losses = [per_t_loss(softmax_kernel(states, b), y).mean() for b in grid]
+    return float(grid[int(np.argmin(losses))])
+
+
 def fit_baselines(tune_states: np.ndarray) -> dict[str, float]:
     """Line-search every tunable baseline on tuning sequences: ``{"gd1_eta": ..., "ridge_lambda": ...}``."""
     return {"gd1_eta": fit_gd1_eta(tune_states), "ridge_lambda": fit_ridge_lambda(tune_states)}

@@ -523,6 +523,11 @@ def claim5(runs: dict[int, Run], k_max: int = 40, distill=None) -> Row:
     from mesagen.data import sample_states
     tune = np.asarray(sample_states(jax.random.PRNGKey(cfg.eval.seed + 1), cfg.task, cfg.eval.tune_batch))
     _, p2 = analysis.fit_prop2_k(tune, states, k_max, omegas=PROP2_OMEGAS)
+    from mesagen.runtime.baselines import fit_softmax_kernel_beta, per_t_loss, softmax_kernel
+    beta = fit_softmax_kernel_beta(tune)
+    kernel = per_t_loss(softmax_kernel(np.asarray(states), beta), np.asarray(states)[:, 1:]).mean()
+    parts.append(f"softmax kernel regression ŝ = Σ_(i<t) s_(i+1) softmax_i(β s_iᵀ s_t), β tuned ({beta:.3g}): mean "
+                 f"{_f(kernel)}")
     fits = {}
     for depth, run in sorted(runs.items()):
         k, rms = analysis.fit_k(run.per_t(), p2)
