@@ -137,6 +137,12 @@ def block_inputs(model, tokens: jax.Array) -> list[tuple[jax.Array, jax.Array | 
     """Each block's attention input in ``model`` on ``tokens``: ``[(LN1(x_i) [B, T, d_model] float32, pos_i)]``,
     ``x_i`` the residual stream before block i (:func:`mesagen.runtime.analysis.residual_streams`: the same
     computation as ``Model.__call__``) and ``pos_i`` the positional features ``[T, d_pos]`` (block 0) or None."""
+    return [(u, pos) for _, u, pos in _streams_and_inputs(model, tokens)]
+
+
+def _streams_and_inputs(model, tokens: jax.Array) -> list[tuple[jax.Array, jax.Array, jax.Array | None]]:
+    """Per block ``(x_i, LN1(x_i), pos_i)``: the residual stream before block i, the attention input, the
+    positional features (:func:`block_inputs`)."""
     from mesagen.runtime.analysis import residual_streams
     from mesagen.runtime.model import sinusoidal
     streams = residual_streams(model, tokens)
@@ -144,7 +150,7 @@ def block_inputs(model, tokens: jax.Array) -> list[tuple[jax.Array, jax.Array | 
     out = []
     for i, block in enumerate(model.blocks):
         x = jnp.asarray(streams[i], jnp.float32)
-        out.append((block.ln1(x) if block.ln1 is not None else x, pos if i == 0 else None))
+        out.append((x, block.ln1(x) if block.ln1 is not None else x, pos if i == 0 else None))
     return out
 
 
@@ -186,7 +192,8 @@ def _fit(student: LinearAttention, u: jax.Array, pos, target: jax.Array, *, step
 
 def distill_linear_layers(model, tokens_train: jax.Array, layers, *, steps: int, lr: float, seed: int = 0,
                           normalize: bool = False, batch_size: int | None = None, init: str = "copy",
-                          init_std: float = 0.05, tokens_eval: jax.Array | None = None) -> tuple[object, dict]:
+                          init_std: float = 0.05, tokens_eval: jax.Array | None = None,
+                          sequential: bool = False) -> tuple[object, dict]:
     """Fit a :class:`LinearAttention` to each listed block's attention layer and swap them into the model.
 
     Paper claim 5 (von Oswald et al. 2023, Sec. 4): the layers after the first of a trained softmax Transformer
@@ -211,6 +218,12 @@ def distill_linear_layers(model, tokens_train: jax.Array, layers, *, steps: int,
         batch_size: sequences per Adam step (None: all ``N``, full batch).
         init: ``"copy"`` (the teacher's projections) or ``"random"``. init_std: std of the random init.
         tokens_eval: optional ``[M, T, D_in]`` held-out tokens on which the distillation error is also reported.
+        sequential: fit the layers in ascending block order, each on the model with the earlier ones already
+            swapped: block i's input is then the *swapped* model's LN1 output ``u'_i`` and its target
+            ``x_i + a_i(u_i) − x'_i`` (``x`` the original model's stream before block i, ``a_i(u_i)`` the
+            teacher's output on the original input, ``x'`` the swapped model's stream), so the student also
+            cancels the drift the earlier swaps left in the stream and the stream after the attention matches
+            the original's. The errors of the report are relative to that target.
 
     Returns:
         ``(new_model, report)``: the model with those blocks' ``attn`` replaced, and a JSON-serialisable dict
@@ -246,14 +259,31 @@ def distill_linear_layers(model, tokens_train: jax.Array, layers, *, steps: int,
         if not isinstance(model.blocks[i].attn, (SoftmaxAttention, LinearAttention)):
             raise TypeError(f"distill_linear_layers: block {i}'s layer is {type(model.blocks[i].attn).__name__}, "
                             "neither softmax nor linear attention")
-    inputs = block_inputs(model, tokens_train)
-    eval_inputs = block_inputs(model, tokens_eval) if tokens_eval is not None else None
+    if sequential:
+        layers = sorted(layers)
+    inputs = _streams_and_inputs(model, tokens_train)
+    eval_inputs = _streams_and_inputs(model, tokens_eval) if tokens_eval is not None else None
     apply = eqx.filter_jit(lambda a, u, p: a(u, p))
+
+    def swapped():
+        return eqx.tree_at(lambda m: tuple(m.blocks[k].attn for k in layers[:len(new_layers)]), model,
+                           tuple(new_layers))
+
+    def problem(orig, teacher, i, current):
+        """(student input, pos, target) of block i: the original's, or the swapped model's (``sequential``)."""
+        x, u, pos = orig[i]
+        target = apply(teacher, u, pos)
+        if current is None:
+            return u, pos, target
+        x_new, u_new, _ = current[i]
+        return u_new, pos, x + target - x_new
+
     new_layers, per_layer = [], {}
     for j, i in enumerate(layers):
         teacher, key = model.blocks[i].attn, jax.random.fold_in(jax.random.PRNGKey(seed), j)
-        u, pos = inputs[i]
-        target = apply(teacher, u, pos)
+        now = swapped() if sequential and new_layers else None
+        current = _streams_and_inputs(now, tokens_train) if now is not None else None
+        u, pos, target = problem(inputs, teacher, i, current)
         start = _initial(teacher, init, normalize, init_std, jax.random.fold_in(key, 1))
         o0 = apply(start, u, pos)
         c = float(jnp.sum(o0 * target) / jnp.sum(o0 * o0))
@@ -264,15 +294,15 @@ def distill_linear_layers(model, tokens_train: jax.Array, layers, *, steps: int,
                "rel_error": float(_rel_error(apply(fitted, u, pos), target)), "out_scale": c,
                "curve": curve[::max(1, steps // 20)].tolist()}
         if eval_inputs is not None:
-            ue, pe = eval_inputs[i]
-            te = apply(teacher, ue, pe)
+            current = _streams_and_inputs(now, tokens_eval) if now is not None else None
+            ue, pe, te = problem(eval_inputs, teacher, i, current)
             rec["eval_init_rel_error"] = float(_rel_error(apply(student, ue, pe), te))
             rec["eval_rel_error"] = float(_rel_error(apply(fitted, ue, pe), te))
         per_layer[i] = rec
         new_layers.append(fitted)
     new_model = eqx.tree_at(lambda m: tuple(m.blocks[i].attn for i in layers), model, tuple(new_layers))
     report = {"layers": per_layer, "steps": int(steps), "lr": float(lr), "normalize": bool(normalize), "init": init,
-              "batch_size": batch_size, "n_sequences": int(n)}
+              "batch_size": batch_size, "n_sequences": int(n), "sequential": bool(sequential)}
     return new_model, report
 
 
