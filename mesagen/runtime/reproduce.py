@@ -364,6 +364,13 @@ def claim2(mesa: Run, lin1: Run | None, out: Path) -> Row:
     return row
 
 
+def _tuning_states(cfg: RunConfig) -> np.ndarray:
+    """Sequences the Prop. 2 / GD fits are tuned on, float32 ``[tune_batch, T + 1, D]``: drawn from
+    ``eval.seed + 1``, apart from the held-out set (claims 3 and 5)."""
+    from mesagen.data import sample_states
+    return np.asarray(sample_states(jax.random.PRNGKey(cfg.eval.seed + 1), cfg.task, cfg.eval.tune_batch))
+
+
 def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int, quick: bool = False) -> Row:
     """Claim 3: deeper linear models approach the mesa layer; per-t loss fitted by k steps of Proposition 2
     (Richardson-preconditioned input, then one GD step; :func:`analysis.fit_prop2_k`) and, for comparison, by
@@ -373,8 +380,7 @@ def claim3(depth_runs: dict[int, Run], mesa: Run | None, out: Path, k_max: int, 
               "monotone in depth, above mesa; k grows with depth")
     any_run = next(iter(depth_runs.values()))
     cfg = any_run.config
-    from mesagen.data import sample_states
-    tune = np.asarray(sample_states(jax.random.PRNGKey(cfg.eval.seed + 1), cfg.task, cfg.eval.tune_batch))
+    tune = _tuning_states(cfg)
     _, gd = analysis.fit_gd_k(tune, any_run.trainer.eval_states, k_max)
     p2_params, p2 = analysis.fit_prop2_k(tune, any_run.trainer.eval_states, k_max, omegas=PROP2_OMEGAS)
     fits, parts = {}, []
@@ -520,8 +526,7 @@ def claim5(runs: dict[int, Run], k_max: int = 40, distill=None) -> Row:
     r0, r1 = (analysis.probe_r2(streams[i][:, 1:], prev[:, 1:], n_fit).mean() for i in (0, 1))
     parts = [f"R² of s_{{t−1}} (mean over t ≥ 1, {max(runs)}-layer): input {r0:.2f}, after layer 1 {r1:.2f}"]
     cfg = deepest.config
-    from mesagen.data import sample_states
-    tune = np.asarray(sample_states(jax.random.PRNGKey(cfg.eval.seed + 1), cfg.task, cfg.eval.tune_batch))
+    tune = _tuning_states(cfg)
     _, p2 = analysis.fit_prop2_k(tune, states, k_max, omegas=PROP2_OMEGAS)
     from mesagen.runtime.baselines import fit_softmax_kernel_beta, per_t_loss, softmax_kernel
     beta = fit_softmax_kernel_beta(tune)
@@ -664,11 +669,7 @@ def _plot_tasks(by_task: dict[str, dict[str, Run]], path: Path) -> None:
     for ax, (kind, models) in zip(axes[0], by_task.items()):
         ref = models["hybrid"]
         curves = {**{n: r.per_t() for n, r in models.items()}, "ridge": ref.per_t("ridge"), "GD-1": ref.per_t("gd1")}
-        for i, (name, c) in enumerate(curves.items()):
-            ax.plot(np.arange(len(c)), c, "--" if name in ("ridge", "GD-1") else "-", color=f"C{i % 10}",
-                    label=f"{name} ({np.mean(c):.3g})")
-        ax.set_yscale("log")
-        ax.set(xlabel="context pairs t", ylabel="loss ½‖ŝ − s‖²", title=kind.replace("_", " "))
+        _draw_curves(ax, curves, kind.replace("_", " "))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3, which="both")
     fig.suptitle("claim 6: the hybrid (softmax, then mesa) on the three task families", fontsize=9)
@@ -995,15 +996,21 @@ def family_row(runs: dict[str, Run], out: Path, *, shape: tuple[int, int, int, i
 
 
 # --------------------------------------------------------------------------------------------- figures ---
-def _plot_curves(curves: dict[str, np.ndarray], path: Path, title: str, xlabel: str = "context pairs t") -> None:
-    from mesagen.runtime.figures import plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+def _draw_curves(ax, curves: dict[str, np.ndarray], title: str, xlabel: str = "context pairs t") -> None:
+    """Per-t loss curves on a log axis: baselines (names starting GD / ridge / least / predict) dashed, the mean
+    in each label."""
     for i, (name, c) in enumerate(curves.items()):
         ax.plot(np.arange(len(c)), c, "--" if name.startswith(("GD", "ridge", "least", "predict")) else "-",
                 color=f"C{i % 10}", label=f"{name} ({np.mean(c):.3g})")
     ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel="loss ½‖ŝ − s‖²", title=title)
     ax.title.set_fontsize(9)
+
+
+def _plot_curves(curves: dict[str, np.ndarray], path: Path, title: str, xlabel: str = "context pairs t") -> None:
+    from mesagen.runtime.figures import plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    _draw_curves(ax, curves, title, xlabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
