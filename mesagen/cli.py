@@ -119,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run, numbers not meaningful")
     r.add_argument("--only", metavar="CLAIM", help="one claim: 1 ... 9 or family (the other rows: not run)")
     r.add_argument("--out", default="paper_results", help="output folder (default: paper_results)")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train the runs in N worker processes side by side first, one core each (default: 1)")
     r.set_defaults(func=_reproduce)
     return ap
 
@@ -127,7 +129,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from mesagen.runtime.reproduce import reproduce
 
     try:
-        reproduce(args.out, quick=args.quick, only=args.only)
+        reproduce(args.out, quick=args.quick, only=args.only, jobs=args.jobs)
     except ValueError as exc:
         raise MesagenError(str(exc)) from None
     return 0

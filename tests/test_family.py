@@ -31,8 +31,23 @@ def test_family_is_every_spec(tmp_path):
     for name in ("softmax", "ridge"):
         shutil.copy(rp.SPEC_DIR / f"{name}.yaml", spec_dir / f"{name}.yaml")
     assert rp.family_names(spec_dir) == ("ridge", "softmax")
-    # every family run has the one family budget
-    assert {rp.FULL[f"family_{n}"] for n in rp.FAMILY} == {rp.FAMILY_BUDGET}
+    # every family run -- every layer at every learning-rate scale -- has the one family budget
+    names = [r for n in rp.FAMILY for r in rp.family_run_names(n)]
+    assert len(names) == len(rp.FAMILY) * len(rp.FAMILY_LR_SCALES) >= 2 * len(rp.FAMILY)
+    assert {rp.FULL[r] for r in names} == {rp.FAMILY_BUDGET}
+
+
+def test_family_lr_scale_multiplies_the_base_schedule_only():
+    base = rp.run_config("family_ridge", rp.FAMILY_BUDGET)
+    for scale, name in zip(rp.FAMILY_LR_SCALES, rp.family_run_names("ridge")):
+        cfg = rp.run_config(name, rp.FAMILY_BUDGET)
+        assert cfg.name == ("family_ridge" if scale == 1 else f"family_ridge_lr{scale:g}")     # its own folder
+        assert cfg.train.schedule.peak_lr == pytest.approx(scale * base.train.schedule.peak_lr)
+        assert cfg.train.schedule.end_lr == pytest.approx(scale * base.train.schedule.end_lr)
+        assert cfg.train.schedule.warmup_steps == base.train.schedule.warmup_steps
+        strip = lambda c: {**c.model_dump(), "name": None, "description": None,  # noqa: E731
+                           "train": {**c.model_dump()["train"], "schedule": None}}
+        assert strip(cfg) == strip(base)
 
 
 def test_family_config_is_the_base_with_the_layer_swapped(tmp_path):
@@ -127,6 +142,37 @@ def test_family_row_ranks_the_layers_and_writes_table_and_figure(stepped, tmp_pa
     runs["family_linear"] = _fake_run(stepped["linear"][0], stepped["linear"][2], 0.9)
     row = rp.family_row(runs, tmp_path, shape=(2, 5, 2, 3), repeats=1, log=lambda *a: None)
     assert row.status == "fail" and "lowest: linear" in row.note
+    # with the learning rates tried, the table gains a column naming each one's final training loss
+    tried = {n: {1.0: (0.5, 1.0), 10.0: (0.25, 0.9)} for n in runs}
+    row = rp.family_row(runs, tmp_path, shape=(2, 5, 2, 3), repeats=1, log=lambda *a: None, lr_tried=tried)
+    assert len({line.count("|") for line in row.sections if line.startswith("|")}) == 1
+    assert "×1: 0.5, ×10: 0.25" in row.sections[-4] and "chosen per layer by final training loss" in row.setting
+
+
+def test_family_picks_each_layers_lr_by_final_training_loss(stepped, tmp_path):
+    # the chosen run is the one whose *training* loss ends lower, even where its held-out mean is higher
+    def fake(name, scale, train_loss, held_out):
+        run = _fake_run(stepped[name][0], stepped[name][2], held_out)
+        run.run_dir = tmp_path / f"{name}_{scale:g}"
+        run.run_dir.mkdir()
+        (run.run_dir / "metrics.jsonl").write_text("".join(
+            f'{{"step": {s}, "train_loss": {v}}}\n' for s, v in ((10, 9.0), (20, train_loss), (30, train_loss))))
+        return run
+    runs = {"family_ridge": fake("ridge", 1, 0.3, 1.0), "family_ridge@lr10": fake("ridge", 10, 0.5, 0.8),
+            "family_linear": fake("linear", 1, 0.9, 2.0), "family_linear@lr10": fake("linear", 10, 0.7, 2.2)}
+    assert runs["family_ridge"].final_train_loss(last=2) == pytest.approx(0.3)
+    need = lambda n: runs.get(n)  # noqa: E731
+    seen = {}
+    orig = rp.family_row
+    try:
+        rp.family_row = lambda chosen, out, log, lr_tried: seen.update(chosen=chosen, tried=lr_tried)
+        rp._family(need, tmp_path, log=lambda *a: None)
+    finally:
+        rp.family_row = orig
+    assert seen["chosen"]["family_ridge"] is runs["family_ridge"]
+    assert seen["chosen"]["family_linear"] is runs["family_linear@lr10"]
+    assert seen["tried"]["family_linear"][10.0] == (pytest.approx((9.0 + 0.7 + 0.7) / 3),
+                                                    runs["family_linear@lr10"].mean())
 
 
 def test_per_channel_parameters_are_shown_per_head(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from mesagen.cli import main
 from mesagen.runtime import analysis
 from mesagen.runtime.baselines import gd1
-from mesagen.runtime.reproduce import CLAIMS
+from mesagen.runtime.reproduce import CLAIMS, QUICK
 
 NUMBER = re.compile(r"[-+]?\d+(\.\d+)?(e[-+]?\d+)?")
 
@@ -74,10 +74,14 @@ def claim_rows(text: str) -> list[str]:
 
 @pytest.mark.slow
 def test_quick_reproduce_writes_a_row_per_claim(tmp_path):
-    # ~60 s of CPU (compiling four small models dominates); minutes of wall time on a loaded machine
-    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 0
+    # ~60 s of CPU (compiling four small models dominates); minutes of wall time on a loaded machine.
+    # --jobs 2: the four runs train in two worker processes first, and count as trained by this invocation
+    assert main(["reproduce", "--quick", "--jobs", "2", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "PAPER_RESULTS.md").read_text()
-    assert "Quick run" in text and "not meaningful" in text
+    assert "Quick run" in text and "not meaningful" in text and "`mesagen reproduce --quick --jobs 2`" in text
+    trained = re.search(r"Trained: ([^;]+);", text).group(1).split(", ")
+    assert sorted(trained) == sorted(QUICK) and "reused finished runs: none" in text
+    assert all((tmp_path / "runs" / n / "eval.json").is_file() for n in QUICK)
     rows = claim_rows(text)
     cells = [[c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in rows]
     assert [c[0] for c in cells] == list(CLAIMS)
@@ -99,6 +103,7 @@ def test_quick_reproduce_writes_a_row_per_claim(tmp_path):
     from mesagen.runtime.reproduce import _load_rows
     assert _load_rows(tmp_path, quick=False) == {"rows": {}, "runs": {}}
     assert main(["reproduce", "--quick", "--only", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["reproduce", "--quick", "--jobs", "0", "--out", str(tmp_path)]) == 2
 
 
 def test_prop2_contains_gd_and_converges_to_the_ridge_preconditioned_readout():
