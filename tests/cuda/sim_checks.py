@@ -5,8 +5,9 @@ Sets ``NUMBA_ENABLE_CUDASIM=1`` before numba is imported, switches threads as of
 tests/cuda/racecheck.py, so any access of one element by two threads between the same pair of barriers
 (one writing), any cross-block conflict and any divergent barrier fails every run, not once in a while.
 Tiny prime shapes; float64 to 1e-10 against the references (forward) and against the CPU module's adjoint
-(backward), which tests/test_numba_cpu.py ties to JAX autodiff; random launch shapes (batch, heads, length,
-threads per block fewer or more than the rows) on top.
+(backward), which tests/test_numba_cpu.py ties to JAX autodiff; launch shapes of every kind on top (grids along
+batch and heads, threads per block fewer than, between and more than the rows, one thread; sizes drawn per layer).
+tests/test_numba_cuda.py runs this file in groups of layers, one process each (SIM_GROUPS).
 """
 
 from __future__ import annotations
@@ -94,14 +95,25 @@ def test_two_widths_in_one_process():
     assert (B, T, H, K, V) == (2, 7, 2, 3, 5)
 
 
+def launch_shapes(name):
+    """(batch, heads, length, threads per block) of :func:`test_random_launch_shapes_are_race_free` for ``name``:
+    one shape of each kind, the exact sizes drawn per layer. Several blocks along the batch with fewer threads than
+    any rows (2 < K = 3 < V = 5); several blocks along the heads with threads between K and V (more than the K
+    rows, at most the V rows); a 2 × 2 grid with more threads than any rows (V + 1 … V + 3); one block of one
+    thread at T = 1. Lengths are odd (3 … 9), so never a multiple of the 2-thread block."""
+    rng = np.random.default_rng(sum(map(ord, name)))
+    odd = lambda: int(rng.choice([3, 5, 7, 9]))  # noqa: E731
+    return [(2, 1, odd(), 2), (1, 2, odd(), int(rng.integers(K + 1, V + 1))),
+            (2, 2, int(rng.choice([2, 3])), int(rng.integers(V + 1, V + 4))), (1, 1, 1, 1)]
+
+
 @pytest.mark.parametrize("name", CORE_LAYERS)
 def test_random_launch_shapes_are_race_free(name, monkeypatch):
-    """Random grids, lengths and block sizes (1 … rows + 3 threads) under the race detector, against the CPU."""
-    rng = np.random.default_rng(sum(map(ord, name)))
+    """Launch shapes of every kind (:func:`launch_shapes`: grids along batch and heads, 1 … V + 3 threads per block,
+    fewer or more than the rows) under the race detector, against the reference (forward) and the CPU (backward)."""
     m, c = module(name, "numba_cuda"), module(name, "numba_cpu")
-    for rep in range(6):
-        b, h, t = int(rng.integers(1, 3)), int(rng.integers(1, 3)), int(rng.integers(1, 10))
-        threads = int(rng.integers(1, max(K, V) + 4))
+    assert K < V
+    for rep, (b, h, t, threads) in enumerate(launch_shapes(name)):
         monkeypatch.setattr(m, "_threads", lambda K_, V_: threads)
         q, k, v, do, beta = data(100 + rep, b=b, t=t, h=h)
         params, inputs = params_inputs(name, beta, h=h)
