@@ -2,6 +2,9 @@
 
 * tests/cuda/sim_checks.py with NUMBA_ENABLE_CUDASIM=1 (the simulator must be chosen before numba loads);
 * tests/cuda/ptx_checks.py without it, compiling every kernel with ``cuda.compile_ptx`` (no GPU needed).
+
+Both in groups of one process each (SIM_GROUPS, PTX_GROUPS): each process pays the imports once, and no group is
+much longer than the others, which would leave one pytest-xdist worker running it alone at the end.
 """
 
 from __future__ import annotations
@@ -70,5 +73,11 @@ def test_groups_cover_every_check():
         assert len(hits) == 1, (name, hits)
 
 
-def test_cuda_ptx_checks():
-    _run("ptx_checks.py", sim=False)
+#: The PTX checks in two processes (xdist spreads them; one would be the suite's longest test): the sm_90 cases and
+#: everything else, complementary selections, so no check can fall between them.
+PTX_GROUPS = {"sm90": "sm90", "rest": "not sm90"}
+
+
+@pytest.mark.parametrize("group", list(PTX_GROUPS))
+def test_cuda_ptx_checks(group):
+    _run("ptx_checks.py", sim=False, select=PTX_GROUPS[group])
