@@ -1,13 +1,15 @@
 """Training steps per second of the one-mesa-layer model: generated ridge layer vs a hand-written JAX model.
 
-    PYTHONPATH=. python3 benchmarks/train_speed.py [--steps N] [--batch B] [--no-closed-form]
+    PYTHONPATH=. python3 benchmarks/train_speed.py [--steps N] [--batch B] [--variants recurrent,chunked,...]
 
 Model (paper Table 1, "mesa, constructed"): constructed tokens (d = 40 = 4 D), 1 mesa layer, 2 heads, key and
 value size 20, no LN / MLP / bias, activations clipped to [-4, 4], batch 256, T = 50. Every variant runs one
 jitted step of the same work: sample a batch of linear-dynamics sequences, forward, backward, AdamW update.
 
-* ``generated ridge (recurrent | closed_form)``: mesagen's trainer (:class:`mesagen.runtime.train.Trainer`) on
-  ``configs/mesa_1layer.yaml`` at this batch, the layer from ``generated/ridge/layer_jax.py`` (JAX backend).
+* ``generated ridge (FORM)``, one per form of ``generated/ridge/layer_jax.py`` (``FORMS``: recurrent, closed_form,
+  chunked): mesagen's trainer (:class:`mesagen.runtime.train.Trainer`) on ``configs/mesa_1layer.yaml`` at this
+  batch, JAX backend; ``generated ridge (recurrent, numba_cpu)``: the same with ``backend: numba_cpu`` (the
+  Numba CPU module's forward and backward through host callbacks, :mod:`mesagen.runtime.numba_bridge`; CPU only).
 * ``hand-written``: plain JAX, parameters in a dict, the mesa layer as a ``lax.scan`` over t of the
   Sherman–Morrison update P_t = P_{t-1} − P_{t-1} k kᵀ P_{t-1} / (1 + kᵀ P_{t-1} k), P_0 = I / λ, S_t = S_{t-1} + v kᵀ,
   o_t = S_t P_t q_t, differentiated by plain autodiff through the scan; optax AdamW with the same schedule
@@ -31,10 +33,11 @@ from mesagen.runtime.config import RunConfig, load_config
 from mesagen.runtime.train import Trainer, make_schedule, paper_loss
 
 
-def mesa_config(form: str, batch: int) -> RunConfig:
-    """``configs/mesa_1layer.yaml`` with the ridge block in ``form`` and ``batch`` sequences per step."""
+def mesa_config(form: str, batch: int, backend: str = "jax") -> RunConfig:
+    """``configs/mesa_1layer.yaml`` with the ridge block in ``form`` on ``backend`` (``jax`` / ``numba_cpu``) and
+    ``batch`` sequences per step."""
     cfg = load_config("configs/mesa_1layer.yaml").model_dump()
-    cfg["model"]["blocks"] = [{"layer": "generated:ridge", "form": form}]
+    cfg["model"]["blocks"] = [{"layer": "generated:ridge", "form": form, "backend": backend}]
     cfg["train"].update(batch_size=batch, progress=False)
     cfg["eval"].update(batch=8, tune_batch=8)
     return RunConfig.model_validate(cfg)
@@ -88,8 +91,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--no-closed-form", action="store_true", help="skip the generated closed_form form")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated generated variants to time: forms of generated/ridge (recurrent, "
+                             "closed_form, chunked) and numba_cpu (default: every form, and numba_cpu on a CPU)")
     args = parser.parse_args()
+    from mesagen.runtime.loader import load_layer_module, resolve_layer_path
+    forms = tuple(load_layer_module(resolve_layer_path("generated:ridge")).FORMS)
+    known = forms + ("numba_cpu",)
+    variants = known if args.variants is None else tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if args.variants is None and jax.default_backend() != "cpu":
+        variants = forms
+    bad = [v for v in variants if v not in known]
+    if bad:
+        parser.error(f"--variants: unknown {bad}; known: {', '.join(known)}")
     cfg = mesa_config("recurrent", args.batch)
     d, clip = cfg.task.observed_dim, cfg.model.clip_activations
 
@@ -113,10 +127,11 @@ def main() -> None:
 
     rows = [("hand-written lax.scan Sherman–Morrison", *time_steps(hand_step, (params, opt.init(params), jnp.int32(0)),
                                                                    args.steps))]
-    for form in ["recurrent"] + ["closed_form"] * (not args.no_closed_form):
-        trainer = Trainer(mesa_config(form, args.batch))
-        rows.append((f"generated ridge ({form})", *time_steps(lambda s: trainer.step(s)[0], trainer.initial_state(),
-                                                              args.steps)))
+    for variant in variants:
+        form, backend = ("recurrent", "numba_cpu") if variant == "numba_cpu" else (variant, "jax")
+        trainer = Trainer(mesa_config(form, args.batch, backend))
+        label = f"generated ridge ({form}{', numba_cpu' if backend == 'numba_cpu' else ''})"
+        rows.append((label, *time_steps(lambda s: trainer.step(s)[0], trainer.initial_state(), args.steps)))
     print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), B={args.batch} T={cfg.task.seq_len} d=40, "
           f"1 mesa layer x 2 heads x key 20, {args.steps} timed steps; hand-written vs trainer forward: "
           f"max |diff| {err:.1e}")
