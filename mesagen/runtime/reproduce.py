@@ -7,7 +7,7 @@ paper's statement and value, the measured value, the setting (steps × batch, se
 partial / not run), with the figures it cites written beside the table. Runs live in ``DIR/runs/NAME``; a run
 folder whose stored config equals the one asked for and whose training finished (``eval.json`` written, the
 checkpoint at the last step) is reused, not retrained. ``--quick`` uses tiny budgets (the table says its numbers
-are not meaningful) and skips the most expensive models; the full budgets take about 100 minutes of one CPU core
+are not meaningful) and skips the most expensive models; the full budgets take about 101 minutes of one CPU core
 (:func:`one_core_estimate` of :data:`FULL`). ``--jobs N`` trains the selected claims' runs in N processes side by
 side first (:func:`train_runs`; each process uses one core).
 """
@@ -76,7 +76,7 @@ def family_run_names(name: str) -> list[str]:
     """The runs of family layer ``name``, one per :data:`FAMILY_LR_SCALES`: ``family_NAME``, ``family_NAME@lr10``."""
     return [f"family_{name}" + ("" if s == 1 else f"@lr{s:g}") for s in FAMILY_LR_SCALES]
 
-#: Budgets per run name. ``full``: about 52 minutes of one CPU core with the family and LM runs
+#: Budgets per run name. ``full``: about 101 minutes of one CPU core with the family's 28 runs and the LM runs
 #: (:func:`one_core_estimate`; measured steps/s on this project's machine, one core, unloaded: linear_1layer 12.7
 #: at batch 256, mesa 10.5, linear_2layer 8.1 and linear_6layer 3.8 at batch 128, softmax_7layer 3.2 and the
 #: hybrid 7.3 at batch 64, compilation 7-16 s per model): the linear model at its shipped config's budget, the
