@@ -149,7 +149,7 @@ def test_family_row_ranks_the_layers_and_writes_table_and_figure(stepped, tmp_pa
     assert "×1: 0.5, ×10: 0.25" in row.sections[-4] and "chosen per layer by final training loss" in row.setting
 
 
-def test_family_picks_each_layers_lr_by_final_training_loss(stepped, tmp_path):
+def test_family_picks_each_layers_lr_by_final_training_loss(stepped, tmp_path, monkeypatch):
     # the chosen run is the one whose *training* loss ends lower, even where its held-out mean is higher
     def fake(name, scale, train_loss, held_out):
         run = _fake_run(stepped[name][0], stepped[name][2], held_out)
@@ -163,12 +163,8 @@ def test_family_picks_each_layers_lr_by_final_training_loss(stepped, tmp_path):
     assert runs["family_ridge"].final_train_loss(last=2) == pytest.approx(0.3)
     need = lambda n: runs.get(n)  # noqa: E731
     seen = {}
-    orig = rp.family_row
-    try:
-        rp.family_row = lambda chosen, out, log, lr_tried: seen.update(chosen=chosen, tried=lr_tried)
-        rp._family(need, tmp_path, log=lambda *a: None)
-    finally:
-        rp.family_row = orig
+    monkeypatch.setattr(rp, "family_row", lambda chosen, out, log, lr_tried: seen.update(chosen=chosen, tried=lr_tried))
+    rp._family(need, tmp_path, log=lambda *a: None)
     assert seen["chosen"]["family_ridge"] is runs["family_ridge"]
     assert seen["chosen"]["family_linear"] is runs["family_linear@lr10"]
     assert seen["tried"]["family_linear"][10.0] == (pytest.approx((9.0 + 0.7 + 0.7) / 3),

@@ -19,15 +19,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(checks: str, sim: bool, select: str | None = None) -> None:
+def _pytest(checks: str, sim: bool, *args: str) -> subprocess.CompletedProcess:
+    """Run pytest on tests/cuda/CHECKS with ``args`` in a child process, with or without the simulator."""
     env = dict(os.environ)
     env["NUMBA_ENABLE_CUDASIM"] = "1" if sim else "0"
     if not sim:  # the PTX checks inspect the code users get: numba's default optimisation, not conftest's -O0
         env["NUMBA_OPT"] = "3"  # (at -O0 a float32 kernel keeps float64 conversions that -O3 folds away)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + [env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:benchmark",
-           str(ROOT / "tests" / "cuda" / checks)] + (["-k", select] if select else [])
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           str(ROOT / "tests" / "cuda" / checks), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run(checks: str, sim: bool, select: str | None = None) -> None:
+    proc = _pytest(checks, sim, *(["-k", select] if select else []))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
@@ -60,11 +65,7 @@ def test_cuda_simulator_checks(group):
 def test_groups_cover_every_check():
     """Every test of sim_checks.py (as pytest collects it) is selected by exactly one group (a new check or layer
     cannot be missed), matching as ``-k`` does (case-insensitive substrings of the test's name)."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + [env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", "-p",
-                           "no:xdist", "-p", "no:benchmark", str(ROOT / "tests" / "cuda" / "sim_checks.py")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = _pytest("sim_checks.py", True, "--collect-only")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = [x.split("::", 1)[1] for x in proc.stdout.splitlines() if "sim_checks.py::" in x]
     assert len(names) > 50, proc.stdout[-2000:]

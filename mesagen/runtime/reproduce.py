@@ -249,9 +249,20 @@ def finished(run_dir: Path, config: RunConfig) -> bool:
         return False
 
 
+def _train_run(name: str, budget: Budget, runs_dir: Path, log=print):
+    """Train run ``name`` at ``budget`` into ``runs_dir/<its folder>`` (replacing what is there); the final
+    :class:`~mesagen.runtime.train.TrainState` and the wall seconds. Used by :func:`get_run` and the workers of
+    :func:`train_runs`, so both train a run the same way."""
+    from mesagen.runtime.train import train
+    config = run_config(name, budget)
+    t0 = time.perf_counter()
+    state = train(config, runs_dir / config.name, overwrite=True, log=log)
+    return state, time.perf_counter() - t0
+
+
 def get_run(name: str, budget: Budget, runs_dir: Path, log=print) -> Run:
     """Train run ``name`` into ``runs_dir/name`` or reuse it there (:func:`finished`)."""
-    from mesagen.runtime.train import Trainer, train
+    from mesagen.runtime.train import Trainer
     config = run_config(name, budget)
     run_dir = runs_dir / config.name
     if finished(run_dir, config):
@@ -260,9 +271,8 @@ def get_run(name: str, budget: Budget, runs_dir: Path, log=print) -> Run:
         log(f"reproduce: reusing {run_dir} ({budget.steps} steps)")
         return Run(config, trainer, model, json.loads((run_dir / "eval.json").read_text()), True, run_dir)
     log(f"reproduce: training {name} ({budget.steps} × {budget.batch}) into {run_dir}")
-    t0 = time.perf_counter()
-    state = train(config, run_dir, overwrite=True, log=log)
-    log(f"reproduce: {name} trained in {time.perf_counter() - t0:.0f} s")
+    state, seconds = _train_run(name, budget, runs_dir, log)
+    log(f"reproduce: {name} trained in {seconds:.0f} s")
     return Run(config, Trainer(config), state.model, json.loads((run_dir / "eval.json").read_text()), False, run_dir)
 
 
@@ -989,7 +999,6 @@ def family_row(runs: dict[str, Run], out: Path, *, shape: tuple[int, int, int, i
     row.setting = f"each {any_run.setting()} ({FAMILY_BASE}'s optimiser and schedule" + (
         f"; peak lr × {' or × '.join(f'{x:g}' for x in FAMILY_LR_SCALES)}, chosen per layer by final training loss)"
         if lr_tried else ")")
-    chosen = {n: r.config.train.schedule.peak_lr for n, r in runs.items()}
     best = short(ranked[0][0])
     if "family_ridge" in runs:
         rank = [n for n, _ in ranked].index("family_ridge") + 1
@@ -1023,7 +1032,7 @@ def family_row(runs: dict[str, Run], out: Path, *, shape: tuple[int, int, int, i
         lines.append(f"| {short(name)} | {_f(r.mean())} | {r.mean() / gd1:.3f} | {r.mean() / ridge:.3f} | "
                      + " | ".join(f"{pt[t_]:.4g}" for t_ in ts) + f" | {_params_cell(r.result)} | {sp_cell} | "
                      + ("–" if not sps else f"{sps:.1f}") + " |"
-                     + (f" {chosen[name]:.3g} (" + ", ".join(f"×{x:g}: {tl:.4g}" for x, (tl, _) in
+                     + (f" {r.config.train.schedule.peak_lr:.3g} (" + ", ".join(f"×{x:g}: {tl:.4g}" for x, (tl, _) in
                                                            sorted(lr_tried.get(name, {}).items())) + ") |"
                         if lr_tried else ""))
     for label, key in (("GD-1 (tuned η)", "gd1"), ("ridge (tuned λ)", "ridge"), ("predict 0", "predict_zero")):
@@ -1128,12 +1137,9 @@ def _select(only: str | None) -> set[str]:
 
 
 def _train_in_worker(name: str, budget: Budget, runs_dir: str) -> float:
-    """Worker of :func:`train_runs`: train run ``name`` into ``runs_dir/<its folder>``; the wall seconds."""
-    from mesagen.runtime.train import train
-    config = run_config(name, budget)
-    t0 = time.perf_counter()
-    train(config, Path(runs_dir) / config.name, overwrite=True, log=lambda m: print(f"[{name}] {m}", flush=True))
-    return time.perf_counter() - t0
+    """Worker of :func:`train_runs`: :func:`_train_run`, its progress lines prefixed with the run name; the wall
+    seconds (the state stays in the worker: the run folder holds it)."""
+    return _train_run(name, budget, Path(runs_dir), lambda m: print(f"[{name}] {m}", flush=True))[1]
 
 
 def train_runs(names: list[str], budgets: dict[str, Budget], runs_dir: Path, jobs: int, log=print) -> set[str]:
@@ -1330,8 +1336,8 @@ def _family(need, out: Path, log) -> Row | None:
         got = [(scale, need(r)) for scale, r in zip(FAMILY_LR_SCALES, family_run_names(n))]
         got = [(scale, r) for scale, r in got if r is not None]
         if got:
-            runs[f"family_{n}"] = min(got, key=lambda x: x[1].final_train_loss())[1]
             tried[f"family_{n}"] = {scale: (r.final_train_loss(), r.mean()) for scale, r in got}
+            runs[f"family_{n}"] = min(got, key=lambda x: tried[f"family_{n}"][x[0]][0])[1]
     return family_row(runs, out, log=log, lr_tried=tried) if runs else None
 
 
